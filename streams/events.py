@@ -1,0 +1,174 @@
+"""Event contracts: what the search frontend, the query handler and the stream processors
+exchange over Kafka.
+
+Every event carries ``schema_version`` (bumped on an incompatible change, so a consumer can
+refuse what it does not understand), a ``type`` discriminator, a unique ``event_id`` (the
+dedup key for at-least-once processing) and a timezone-aware ``event_time``. On the wire an
+event is one JSON object (orjson). ``decode`` turns bytes back into the right model or
+raises :class:`EventValidationError` naming each bad field and why.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar, Literal, Union
+
+import orjson
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+SCHEMA_VERSION = 1
+
+Action = Literal["impression", "click", "add_to_cart", "purchase"]
+RewriteOutcome = Literal["served", "clicked", "added_to_cart", "purchased"]
+NonEmpty = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_query(text: str) -> str:
+    """The key a query is counted and looked up by: NFKC, lower case, single spaces."""
+    return _SPACES.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The field whose value is the Kafka message key: it decides the partition, and so the
+    # order in which one user's (or one item's) events are seen.
+    key_field: ClassVar[str]
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: NonEmpty = Field(default_factory=new_event_id)
+    event_time: AwareDatetime = Field(default_factory=utc_now)
+
+    @property
+    def key(self) -> str:
+        return getattr(self, self.key_field)
+
+
+class ServedItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item_id: NonEmpty
+    position: int = Field(ge=1, description="1-based rank on the result page.")
+    score: float | None = None
+    source: str | None = Field(None, description="Which retrieval route produced it (dense, bm25, rewrite...).")
+
+
+class QueryEvent(_Event):
+    """A search that was served: what was asked and what was shown, in order."""
+
+    key_field: ClassVar[str] = "user_id"
+    type: Literal["query"] = "query"
+    user_id: NonEmpty
+    session_id: NonEmpty
+    query_id: NonEmpty
+    query: NonEmpty
+    served: list[ServedItem] = Field(default_factory=list)
+    rewrites_used: list[str] = Field(default_factory=list)
+    model_versions: dict[str, str] = Field(default_factory=dict)
+
+
+class InteractionEvent(_Event):
+    """One shopper action on one item, tied to the search (query_id) that showed it."""
+
+    key_field: ClassVar[str] = "user_id"
+    type: Literal["interaction"] = "interaction"
+    action: Action
+    user_id: NonEmpty
+    session_id: NonEmpty
+    query_id: NonEmpty | None = Field(None, description="The search that led here; None outside search.")
+    item_id: NonEmpty
+    position: int | None = Field(None, ge=1, description="1-based rank where the item was shown.")
+    price: float | None = Field(None, ge=0, description="Unit price at the time (carts and purchases).")
+    quantity: int = Field(1, ge=1)
+
+
+class CatalogUpsert(_Event):
+    """A product created or changed. Carries the whole product, so applying it is idempotent."""
+
+    key_field: ClassVar[str] = "item_id"
+    type: Literal["catalog_upsert"] = "catalog_upsert"
+    item_id: NonEmpty
+    title: NonEmpty
+    description: str = ""
+    category_path: list[NonEmpty] = Field(min_length=1)
+    brand: str = ""
+    price: float = Field(ge=0)
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+
+class CatalogDelete(_Event):
+    key_field: ClassVar[str] = "item_id"
+    type: Literal["catalog_delete"] = "catalog_delete"
+    item_id: NonEmpty
+
+
+class RewriteFeedback(_Event):
+    """What happened after a query rewrite was used: the training signal for the rewriter."""
+
+    key_field: ClassVar[str] = "query_key"
+    type: Literal["rewrite_feedback"] = "rewrite_feedback"
+    query_id: NonEmpty
+    user_id: NonEmpty
+    session_id: NonEmpty
+    query: NonEmpty
+    query_key: NonEmpty = Field(description="normalize_query(query)")
+    rewrite: NonEmpty
+    rewriter_version: NonEmpty
+    outcome: RewriteOutcome
+    item_id: NonEmpty | None = Field(None, description="The item behind the outcome, if any.")
+
+
+Event = Annotated[
+    Union[QueryEvent, InteractionEvent, CatalogUpsert, CatalogDelete, RewriteFeedback],
+    Field(discriminator="type"),
+]
+EVENT_TYPES: tuple[type[_Event], ...] = (QueryEvent, InteractionEvent, CatalogUpsert, CatalogDelete, RewriteFeedback)
+_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+class EventValidationError(ValueError):
+    """A payload that is not a valid event. ``errors`` lists (field path, reason)."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{field}: {reason}" for field, reason in errors))
+
+
+def _field_path(error: dict) -> str:
+    if error["type"].startswith("union_tag"):  # the discriminator itself is missing or unknown
+        return "type"
+    return ".".join(str(part) for part in error["loc"]) or "<payload>"
+
+
+def encode(event: _Event) -> bytes:
+    return orjson.dumps(event.model_dump(mode="python"))
+
+
+def decode(raw: bytes | str, allowed: tuple[type[_Event], ...] = EVENT_TYPES) -> _Event:
+    """Parse and validate one event; ``allowed`` restricts the types a topic may carry."""
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise EventValidationError([("<payload>", f"not valid JSON ({exc})")]) from None
+    try:
+        event = _EVENT_ADAPTER.validate_python(payload)
+    except ValidationError as exc:
+        raise EventValidationError([(_field_path(err), err["msg"]) for err in exc.errors()]) from None
+    if not isinstance(event, allowed):
+        names = ", ".join(t.model_fields["type"].default for t in allowed)
+        raise EventValidationError([("type", f"'{event.type}' is not allowed here (expected {names})")])
+    return event

@@ -1,0 +1,68 @@
+"""Publish events to their Kafka topics at a steady rate, counting what the broker acknowledged."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from kafka.errors import KafkaError
+
+from streams.events import _Event, encode
+from streams.topics import make_producer, spec_for
+from tailbridge.settings import Settings
+
+
+@dataclass
+class PublishReport:
+    acked: Counter = field(default_factory=Counter)
+    failed: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.acked.values())
+
+
+def publish(
+    settings: Settings,
+    events: Iterable[_Event],
+    rate: float = 0.0,
+    on_sent: Callable[[_Event], None] = lambda event: None,
+) -> PublishReport:
+    """Send each event to its topic, keyed as the registry says; ``rate`` events/s (0: as fast
+    as the producer goes). Returns once every send is acknowledged or has failed."""
+    report = PublishReport()
+    producer = make_producer(settings)
+    started = time.monotonic()
+
+    def acked(topic: str):
+        return lambda metadata: report.acked.update([topic])
+
+    def failed(topic: str):
+        def record(exc: Exception) -> None:
+            report.failed.update([topic])
+            if len(report.errors) < 10:
+                report.errors.append(f"{topic}: {exc}")
+        return record
+
+    try:
+        for sent, event in enumerate(events):
+            if rate > 0:
+                # Pace against the schedule, not the previous send, so the rate does not drift.
+                delay = started + sent / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            topic = spec_for(event).topic(settings)
+            future = producer.send(topic, key=event.key, value=encode(event))
+            future.add_callback(acked(topic)).add_errback(failed(topic))
+            on_sent(event)
+        producer.flush()
+    except KafkaError as exc:
+        report.errors.append(f"producer: {exc}")
+    finally:
+        producer.close(timeout=10)
+        report.seconds = time.monotonic() - started
+    return report

@@ -1,0 +1,239 @@
+"""The `tailbridge` command: wires settings to the stack, topics, features and data."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tailbridge.settings import get_settings
+
+app = typer.Typer(help="tailbridge: real-time features and retrieval for e-commerce search.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local stack: Kafka (Tansu), Redis, Milvus Lite.", no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics of the event contracts.", no_args_is_help=True)
+features_app = typer.Typer(help="Feast feature repository.", no_args_is_help=True)
+data_app = typer.Typer(help="Demo data: generate a catalog and queries, replay behaviour.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(topics_app, name="topics")
+app.add_typer(features_app, name="features")
+app.add_typer(data_app, name="data")
+
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
+
+
+def _default_data_dir() -> Path:
+    return get_settings().data_dir / "demo"
+
+
+# ------------------------------------------------------------------ stack
+
+
+def _status_table(statuses, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("component", "address", "mode", "healthy", "pid", "detail"):
+        table.add_column(column)
+    for s in statuses:
+        table.add_row(s.name, s.address, s.mode, "yes" if s.healthy else "[red]no[/]", str(s.pid or ""), s.detail)
+    return table
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start the embedded components that are not already answering (idempotent)."""
+    from infra import stack
+
+    settings = get_settings()
+    try:
+        with console.status("starting the stack..."):
+            statuses = stack.up(settings)
+    except stack.StackError as exc:
+        _fail(str(exc))
+    console.print(_status_table(statuses, "stack up"))
+    console.print(f"logs and pid files: {settings.state_dir}")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop only what `stack up` started (idempotent)."""
+    from infra import stack
+
+    stopped = stack.down(get_settings())
+    console.print("\n".join(f"stopped {s.name} (pid {s.pid})" for s in stopped) or "nothing to stop")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Each component, its address and whether it is embedded or external. Exit 1 if one is down."""
+    from infra import stack
+
+    statuses = stack.status(get_settings())
+    console.print(_status_table(statuses, "stack status"))
+    if not all(s.healthy for s in statuses):
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------ topics and features
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every topic and its dead-letter topic (idempotent)."""
+    from kafka.errors import KafkaError
+
+    from streams.topics import create_topics
+
+    settings = get_settings()
+    try:
+        result = create_topics(settings)
+    except KafkaError as exc:
+        _fail(f"Kafka at {settings.kafka_bootstrap}: {exc} (is the stack up? `tailbridge stack up`)")
+    for name, state in result.items():
+        console.print(f"{state:8} {name}")
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """The topic registry: name, key and what each topic carries."""
+    from streams.topics import TOPICS
+
+    settings = get_settings()
+    table = Table(title="topics")
+    for column in ("topic", "key", "events", "dead letters", "carries"):
+        table.add_column(column)
+    for spec in TOPICS.values():
+        events = ", ".join(t.model_fields["type"].default for t in spec.events)
+        table.add_row(spec.topic(settings), spec.key, events, spec.dlq(settings), spec.description)
+    console.print(table)
+
+
+@features_app.command("apply")
+def features_apply() -> None:
+    """Register the Feast entities and feature views and create the online tables."""
+    from feature_repo.store import apply, feature_store
+    from infra.stack import resolve_online_store
+
+    settings = get_settings()
+    online = resolve_online_store(settings)
+    with console.status("feast apply..."):
+        views = apply(feature_store(settings, online))
+    where = online.redis_url if online.kind == "redis" else "SQLite"
+    console.print(f"applied {', '.join(views)} to project '{settings.feast_project}' (online store: {where})")
+
+
+# ------------------------------------------------------------------ data
+
+
+@data_app.command("synth")
+def data_synth(
+    items: Annotated[int, typer.Option(min=10, help="Catalog size.")] = 5000,
+    users: Annotated[int, typer.Option(min=1, help="Number of shopper personas.")] = 200,
+    seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 7,
+    out: Annotated[Optional[Path], typer.Option(help="Output dir [default: DATA_DIR/demo].")] = None,
+) -> None:
+    """Generate a catalog, queries with a vocabulary gap, graded labels and personas (BEIR format)."""
+    from models.data import synth
+
+    out = out or _default_data_dir()
+    with console.status(f"generating {items} items, {users} users..."):
+        dataset = synth.generate(items=items, users=users, seed=seed)
+        files = synth.write(dataset, out)
+    console.print(f"wrote {len(dataset.items)} items, {len(dataset.queries)} queries, {len(dataset.users)} users to {out}")
+    for name, path in files.items():
+        console.print(f"  {name}: {path}")
+
+
+def _replay(data: Path, rate: float, events: int, seed: int, catalog: bool) -> None:
+    from models.data import synth
+    from streams.replay import publish
+    from streams.simulator import catalog_events, simulate
+
+    settings = get_settings()
+    if not (data / "manifest.json").exists():
+        _fail(f"no demo data in {data}: run `tailbridge data synth` first")
+    dataset = synth.load(data)
+    with _progress() as progress:
+        reports = []
+        if catalog:
+            task = progress.add_task("catalog upserts", total=len(dataset.items))
+            reports.append(publish(settings, catalog_events(dataset), on_sent=lambda e: progress.advance(task)))
+        task = progress.add_task(f"behaviour events @ {rate:g}/s" if rate else "behaviour events", total=events)
+        stream: Iterable = itertools.islice(simulate(dataset, seed=seed), events)
+        reports.append(publish(settings, stream, rate=rate, on_sent=lambda e: progress.advance(task)))
+    table = Table(title="published")
+    for column in ("topic", "acknowledged", "failed"):
+        table.add_column(column)
+    for report in reports:
+        for topic in sorted(report.acked.keys() | report.failed.keys()):
+            table.add_row(topic, str(report.acked[topic]), str(report.failed[topic]))
+    console.print(table)
+    errors = [error for report in reports for error in report.errors]
+    if errors:
+        _fail("some events were not delivered:\n" + "\n".join(errors))
+
+
+@data_app.command("replay")
+def data_replay(
+    rate: Annotated[float, typer.Option(min=0, help="Behaviour events per second (0: as fast as possible).")] = 1000,
+    events: Annotated[int, typer.Option(min=1, help="How many query and interaction events to publish.")] = 5000,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated sessions.")] = 7,
+    catalog: Annotated[bool, typer.Option(help="First publish every catalog item as an upsert.")] = True,
+    data: Annotated[Optional[Path], typer.Option(help="Demo data dir [default: DATA_DIR/demo].")] = None,
+) -> None:
+    """Publish simulated shopper sessions (queries, impressions, clicks, carts, purchases) to Kafka."""
+    _replay(data or _default_data_dir(), rate, events, seed, catalog)
+
+
+# ------------------------------------------------------------------ demo
+
+
+@app.command()
+def demo(
+    items: Annotated[int, typer.Option(min=10)] = 5000,
+    users: Annotated[int, typer.Option(min=1)] = 200,
+    events: Annotated[int, typer.Option(min=1)] = 5000,
+    rate: Annotated[float, typer.Option(min=0)] = 2000,
+    seed: int = 7,
+) -> None:
+    """The main job on the embedded stack: stack up, data, topics, features, replay, report."""
+    from streams.topics import all_topic_names, count_messages
+
+    settings = get_settings()
+    console.rule("1/5 stack")
+    stack_up()
+    console.rule("2/5 demo data")
+    data_synth(items=items, users=users, seed=seed, out=None)
+    console.rule("3/5 topics")
+    topics_create()
+    console.rule("4/5 features")
+    features_apply()
+    console.rule("5/5 replay")
+    _replay(_default_data_dir(), rate, events, seed, catalog=True)
+    with console.status("reading every topic back from the broker..."):
+        counts = count_messages(settings, all_topic_names(settings))
+    table = Table(title="what flowed per topic (read back from the broker)")
+    table.add_column("topic")
+    table.add_column("messages", justify="right")
+    for topic, count in counts.items():
+        table.add_row(topic, str(count))
+    console.print(table)
+    console.print("The stack is still running: `tailbridge stack status`, `tailbridge stack down`.")
+
+
+if __name__ == "__main__":
+    app()

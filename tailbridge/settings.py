@@ -1,0 +1,54 @@
+"""The one settings object: every address, directory and name the system uses.
+
+Read from environment variables prefixed ``TAILBRIDGE_`` (and a ``.env`` file in the
+working directory). The defaults point at the embedded stack that
+``tailbridge stack up`` starts on loopback; pointing these at a Kafka cluster, a Redis
+and a Milvus server is all it takes to run the same code against them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TAILBRIDGE_", env_file=".env", extra="ignore")
+
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:19092", description="Kafka bootstrap servers, comma separated host:port."
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis for the Feast online store. If it does not answer, `stack up` "
+        "starts redis-server on a free port, or falls back to SQLite.",
+    )
+    milvus_uri: str = Field("http://127.0.0.1:19530", description="Milvus (or Milvus Lite server) URI.")
+    online_store: Literal["auto", "redis", "sqlite"] = Field(
+        "auto", description="auto: Redis when one answers, else SQLite."
+    )
+    data_dir: Path = Field(Path("data"), description="Generated data sets, offline store, models.")
+    state_dir: Path = Field(
+        Path(".tailbridge"), description="Pid files, logs and data of the embedded stack; Feast registry."
+    )
+    feast_project: str = Field("tailbridge", description="Feast project name; isolates keys in Redis.")
+    topic_prefix: str = Field("tailbridge", description="Prefix of every Kafka topic name.")
+    topic_partitions: int = Field(4, ge=1, description="Partitions of each topic created.")
+    redis_key_ttl_seconds: int = Field(
+        7 * 24 * 3600, ge=0, description="Online feature key TTL (Feast does not enforce view TTLs online)."
+    )
+
+    @field_validator("data_dir", "state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Workers, tests and the CLI may run from different directories; pin paths once.
+        return value.expanduser().resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,84 @@
+"""Shared fixtures: one real stack per test session.
+
+With a Docker engine, Kafka (KRaft), Redis and Milvus run in testcontainers; without one
+(this project's own machines and CI) the embedded stack is started by `infra.stack.up`, in
+a temporary state dir and on free ports so it never touches a developer's running stack.
+Either way the tests get a ``Settings`` pointing at real servers; what the fixture started,
+it stops.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import pytest
+
+from infra import stack
+from tailbridge.settings import Settings
+
+
+def docker_engine_available() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        client.ping()
+        client.close()
+        return True
+    except Exception:  # no client package, no socket, no daemon: all mean "no engine"
+        return False
+
+
+BACKEND = "testcontainers" if os.environ.get("TAILBRIDGE_TEST_BACKEND", "auto") != "embedded" and docker_engine_available() else "embedded"
+
+
+def pytest_report_header(config) -> str:
+    return f"tailbridge test stack: {BACKEND} (Kafka, Redis, Milvus are real servers)"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment for a subprocess (the CLI, a second client) that must see the same stack."""
+    return os.environ | {f"TAILBRIDGE_{name.upper()}": str(value) for name, value in settings.model_dump().items()}
+
+
+def _container_settings(run: ExitStack, base: dict) -> Settings:
+    from testcontainers.community.kafka import KafkaContainer
+    from testcontainers.community.milvus import MilvusContainer
+    from testcontainers.community.redis import RedisContainer
+
+    kafka = run.enter_context(KafkaContainer().with_kraft())
+    redis = run.enter_context(RedisContainer())
+    milvus = run.enter_context(MilvusContainer())
+    return Settings(
+        **base,
+        kafka_bootstrap=kafka.get_bootstrap_server(),
+        redis_url=f"redis://{redis.get_container_host_ip()}:{redis.get_exposed_port(6379)}/0",
+        milvus_uri=milvus.get_connection_url(),
+    )
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory) -> Iterator[Settings]:
+    run_id = uuid.uuid4().hex[:8]
+    root = tmp_path_factory.mktemp("stack")
+    base = dict(
+        state_dir=root / "state",
+        data_dir=root / "data",
+        feast_project=f"tbtest_{run_id}",  # isolates our keys in a shared Redis
+        topic_prefix=f"tbtest-{run_id}",
+    )
+    with ExitStack() as run:
+        if BACKEND == "testcontainers":
+            settings = _container_settings(run, base)
+        else:
+            settings = Settings(
+                **base,
+                kafka_bootstrap=f"127.0.0.1:{stack.free_port()}",
+                milvus_uri=f"http://127.0.0.1:{stack.free_port()}",
+            )
+            run.callback(stack.down, settings)
+        stack.up(settings)
+        yield settings
