@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 from urllib.parse import urlparse
@@ -177,13 +177,24 @@ def _write_state(settings: Settings, state: dict) -> None:
 _MARKERS = {"kafka": "tansu", "redis": "redis-server", "milvus": "milvus-lite"}
 
 
+def _cmdline(pid: int) -> str:
+    # A process caught in the middle of exec (or a zombie) shows an empty cmdline for a
+    # moment: look again before concluding the pid is not ours.
+    for _ in range(20):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if cmdline:
+            return cmdline.replace(b"\0", b" ").decode(errors="replace")
+        time.sleep(0.025)
+    return ""
+
+
 def _live_pid(settings: Settings, name: str) -> int | None:
     path = _pid_file(settings, name)
     if not path.exists():
         return None
     try:
         pid = int(path.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        cmdline = _cmdline(pid)
     except (ValueError, OSError):
         path.unlink(missing_ok=True)
         return None
@@ -406,7 +417,3 @@ def status(settings: Settings) -> list[ComponentStatus]:
         redis_status,
         describe("milvus", settings.milvus_uri, milvus_ready(settings)),
     ]
-
-
-def as_dict(status: ComponentStatus) -> dict:
-    return asdict(status)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import asdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Optional
 
+import orjson
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -53,8 +55,18 @@ def _status_table(statuses, title: str) -> Table:
     return table
 
 
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _print_statuses(statuses, title: str, as_json: bool) -> None:
+    if as_json:
+        typer.echo(orjson.dumps([asdict(s) for s in statuses]).decode())
+    else:
+        console.print(_status_table(statuses, title))
+
+
 @stack_app.command("up")
-def stack_up() -> None:
+def stack_up(as_json: JsonOption = False) -> None:
     """Start the embedded components that are not already answering (idempotent)."""
     from infra import stack
 
@@ -64,8 +76,9 @@ def stack_up() -> None:
             statuses = stack.up(settings)
     except stack.StackError as exc:
         _fail(str(exc))
-    console.print(_status_table(statuses, "stack up"))
-    console.print(f"logs and pid files: {settings.state_dir}")
+    _print_statuses(statuses, "stack up", as_json)
+    if not as_json:
+        console.print(f"logs and pid files: {settings.state_dir}")
 
 
 @stack_app.command("down")
@@ -78,12 +91,12 @@ def stack_down() -> None:
 
 
 @stack_app.command("status")
-def stack_status() -> None:
+def stack_status(as_json: JsonOption = False) -> None:
     """Each component, its address and whether it is embedded or external. Exit 1 if one is down."""
     from infra import stack
 
     statuses = stack.status(get_settings())
-    console.print(_status_table(statuses, "stack status"))
+    _print_statuses(statuses, "stack status", as_json)
     if not all(s.healthy for s in statuses):
         raise typer.Exit(1)
 
@@ -215,7 +228,7 @@ def demo(
 
     settings = get_settings()
     console.rule("1/5 stack")
-    stack_up()
+    stack_up(as_json=False)
     console.rule("2/5 demo data")
     data_synth(items=items, users=users, seed=seed, out=None)
     console.rule("3/5 topics")

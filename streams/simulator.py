@@ -1,0 +1,225 @@
+"""Shopper sessions simulated from the demo data: the event stream a search frontend would emit.
+
+Pure (no Kafka): ``simulate`` yields validated pydantic events that ``streams.replay.publish``
+can send. A pool of ``concurrent_sessions`` sessions is active at once and one of them is
+advanced per step, so users' events interleave as they do on a real site. Each session is
+one persona issuing 1-4 searches (picked by query frequency and the persona's department /
+type affinity, with some reformulations of the previous search). Each search is answered by
+a deliberately imperfect ranker (judged items of all grades plus random items, ordered by
+grade + noise), shown as impressions, and clicked under a position-biased cascade: a click
+needs the position to be examined (decays with rank) and the item to attract (by relevance
+grade, persona price band and brand). Carts follow clicks, purchases follow carts.
+
+Determinism: all choices and ids come from one ``random.Random`` seeded from ``seed``; with a
+deterministic ``clock`` the whole stream is reproducible.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+import random
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from itertools import accumulate
+
+import orjson
+
+from models.data.synth import PRODUCT_TYPES, Item, Persona, SynthDataset, SynthQuery, price_position
+from streams.events import CatalogUpsert, InteractionEvent, QueryEvent, ServedItem, _Event, utc_now
+
+RANKER_VERSION = "simulated-noisy-v1"
+# Click model parameters: P(click) = examination(position) * attractiveness(grade, fit).
+EXAMINATION_DECAY = 0.8  # examination = position ** -decay
+ATTRACTIVENESS = {3: 0.5, 2: 0.25, 1: 0.1, 0: 0.03}
+CART_GIVEN_CLICK = {3: 0.3, 2: 0.15, 1: 0.1, 0: 0.02}
+PURCHASE_GIVEN_CART = 0.45
+BRAND_BOOST = 1.4
+RANKER_NOISE = 1.0  # std-dev of the noise added to the grade; higher = worse ranker
+REFORMULATE = 0.35  # chance a follow-up search stays on the previous product type
+FAVOURITE_TYPE = 0.3  # chance a search comes from the persona's favourite types
+
+
+def catalog_events(dataset: SynthDataset, clock: Callable[[], datetime] | None = None) -> Iterator[CatalogUpsert]:
+    """One upsert per item. The event id is a hash of the content, so replaying an unchanged
+    catalog is deduplicated downstream while any change gets a new id."""
+    clock = clock or utc_now
+    for it in dataset.items:
+        fields = {"item_id": it.item_id, "title": it.title, "description": it.description,
+                  "category_path": list(it.category_path), "brand": it.brand, "price": it.price,
+                  "attributes": dict(it.attributes)}
+        event_id = hashlib.blake2b(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
+        yield CatalogUpsert(event_id=event_id, event_time=clock(), **fields)
+
+
+class _World:
+    """Indexes over the dataset the sessions share (query pickers, graded candidates)."""
+
+    def __init__(self, dataset: SynthDataset):
+        self.items: dict[str, Item] = {it.item_id: it for it in dataset.items}
+        self.item_ids = sorted(self.items)
+        self.queries = sorted((q for q in dataset.queries if dataset.qrels.get(q.query_id)), key=lambda q: q.query_id)
+        if not self.queries or not self.item_ids:
+            raise ValueError("dataset needs items and queries with judgements to simulate searches")
+        self.qrels = dataset.qrels
+        by_dept: dict[str, list[SynthQuery]] = {}
+        by_type: dict[str, list[SynthQuery]] = {}
+        for q in self.queries:
+            by_dept.setdefault(self._department(q), []).append(q)
+            by_type.setdefault(q.type, []).append(q)
+        self.all = self._picker(self.queries)
+        self.by_dept = {d: self._picker(qs) for d, qs in by_dept.items()}
+        self.by_type = {t: self._picker(qs) for t, qs in by_type.items()}
+        self._graded: dict[str, dict[int, list[str]]] = {}
+
+    @staticmethod
+    def _department(q: SynthQuery) -> str:
+        t = PRODUCT_TYPES.get(q.type)
+        return t.department if t else ""
+
+    @staticmethod
+    def _picker(qs: list[SynthQuery]) -> tuple[list[SynthQuery], list[float]]:
+        return qs, list(accumulate(max(1, q.frequency) for q in qs))
+
+    @staticmethod
+    def _draw(picker: tuple[list[SynthQuery], list[float]], rng: random.Random) -> SynthQuery:
+        qs, cum = picker
+        return qs[min(len(qs) - 1, bisect.bisect_right(cum, rng.random() * cum[-1]))]
+
+    def pick_query(self, persona: Persona, rng: random.Random, previous: SynthQuery | None) -> SynthQuery:
+        if previous is not None and rng.random() < REFORMULATE:
+            return self._draw(self.by_type[previous.type], rng)
+        favourites = [(t, w) for t, w in sorted(persona.type_weights.items()) if t in self.by_type and w > 0]
+        if favourites and rng.random() < FAVOURITE_TYPE:
+            t = rng.choices([t for t, _ in favourites], [w for _, w in favourites])[0]
+            return self._draw(self.by_type[t], rng)
+        depts = [(d, w) for d, w in sorted(persona.department_weights.items()) if d in self.by_dept and w > 0]
+        if not depts or rng.random() < 0.05:  # a little browsing outside one's interests
+            return self._draw(self.all, rng)
+        d = rng.choices([d for d, _ in depts], [w for _, w in depts])[0]
+        return self._draw(self.by_dept[d], rng)
+
+    def graded(self, query_id: str) -> dict[int, list[str]]:
+        if query_id not in self._graded:
+            groups: dict[int, list[str]] = {3: [], 2: [], 1: [], 0: []}
+            for item_id, grade in sorted(self.qrels[query_id].items()):
+                if item_id in self.items:
+                    groups.setdefault(grade, []).append(item_id)
+            if len(self._graded) > 50_000:  # bounded cache for run-forever mode
+                self._graded.clear()
+            self._graded[query_id] = groups
+        return self._graded[query_id]
+
+    def result_page(self, q: SynthQuery, rng: random.Random, page_size: int) -> list[tuple[str, float]]:
+        """An imperfect ranker: judged items of every grade plus random ones, noisily ordered."""
+        groups = self.graded(q.query_id)
+        quota = {3: 2 * page_size, 2: page_size, 1: max(1, page_size // 2), 0: page_size}
+        pool: dict[str, int] = {}
+        for grade in sorted(groups, reverse=True):
+            members = groups[grade]
+            for item_id in rng.sample(members, min(len(members), quota.get(grade, page_size))):
+                pool.setdefault(item_id, grade)
+        for _ in range(max(1, page_size // 2)):
+            item_id = self.item_ids[rng.randrange(len(self.item_ids))]
+            pool.setdefault(item_id, self.qrels[q.query_id].get(item_id, 0))
+        scored = [(grade + rng.gauss(0.0, RANKER_NOISE), item_id) for item_id, grade in pool.items()]
+        scored.sort(key=lambda s: (-s[0], s[1]))
+        return [(item_id, round(score, 4)) for score, item_id in scored[:page_size]]
+
+
+def _fit(persona: Persona, item: Item) -> float:
+    """How well an item suits a persona: 1 inside the price band, less the further outside."""
+    if item.type in PRODUCT_TYPES:
+        pos = price_position(item)
+        distance = max(0.0, persona.price_low - pos, pos - persona.price_high)
+        fit = math.exp(-3.0 * persona.price_sensitivity * distance)
+    else:
+        fit = 1.0
+    return fit * (BRAND_BOOST if item.brand in persona.preferred_brands else 1.0)
+
+
+def _session(
+    world: _World, persona: Persona, session_id: str, rng: random.Random, page_size: int
+) -> Iterator[tuple[type[_Event], dict]]:
+    user = {"user_id": persona.user_id, "session_id": session_id}
+    previous: SynthQuery | None = None
+    for _ in range(rng.choices((1, 2, 3, 4), (0.45, 0.3, 0.15, 0.1))[0]):
+        q = world.pick_query(persona, rng, previous)
+        previous = q
+        search_id = f"srch_{rng.getrandbits(64):016x}"
+        page = world.result_page(q, rng, page_size)
+        served = [ServedItem(item_id=item_id, position=pos, score=score, source="simulated")
+                  for pos, (item_id, score) in enumerate(page, 1)]
+        yield QueryEvent, {**user, "query_id": search_id, "query": q.text, "served": served,
+                           "model_versions": {"ranker": RANKER_VERSION}}
+        for s in served:
+            yield InteractionEvent, {**user, "action": "impression", "query_id": search_id,
+                                     "item_id": s.item_id, "position": s.position}
+        # Cascade-like scan from the top: examination decays with position.
+        for s in served:
+            item = world.items[s.item_id]
+            grade = world.qrels[q.query_id].get(s.item_id, 0)
+            fit = _fit(persona, item)
+            p_click = s.position ** -EXAMINATION_DECAY * min(0.95, ATTRACTIVENESS.get(grade, 0.03) * fit)
+            if rng.random() >= p_click:
+                continue
+            base = {**user, "query_id": search_id, "item_id": s.item_id, "position": s.position}
+            yield InteractionEvent, {**base, "action": "click"}
+            if rng.random() >= min(0.9, CART_GIVEN_CLICK.get(grade, 0.02) * fit):
+                continue
+            quantity = 2 if item.price < 20 and rng.random() < 0.2 else 1
+            yield InteractionEvent, {**base, "action": "add_to_cart", "price": item.price, "quantity": quantity}
+            if rng.random() < PURCHASE_GIVEN_CART * (0.5 + 0.5 * min(1.0, fit)):
+                yield InteractionEvent, {**base, "action": "purchase", "price": item.price, "quantity": quantity}
+
+
+def simulate(
+    dataset: SynthDataset,
+    seed: int,
+    sessions: int | None = None,
+    concurrent_sessions: int = 20,
+    page_size: int = 10,
+    clock: Callable[[], datetime] | None = None,
+) -> Iterator[_Event]:
+    """Yield QueryEvents and InteractionEvents of ``sessions`` shopper sessions (None: forever)."""
+    if concurrent_sessions < 1 or page_size < 1:
+        raise ValueError("concurrent_sessions and page_size must be >= 1")
+    if not dataset.users:
+        raise ValueError("dataset has no users to simulate")
+    clock = clock or utc_now
+    rng = random.Random(f"{seed}:simulate")
+    world = _World(dataset)
+    users = sorted(dataset.users, key=lambda p: p.user_id)
+    active: list[tuple[str, Iterator[tuple[type[_Event], dict]]]] = []
+    busy: set[str] = set()
+    last_time: dict[str, datetime] = {}
+    started = 0
+    while True:
+        while len(active) < concurrent_sessions and (sessions is None or started < sessions):
+            persona = rng.choice(users)
+            for _ in range(5):  # prefer a user who is not already mid-session
+                if persona.user_id not in busy:
+                    break
+                persona = rng.choice(users)
+            session_id = f"sess_{rng.getrandbits(64):016x}"
+            active.append((persona.user_id, _session(world, persona, session_id, rng, page_size)))
+            busy.add(persona.user_id)
+            started += 1
+        if not active:
+            return
+        i = rng.randrange(len(active))
+        user_id, steps = active[i]
+        step = next(steps, None)
+        if step is None:
+            active.pop(i)
+            if all(u != user_id for u, _ in active):
+                busy.discard(user_id)
+            continue
+        model, fields = step
+        # Never let a user's clock run backwards, whatever the supplied clock does.
+        now = clock()
+        if user_id in last_time and now < last_time[user_id]:
+            now = last_time[user_id]
+        last_time[user_id] = now
+        yield model(event_id=f"{rng.getrandbits(128):032x}", event_time=now, **fields)
