@@ -56,7 +56,7 @@ def publish(
                 if delay > 0:
                     time.sleep(delay)
             topic = spec_for(event).topic(settings)
-            future = producer.send(topic, key=event.key, value=encode(event))
+            future = producer.send(topic, key=event.key.encode(), value=encode(event))
             future.add_callback(acked(topic)).add_errback(failed(topic))
             on_sent(event)
         producer.flush()

@@ -91,7 +91,6 @@ def make_producer(settings: Settings, **overrides) -> KafkaProducer:
         bootstrap_servers=_bootstrap(settings),
         acks="all",
         linger_ms=5,
-        key_serializer=str.encode,
         client_id="tailbridge-producer",
     )
     return KafkaProducer(**(config | overrides))

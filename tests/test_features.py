@@ -62,3 +62,26 @@ def test_item_stats_round_trip(store):
 ])
 def test_redis_url_to_feast_connection_string(url, expected):
     assert redis_connection_string(url) == expected
+
+
+def test_feature_store_yamls_are_valid_for_the_feast_cli(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from feast.repo_config import load_repo_config
+
+    repo = Path(__file__).parent.parent / "feature_repo"
+    redis_config = load_repo_config(repo, repo / "feature_store.yaml")
+    assert redis_config.online_store.type == "redis" and redis_config.project == "tailbridge"
+
+    # `feast plan` as a user runs it, on a copy so nothing lands in the checkout.
+    shutil.copytree(repo, tmp_path / "feature_repo", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / ".tailbridge" / "feast").mkdir(parents=True)
+    feast = Path(sys.executable).parent / "feast"
+    out = subprocess.run([feast, "-c", "feature_repo", "-f", "feature_repo/feature_store.sqlite.yaml", "plan"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for view in FEATURE_VIEWS:
+        assert f"Created feature view {view.name}" in out.stdout
