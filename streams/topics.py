@@ -68,7 +68,8 @@ def _bootstrap(settings: Settings) -> list[str]:
 
 def create_topics(settings: Settings) -> dict[str, str]:
     """Create every topic and its DLQ; returns topic -> 'created' | 'exists'. Idempotent."""
-    admin = KafkaAdminClient(bootstrap_servers=_bootstrap(settings), client_id="tailbridge-admin")
+    admin = KafkaAdminClient(bootstrap_servers=_bootstrap(settings), client_id="tailbridge-admin",
+                             bootstrap_timeout_ms=10_000)
     try:
         existing = set(admin.list_topics())
         result: dict[str, str] = {}

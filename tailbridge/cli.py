@@ -30,7 +30,7 @@ console = Console()
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -138,14 +138,19 @@ def topics_list() -> None:
 @features_app.command("apply")
 def features_apply() -> None:
     """Register the Feast entities and feature views and create the online tables."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     from feature_repo.store import apply, feature_store
     from infra.stack import resolve_online_store
 
     settings = get_settings()
     online = resolve_online_store(settings)
-    with console.status("feast apply..."):
-        views = apply(feature_store(settings, online))
     where = online.redis_url if online.kind == "redis" else "SQLite"
+    try:
+        with console.status("feast apply..."):
+            views = apply(feature_store(settings, online))
+    except RedisConnectionError as exc:
+        _fail(f"Redis at {where} does not answer ({exc}); `tailbridge stack up` starts or replaces it")
     console.print(f"applied {', '.join(views)} to project '{settings.feast_project}' (online store: {where})")
 
 
