@@ -11,7 +11,7 @@ or a hand-edited file is found at once rather than as a KeyError deep in an eval
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,31 +77,31 @@ def _metadata(obj: dict, path: Path, lineno: int) -> dict:
     return value
 
 
-def load_corpus(path: Path) -> dict[str, dict]:
-    corpus: dict[str, dict] = {}
+def _records(path: Path, fields: Callable[[dict, int], dict]) -> dict[str, dict]:
+    """One record per line keyed by its "_id"; a repeated id is an error naming both lines."""
+    records: dict[str, dict] = {}
     first_line: dict[str, int] = {}
     for lineno, obj in _jsonl(path):
-        doc_id = _id(obj, path, lineno)
-        if doc_id in corpus:
-            raise BeirFormatError(path, lineno, f"duplicate _id {doc_id!r} (first on line {first_line[doc_id]})")
-        first_line[doc_id] = lineno
-        corpus[doc_id] = {"title": _text(obj, "title", path, lineno), "text": _text(obj, "text", path, lineno),
-                          "metadata": _metadata(obj, path, lineno)}
-    return corpus
+        record_id = _id(obj, path, lineno)
+        if record_id in records:
+            raise BeirFormatError(path, lineno, f"duplicate _id {record_id!r} (first on line {first_line[record_id]})")
+        first_line[record_id] = lineno
+        records[record_id] = fields(obj, lineno) | {"metadata": _metadata(obj, path, lineno)}
+    return records
+
+
+def load_corpus(path: Path) -> dict[str, dict]:
+    return _records(path, lambda obj, lineno: {"title": _text(obj, "title", path, lineno),
+                                               "text": _text(obj, "text", path, lineno)})
 
 
 def load_queries(path: Path) -> dict[str, dict]:
-    queries: dict[str, dict] = {}
-    first_line: dict[str, int] = {}
-    for lineno, obj in _jsonl(path):
-        qid = _id(obj, path, lineno)
-        if qid in queries:
-            raise BeirFormatError(path, lineno, f"duplicate _id {qid!r} (first on line {first_line[qid]})")
-        first_line[qid] = lineno
+    def fields(obj: dict, lineno: int) -> dict:
         if "text" not in obj:
             raise BeirFormatError(path, lineno, 'missing "text"')
-        queries[qid] = {"text": _text(obj, "text", path, lineno), "metadata": _metadata(obj, path, lineno)}
-    return queries
+        return {"text": _text(obj, "text", path, lineno)}
+
+    return _records(path, fields)
 
 
 def load_qrels(path: Path) -> dict[str, dict[str, int]]:
