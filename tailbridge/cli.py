@@ -217,6 +217,46 @@ def data_replay(
     _replay(data or _default_data_dir(), rate, events, seed, catalog)
 
 
+# ------------------------------------------------------------------ stream processing
+
+
+@app.command()
+def worker(loglevel: Annotated[str, typer.Option(help="faust log level.")] = "warning") -> None:
+    """Run the stream processors (user context, item stats, item indexer, feedback log).
+    Start several side by side to share the partitions; Ctrl-C or SIGTERM stops one cleanly."""
+    import faust
+
+    from streams.app import create_app
+
+    app_ = create_app(get_settings())
+    faust.Worker(app_, loglevel=loglevel, quiet=True).execute_from_commandline()
+
+
+@app.command()
+def reindex(
+    model: Annotated[str, typer.Option(help="Encoder version to build and switch serving to.")],
+    keep_old: Annotated[bool, typer.Option(help="Keep the previous collection instead of dropping it.")] = False,
+) -> None:
+    """Re-encode the catalog with another encoder version beside the serving one, then switch
+    serving over (alias move, no gap). Running workers index new catalog events into both."""
+    from models.encoders import load_encoder
+    from streams.indexer import reindex as build
+    from streams.item_index import connect
+
+    settings = get_settings()
+    try:
+        encoder = load_encoder(model)
+    except ValueError as exc:
+        _fail(str(exc))
+    with _progress() as progress:
+        task = progress.add_task(f"re-encoding with {model}", total=None)
+        result = build(settings, model, connect(settings), encoder,
+                       progress=lambda done, total: progress.update(task, completed=done, total=total),
+                       keep_old=keep_old)
+    console.print(f"serving {result['to']} ({result['items']} items re-encoded)"
+                  + (f"; dropped {result['from']}" if result["dropped_old"] else ""))
+
+
 # ------------------------------------------------------------------ demo
 
 

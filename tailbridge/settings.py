@@ -42,6 +42,16 @@ class Settings(BaseSettings):
         7 * 24 * 3600, ge=0, description="Online feature key TTL (Feast does not enforce view TTLs online)."
     )
 
+    encoder_version: str = Field(
+        "minilm-l6-v2", description="Item encoder the indexer uses when no collection is serving yet."
+    )
+    feedback_window_seconds: float = Field(
+        1800, gt=0, description="How long after a search its clicks, carts and purchases still count."
+    )
+    worker_batch_size: int = Field(500, ge=1, description="Most events a stream processor handles at once.")
+    worker_batch_seconds: float = Field(0.2, gt=0, description="Longest wait to fill a batch.")
+    worker_flush_seconds: float = Field(1.0, gt=0, description="Period of item-stats and feedback-log flushes.")
+
     @field_validator("data_dir", "state_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

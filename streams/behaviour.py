@@ -1,0 +1,261 @@
+"""The behaviour processor: query and interaction events into user context, item counters and
+the feedback log. Plain synchronous code; the faust agents in ``streams.app`` call it.
+
+One batch is applied in one Redis transaction (WATCH on the users' state keys, then MULTI):
+the new user states, the item counter increments and the open feedback queries land together
+or not at all. Duplicates are recognised by the user-state watermarks (``streams.user_context``),
+so redelivery after a crash, or a replay of the same events, changes nothing. The Feast rows
+are written after the transaction from the states it committed, with strictly increasing
+timestamps per user (Feast's Redis store drops a second write with the same timestamp).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import orjson
+import pandas as pd
+import redis
+from feast import FeatureStore
+
+from streams import feedback, item_index, item_stats, user_context
+from streams.events import InteractionEvent, QueryEvent
+from tailbridge.settings import Settings
+
+FEEDBACK_LEASE_MS = 60_000
+
+# Keep the later of two event times in a hash field (HSET cannot compare).
+_SET_MAX = """
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+"""
+# Claim closed feedback queries (and ones whose earlier claim expired) for LEASE ms.
+_CLAIM = """
+local now, lease, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)) do
+  table.insert(ids, id)
+end
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZADD', KEYS[2], now + lease, id)
+end
+return ids
+"""
+
+
+class Keys:
+    """Every Redis key the stream processors own, namespaced by the Feast project."""
+
+    def __init__(self, settings: Settings):
+        self.root = f"tb:{settings.feast_project}"
+
+    def user(self, user_id: str) -> str:
+        return f"{self.root}:user:{user_id}"
+
+    def counters(self, item_id: str) -> str:
+        return f"{self.root}:item:{item_id}:counters"
+
+    def feedback(self, query_id: str) -> str:
+        return f"{self.root}:fb:{query_id}"
+
+    @property
+    def item_category(self) -> str:
+        return f"{self.root}:item_category"
+
+    @property
+    def dirty_items(self) -> str:
+        return f"{self.root}:items:dirty"
+
+    @property
+    def feedback_open(self) -> str:
+        return f"{self.root}:fb:open"
+
+    @property
+    def feedback_flushing(self) -> str:
+        return f"{self.root}:fb:flushing"
+
+    @property
+    def applied(self) -> str:
+        """Count of events applied (duplicates excluded): lets tests and benchmarks see progress."""
+        return f"{self.root}:applied"
+
+
+@dataclass
+class BatchResult:
+    applied: int = 0
+    duplicates: int = 0
+    users_written: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class BehaviourProcessor:
+    def __init__(self, settings: Settings, redis_client: redis.Redis, store: FeatureStore):
+        self.settings = settings
+        self.redis = redis_client
+        self.store = store
+        self.keys = Keys(settings)
+        self._set_max = redis_client.register_script(_SET_MAX)
+        self._claim = redis_client.register_script(_CLAIM)
+        self.user_ttl_s = settings.redis_key_ttl_seconds or None
+        self.feedback_ttl_s = int(settings.feedback_window_seconds * 4) + 3600
+
+    # ------------------------------------------------------------------ events
+
+    def process(self, events: Sequence[QueryEvent | InteractionEvent]) -> BatchResult:
+        started = time.perf_counter()
+        result = BatchResult()
+        users = sorted({event.user_id for event in events})
+        user_keys = [self.keys.user(user) for user in users]
+        items = sorted({e.item_id for e in events if isinstance(e, InteractionEvent)})
+        categories = dict(zip(items, self.redis.hmget(self.keys.item_category, items))) if items else {}
+
+        while True:
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(*user_keys)
+                    raw_states = pipe.mget(user_keys)
+                    states = {u: orjson.loads(raw) if raw else user_context.new_state()
+                              for u, raw in zip(users, raw_states)}
+                    changed, counters, opened, actions, result.applied, result.duplicates = self._fold(
+                        events, states, categories)
+                    pipe.multi()
+                    self._stage_writes(pipe, states, changed, counters, opened, actions, result.applied)
+                    pipe.execute()
+                    break
+                except redis.WatchError:  # another worker touched one of these users: fold again
+                    continue
+        result.timings["redis_s"] = time.perf_counter() - started
+
+        if changed:
+            self._write_user_rows(states, changed)
+        result.users_written = len(changed)
+        result.timings["total_s"] = time.perf_counter() - started
+        return result
+
+    def _fold(self, events, states, categories):
+        changed: set[str] = set()
+        counters: dict[str, Counter] = defaultdict(Counter)
+        last_ms: dict[str, int] = {}
+        opened: list[QueryEvent] = []
+        actions: list[InteractionEvent] = []
+        applied = duplicates = 0
+        for event in events:
+            category = categories.get(event.item_id) if isinstance(event, InteractionEvent) else None
+            if not user_context.apply(states[event.user_id], event, category.decode() if category else None):
+                duplicates += 1
+                continue
+            applied += 1
+            changed.add(event.user_id)
+            if isinstance(event, QueryEvent):
+                opened.append(event)
+                continue
+            event_ms = int(event.event_time.timestamp() * 1000)
+            counters[event.item_id].update(item_stats.bucket_fields(event.action, event_ms))
+            last_ms[event.item_id] = max(last_ms.get(event.item_id, 0), event_ms)
+            if event.query_id and event.action in feedback.LABEL_OF_ACTION:
+                actions.append(event)
+        return changed, (counters, last_ms), opened, actions, applied, duplicates
+
+    def _stage_writes(self, pipe, states, changed, counters, opened, actions, applied) -> None:
+        now_ms = int(time.time() * 1000)
+        for user in changed:
+            state = states[user]
+            state["written_ms"] = max(now_ms, state.get("written_ms", 0) + 1)
+            pipe.set(self.keys.user(user), orjson.dumps(state), ex=self.user_ttl_s)
+        increments, last_ms = counters
+        for item, fields in increments.items():
+            key = self.keys.counters(item)
+            for name, count in fields.items():
+                pipe.hincrby(key, name, count)
+            self._set_max(keys=[key], args=[item_stats.LAST_EVENT_FIELD, last_ms[item]], client=pipe)
+            pipe.expire(key, item_stats.COUNTER_TTL_S)
+        if increments:
+            pipe.sadd(self.keys.dirty_items, *increments)
+        close_ms = now_ms + int(self.settings.feedback_window_seconds * 1000)
+        for query in opened:
+            key = self.keys.feedback(query.query_id)
+            pipe.hset(key, feedback.QUERY_FIELD, orjson.dumps(query.model_dump(mode="json")))
+            pipe.expire(key, self.feedback_ttl_s)
+            pipe.zadd(self.keys.feedback_open, {query.query_id: close_ms}, nx=True)
+        for event in actions:
+            key = self.keys.feedback(event.query_id)
+            pipe.hset(key, feedback.action_field(event.item_id, event.action), 1)
+            pipe.expire(key, self.feedback_ttl_s)
+        if applied:
+            pipe.incrby(self.keys.applied, applied)
+
+    def _write_user_rows(self, states, changed) -> None:
+        rows = []
+        for user in sorted(changed):
+            row = user_context.feature_row(user, states[user])
+            row["event_timestamp"] = datetime.fromtimestamp(states[user]["written_ms"] / 1000, UTC)
+            rows.append(row)
+        self.store.write_to_online_store("user_context", pd.DataFrame(rows))
+
+    # ------------------------------------------------------------------ periodic flushes
+
+    def flush_item_stats(self, milvus, limit: int = 1000) -> int:
+        """Write the windowed stats of items whose counters changed, to Feast and Milvus."""
+        items = [i.decode() for i in self.redis.spop(self.keys.dirty_items, limit) or []]
+        if not items:
+            return 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for item in items:
+                pipe.hgetall(self.keys.counters(item))
+            raw = pipe.execute()
+        rows, stale = [], {}
+        for item, counters in zip(items, raw):
+            counters = {k.decode(): v for k, v in counters.items()}
+            if not counters:
+                continue
+            rows.append(item_stats.feature_row(item, counters))
+            stale[item] = item_stats.stale_fields(counters, int(counters.get(item_stats.LAST_EVENT_FIELD, 0)))
+        if not rows:
+            return 0
+        now = datetime.now(UTC)
+        self.store.write_to_online_store("item_stats", pd.DataFrame([r | {"event_timestamp": now} for r in rows]))
+        if milvus is not None:
+            self._update_milvus_stats(milvus, rows)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for item, fields in stale.items():
+                if fields:
+                    pipe.hdel(self.keys.counters(item), *fields)
+            pipe.execute()
+        return len(rows)
+
+    def _update_milvus_stats(self, milvus, rows) -> None:
+        by_item = {row["item_id"]: row for row in rows}
+        for collection in item_index.live_collections(milvus, self.settings):
+            present = milvus.query(collection, ids=list(by_item), output_fields=["item_id"])
+            updates = [{"item_id": hit["item_id"], **{f: float(by_item[hit["item_id"]][f]) for f in item_index.STATS_FIELDS}}
+                       for hit in present]
+            if updates:
+                milvus.upsert(collection, updates, partial_update=True)
+
+    def flush_feedback(self, limit: int = 500) -> tuple[int, int]:
+        """Append the queries whose feedback window closed to the feedback log."""
+        now_ms = int(time.time() * 1000)
+        claimed = [q.decode() for q in self._claim(keys=[self.keys.feedback_open, self.keys.feedback_flushing],
+                                                    args=[now_ms, FEEDBACK_LEASE_MS, limit])]
+        if not claimed:
+            return 0, 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for query_id in claimed:
+                pipe.hgetall(self.keys.feedback(query_id))
+            hashes = pipe.execute()
+        closed = [{k.decode(): v for k, v in h.items()} for h in hashes if h]
+        written = feedback.append(feedback_dir(self.settings), [h for h in closed if feedback.QUERY_FIELD in h])
+        with self.redis.pipeline(transaction=False) as pipe:  # only now forget them: a crash re-flushes
+            pipe.zrem(self.keys.feedback_flushing, *claimed)
+            pipe.delete(*(self.keys.feedback(q) for q in claimed))
+            pipe.execute()
+        return written
+
+
+def feedback_dir(settings: Settings):
+    return settings.data_dir / "offline" / "feedback"

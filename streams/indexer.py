@@ -1,0 +1,139 @@
+"""The item indexer: catalog upserts and deletes into every live Milvus collection, and the
+blue/green reindex that moves serving to a new encoder version without a gap.
+
+Upserts carry the whole product, so applying one twice changes nothing; within a batch only
+the last event per item counts (events of one item share a partition, so they arrive in order).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import redis
+from pymilvus import MilvusClient
+
+from models.encoders import Encoder, item_text, load_encoder
+from streams import item_index, item_stats
+from streams.behaviour import Keys
+from streams.events import CatalogDelete, CatalogUpsert
+from tailbridge.settings import Settings
+
+LIVE_REFRESH_S = 2.0  # how soon a collection created by `reindex` starts receiving writes
+
+
+@dataclass
+class IndexResult:
+    upserted: int = 0
+    deleted: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Indexer:
+    def __init__(self, settings: Settings, milvus: MilvusClient, redis_client: redis.Redis,
+                 encoder_loader: Callable[[str], Encoder] = load_encoder):
+        self.settings = settings
+        self.milvus = milvus
+        self.redis = redis_client
+        self.keys = Keys(settings)
+        self._load_encoder = encoder_loader
+        self._encoders: dict[str, Encoder] = {}
+        self._live: dict[str, str] = {}
+        self._live_at = 0.0
+
+    def encoder(self, version: str) -> Encoder:
+        if version not in self._encoders:
+            self._encoders[version] = self._load_encoder(version)
+        return self._encoders[version]
+
+    def live(self, refresh: bool = False) -> dict[str, str]:
+        if refresh or time.monotonic() - self._live_at > LIVE_REFRESH_S:
+            self._live = item_index.live_collections(self.milvus, self.settings)
+            if not self._live:  # first catalog event ever: serve the default encoder
+                version = self.settings.encoder_version
+                item_index.create_collection(self.milvus, self.settings, version, self.encoder(version).dim)
+                item_index.point_alias(self.milvus, self.settings, version)
+                self._live = item_index.live_collections(self.milvus, self.settings)
+            self._live_at = time.monotonic()
+        return self._live
+
+    def process(self, events: Sequence[CatalogUpsert | CatalogDelete]) -> IndexResult:
+        started = time.perf_counter()
+        latest = {event.item_id: event for event in events}  # in-order: the last one wins
+        upserts = [e.model_dump(exclude={"schema_version", "event_id", "event_time", "type"})
+                   for e in latest.values() if isinstance(e, CatalogUpsert)]
+        deletes = [item_id for item_id, e in latest.items() if isinstance(e, CatalogDelete)]
+        stats = self._stats([item["item_id"] for item in upserts])
+        result = IndexResult(len(upserts), len(deletes))
+        for attempt in range(2):
+            try:
+                for collection, version in self.live(refresh=attempt > 0).items():
+                    t = time.perf_counter()
+                    if upserts:
+                        vectors = self.encoder(version).encode_items(upserts)
+                        result.timings["encode_s"] = result.timings.get("encode_s", 0.0) + time.perf_counter() - t
+                        self.milvus.upsert(collection, item_index.rows(upserts, vectors, version, stats, item_text))
+                    if deletes:
+                        self.milvus.delete(collection, ids=deletes)
+                break
+            except Exception:  # a collection dropped by a finished reindex: look again once
+                if attempt:
+                    raise
+        with self.redis.pipeline(transaction=False) as pipe:
+            for item in upserts:
+                path = item["category_path"]
+                pipe.hset(self.keys.item_category, item["item_id"], path[-1])
+            if deletes:
+                pipe.hdel(self.keys.item_category, *deletes)
+            pipe.execute()
+        result.timings["total_s"] = time.perf_counter() - started
+        return result
+
+    def _stats(self, item_ids: list[str]) -> dict[str, dict[str, float]]:
+        """Current behaviour stats, so a re-upserted product keeps its CTR in Milvus."""
+        if not item_ids:
+            return {}
+        with self.redis.pipeline(transaction=False) as pipe:
+            for item in item_ids:
+                pipe.hgetall(self.keys.counters(item))
+            raw = pipe.execute()
+        return {item: item_stats.feature_row(item, {k.decode(): v for k, v in counters.items()})
+                for item, counters in zip(item_ids, raw) if counters}
+
+
+def reindex(settings: Settings, version: str, milvus: MilvusClient, encoder: Encoder,
+            progress: Callable[[int, int], None] = lambda done, total: None, keep_old: bool = False) -> dict:
+    """Build ``version`` beside the serving collection, then point the alias at it.
+
+    Running workers see the new collection within LIVE_REFRESH_S and write to both; the copy
+    below re-encodes what the serving collection holds, never overwriting a row a worker wrote
+    after the copy started.
+    """
+    source = item_index.serving_collection(milvus, settings)
+    target = item_index.create_collection(milvus, settings, version, encoder.dim)
+    if source == target:
+        raise ValueError(f"version {version!r} is already serving")
+    time.sleep(LIVE_REFRESH_S * 1.5)  # let workers start writing the new collection first
+    copied = 0
+    total = item_index.count(milvus, source) if source else 0
+    started_ms = int(time.time() * 1000)
+    if source:
+        for items in item_index.catalog_rows(milvus, source):
+            fresher = {hit["item_id"] for hit in milvus.query(
+                target, ids=[i["item_id"] for i in items], output_fields=["item_id", "updated_ms"])
+                if hit["updated_ms"] >= started_ms}
+            todo = [item for item in items if item["item_id"] not in fresher]
+            if todo:
+                stats = {row["item_id"]: row for row in milvus.query(
+                    source, ids=[i["item_id"] for i in todo], output_fields=["item_id", *item_index.STATS_FIELDS])}
+                vectors = encoder.encode_items(todo)
+                milvus.upsert(target, item_index.rows(todo, vectors, version, stats, item_text))
+            copied += len(items)
+            progress(copied, total)
+    milvus.flush(target)
+    milvus.load_collection(target)
+    item_index.point_alias(milvus, settings, version)
+    if source and not keep_old:
+        milvus.drop_collection(source)
+    return {"from": source, "to": target, "items": copied, "dropped_old": bool(source and not keep_old)}

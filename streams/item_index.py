@@ -1,0 +1,157 @@
+"""Item vectors in Milvus: one collection per encoder version, served through one alias.
+
+``<prefix>_items`` (the alias) points at the collection serving now; ``<prefix>_items__<version>``
+are the collections, each holding the dense vector of its encoder, the text for BM25, scalar
+attributes for filtering, behaviour stats for boosting and the model version. The indexer
+writes every live collection (so one being built for a new model never misses an update),
+and ``reindex`` builds a new version beside the serving one, then moves the alias: serving
+never sees a gap.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+from pymilvus import DataType, Function, FunctionType, MilvusClient
+
+from tailbridge.settings import Settings
+
+CONTENT_FIELDS = ("title", "description", "brand", "category", "category_path", "price", "attributes")
+STATS_FIELDS = ("ctr_24h", "cvr_24h", "purchases_24h")
+MAX_TEXT = 4000
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z_]", "_", text)
+
+
+def alias_name(settings: Settings) -> str:
+    return f"{_slug(settings.topic_prefix)}_items"
+
+
+def collection_name(settings: Settings, version: str) -> str:
+    return f"{alias_name(settings)}__{_slug(version)}"
+
+
+def connect(settings: Settings) -> MilvusClient:
+    return MilvusClient(uri=settings.milvus_uri, timeout=30)
+
+
+def _schema(dim: int):
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=128)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT, enable_analyzer=True)
+    schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+    schema.add_field("title", DataType.VARCHAR, max_length=1024)
+    schema.add_field("description", DataType.VARCHAR, max_length=MAX_TEXT)
+    schema.add_field("brand", DataType.VARCHAR, max_length=256)
+    schema.add_field("category", DataType.VARCHAR, max_length=256)
+    schema.add_field("category_path", DataType.VARCHAR, max_length=1024)
+    schema.add_field("price", DataType.FLOAT)
+    schema.add_field("attributes", DataType.VARCHAR, max_length=2048)
+    for field in STATS_FIELDS:
+        schema.add_field(field, DataType.FLOAT)
+    schema.add_field("model_version", DataType.VARCHAR, max_length=128)
+    schema.add_field("updated_ms", DataType.INT64)
+    schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25,
+                                 input_field_names=["text"], output_field_names=["sparse"]))
+    return schema
+
+
+VERSION_PROPERTY = "tailbridge.model_version"  # collection names cannot hold every version string
+
+
+def create_collection(client: MilvusClient, settings: Settings, version: str, dim: int) -> str:
+    name = collection_name(settings, version)
+    if not client.has_collection(name):
+        index = client.prepare_index_params()
+        index.add_index(field_name="vector", index_type="HNSW", metric_type="IP", params={"M": 16, "efConstruction": 200})
+        index.add_index(field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        client.create_collection(name, schema=_schema(dim), index_params=index)
+        client.alter_collection_properties(name, {VERSION_PROPERTY: version})
+    return name
+
+
+def _version_of(client: MilvusClient, collection: str) -> str:
+    return client.describe_collection(collection)["properties"][VERSION_PROPERTY]
+
+
+def serving_collection(client: MilvusClient, settings: Settings) -> str | None:
+    alias = alias_name(settings)
+    if alias not in client.list_aliases()["aliases"]:
+        return None
+    return client.describe_alias(alias)["collection_name"]
+
+
+def serving_version(client: MilvusClient, settings: Settings) -> str | None:
+    """The encoder version the alias points at, or None before anything was indexed."""
+    collection = serving_collection(client, settings)
+    return _version_of(client, collection) if collection else None
+
+
+def live_collections(client: MilvusClient, settings: Settings) -> dict[str, str]:
+    """collection name -> model version, for every version collection (serving or being built)."""
+    prefix = alias_name(settings) + "__"
+    return {name: _version_of(client, name) for name in client.list_collections() if name.startswith(prefix)}
+
+
+def point_alias(client: MilvusClient, settings: Settings, version: str) -> None:
+    alias, target = alias_name(settings), collection_name(settings, version)
+    if serving_collection(client, settings) is None:
+        client.create_alias(target, alias)
+    else:
+        client.alter_alias(target, alias)
+
+
+def rows(items: Sequence[Mapping[str, Any]], vectors: np.ndarray, version: str,
+         stats: Mapping[str, Mapping[str, float]], item_text: Callable[[Mapping[str, Any]], str]) -> list[dict]:
+    now_ms = int(time.time() * 1000)
+    out = []
+    for item, vector in zip(items, vectors, strict=True):
+        path = list(item.get("category_path") or [])
+        item_stats = stats.get(item["item_id"], {})
+        out.append({
+            "item_id": item["item_id"],
+            "vector": vector.astype(np.float32).tolist(),
+            "text": item_text(item)[:MAX_TEXT],
+            "title": item["title"][:1024],
+            "description": (item.get("description") or "")[:MAX_TEXT],
+            "brand": (item.get("brand") or "")[:256],
+            "category": path[-1][:256] if path else "",
+            "category_path": " > ".join(path)[:1024],
+            "price": float(item.get("price") or 0.0),
+            "attributes": orjson.dumps(item.get("attributes") or {}).decode()[:2048],
+            **{field: float(item_stats.get(field, 0.0)) for field in STATS_FIELDS},
+            "model_version": version,
+            "updated_ms": now_ms,
+        })
+    return out
+
+
+def catalog_rows(client: MilvusClient, collection: str, batch_size: int = 512):
+    """Iterate the catalog content stored in a collection (the source for reindexing)."""
+    iterator = client.query_iterator(collection, batch_size=batch_size, filter="",
+                                     output_fields=["item_id", *CONTENT_FIELDS])
+    try:
+        while batch := iterator.next():
+            yield [_as_item(row) for row in batch]
+    finally:
+        iterator.close()
+
+
+def _as_item(row: Mapping[str, Any]) -> dict:
+    return {
+        "item_id": row["item_id"], "title": row["title"], "description": row["description"],
+        "brand": row["brand"], "category_path": [p for p in row["category_path"].split(" > ") if p],
+        "price": row["price"], "attributes": orjson.loads(row["attributes"] or "{}"),
+    }
+
+
+def count(client: MilvusClient, collection: str) -> int:
+    return int(client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
