@@ -10,7 +10,7 @@ second write with the same event timestamp.
 from datetime import timedelta
 
 from feast import Entity, FeatureView, Field, FileSource
-from feast.types import Array, Float32, Int64, Map, String
+from feast.types import Array, Float32, Int64, String
 from feast.value_type import ValueType
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
@@ -32,7 +32,10 @@ user_context = FeatureView(
         Field(name="recent_item_ids", dtype=Array(String), description="Last 50 interacted items, newest first."),
         Field(name="recent_actions", dtype=Array(String), description="Action per recent item."),
         Field(name="recent_action_times_ms", dtype=Array(Int64), description="Epoch ms per recent item."),
-        Field(name="category_affinity", dtype=Map, description="Category -> time-decayed affinity."),
+        # Two parallel arrays, not a Map: a DataFrame write turns dicts with different keys
+        # into one struct of all keys, filling the gaps with None.
+        Field(name="affinity_categories", dtype=Array(String), description="Categories, strongest first."),
+        Field(name="affinity_weights", dtype=Array(Float32), description="Time-decayed affinity, sums to 1."),
         Field(name="recent_queries", dtype=Array(String), description="Last normalised queries, newest first."),
         Field(name="session_id", dtype=String),
         Field(name="session_queries", dtype=Int64),

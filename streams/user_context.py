@@ -91,12 +91,14 @@ def feature_row(user_id: str, state: UserState) -> dict[str, Any]:
     current = max(sessions, key=lambda s: (sessions[s]["last_ms"], s)) if sessions else ""
     counts = sessions.get(current, {})
     total = sum(state["affinity"].values()) or 1.0
+    affinity = sorted(state["affinity"].items(), key=lambda kv: (-kv[1], kv[0]))
     return {
         "user_id": user_id,
         "recent_item_ids": [item for item, _, _ in state["items"]],
         "recent_actions": [action for _, action, _ in state["items"]],
         "recent_action_times_ms": [ms for _, _, ms in state["items"]],
-        "category_affinity": {c: v / total for c, v in sorted(state["affinity"].items())},
+        "affinity_categories": [category for category, _ in affinity],
+        "affinity_weights": [weight / total for _, weight in affinity],
         "recent_queries": list(state["queries"]),
         "session_id": current,
         "session_queries": counts.get("queries", 0),

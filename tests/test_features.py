@@ -24,7 +24,8 @@ def store(request, stack_settings):
 
 def user_row(user_id: str, clicks: int, at: datetime) -> dict:
     return dict(user_id=user_id, recent_item_ids=["item_1", "item_2"], recent_actions=["click", "impression"],
-                recent_action_times_ms=[2, 1], category_affinity={"Furniture": 0.75, "Pets": 0.25},
+                recent_action_times_ms=[2, 1], affinity_categories=["Furniture", "Pets"][:clicks],
+                affinity_weights=[0.75, 0.25][:clicks],
                 recent_queries=["sofa"], session_id="s1", session_queries=1, session_clicks=clicks,
                 session_carts=0, session_purchases=0, event_timestamp=at)
 
@@ -36,12 +37,18 @@ def test_apply_registers_every_view(store):
 def test_write_then_read_online(store):
     now = datetime.now(UTC)
     store.write_to_online_store("user_context", pd.DataFrame([user_row("u1", 1, now), user_row("u2", 5, now)]))
+    first = store.get_online_features(features=["user_context:affinity_categories"],
+                                      entity_rows=[{"user_id": "u1"}, {"user_id": "u2"}]).to_dict()
+    # rows of one write with arrays of different lengths keep their own lengths
+    assert first["affinity_categories"] == [["Furniture"], ["Furniture", "Pets"]]
     store.write_to_online_store("user_context", pd.DataFrame([user_row("u1", 2, now + timedelta(seconds=1))]))
-    features = ["user_context:session_clicks", "user_context:category_affinity", "user_context:recent_item_ids"]
+    features = ["user_context:session_clicks", "user_context:affinity_categories",
+                "user_context:affinity_weights", "user_context:recent_item_ids"]
     got = store.get_online_features(features=features,
                                     entity_rows=[{"user_id": "u1"}, {"user_id": "u2"}, {"user_id": "nobody"}]).to_dict()
     assert got["session_clicks"] == [2, 5, None]  # the newer write wins; unknown users read as missing
-    assert got["category_affinity"][0] == pytest.approx({"Furniture": 0.75, "Pets": 0.25})
+    assert got["affinity_categories"][0] == ["Furniture", "Pets"]
+    assert got["affinity_weights"][0] == pytest.approx([0.75, 0.25])
     assert got["recent_item_ids"][1] == ["item_1", "item_2"]
 
 

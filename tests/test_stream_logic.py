@@ -45,7 +45,8 @@ def test_fold_builds_the_expected_context():
     assert row["recent_actions"] == ["click", "purchase", "click", "add_to_cart", "click"]
     assert row["recent_queries"] == ["lamp", "rug", "sofa"]
     assert row["session_id"] == "s2" and row["session_queries"] == 1 and row["session_clicks"] == 1
-    affinity = row["category_affinity"]
+    affinity = dict(zip(row["affinity_categories"], row["affinity_weights"]))
+    assert row["affinity_categories"] == ["Sofas", "Rugs", "Lamps"]  # strongest first
     assert sum(affinity.values()) == pytest.approx(1.0)
     assert affinity["Sofas"] > affinity["Rugs"] > 0 and affinity["Lamps"] > 0  # cart + purchase outweigh one click
 
@@ -90,7 +91,7 @@ def test_recent_items_are_capped_and_affinity_decays():
     row = fold(events)
     assert len(row["recent_item_ids"]) == user_context.MAX_RECENT_ITEMS and set(row["recent_item_ids"]) == {"b"}
     # 60 hours of "b" after 60 hours of "a": the older category has decayed below the newer one
-    assert row["category_affinity"]["Rugs"] > row["category_affinity"]["Sofas"]
+    assert row["affinity_categories"] == ["Rugs", "Sofas"]
 
 
 def test_item_windows_count_only_what_is_inside():
