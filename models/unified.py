@@ -153,6 +153,10 @@ class TextInput:
     attention_mask: torch.Tensor  # [B, L]
     prefix: torch.Tensor | None = None  # [B, L, H] cached frozen-prefix output (training only)
 
+    def to(self, device: torch.device) -> TextInput:
+        prefix = None if self.prefix is None else self.prefix.to(device, torch.float32)
+        return TextInput(self.input_ids.to(device), self.attention_mask.to(device), prefix)
+
 
 @dataclass
 class UserInput:
@@ -162,6 +166,10 @@ class UserInput:
     category_ids: torch.Tensor  # [B, C] hashed categories, 0 = padding
     category_weights: torch.Tensor  # [B, C] affinities
 
+    def to(self, device: torch.device) -> UserInput:
+        return UserInput(*(t.to(device) for t in (self.item_vectors, self.item_mask, self.actions,
+                                                   self.category_ids, self.category_weights)))
+
 
 @dataclass
 class Batch:
@@ -169,6 +177,10 @@ class Batch:
     term_ids: torch.Tensor  # [B, T], 0 = padding
     graph_rows: torch.Tensor  # [B] row in the side's graph table, -1 = no edges
     user: UserInput | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.text.to(device), self.term_ids.to(device), self.graph_rows.to(device),
+                     None if self.user is None else self.user.to(device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +247,7 @@ class TermEncoder(nn.Module):
 
     def __init__(self, buckets: int, dim: int):
         super().__init__()
-        self.table = nn.Embedding(buckets, dim)
+        self.table = nn.Embedding(buckets, dim, sparse=True)
         nn.init.normal_(self.table.weight, std=1.0 / math.sqrt(dim))
         self.register_buffer("idf", torch.ones(buckets))
 
@@ -359,10 +371,12 @@ def load_bert(path: str | Path | None = None, config_only: bool = False) -> nn.M
         return AutoModel.from_config(config, add_pooling_layer=False)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the unused pooler weights are expected, not news
+    hf_logging.disable_progress_bar()
     try:
         return AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------
