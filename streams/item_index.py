@@ -38,8 +38,13 @@ def collection_name(settings: Settings, version: str) -> str:
     return f"{alias_name(settings)}__{_slug(version)}"
 
 
+# pymilvus pings every 10 s even when idle; a gRPC server with default settings (Milvus Lite)
+# answers with GOAWAY "too many pings" and the connection breaks. Ping only during calls.
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
+
+
 def connect(settings: Settings) -> MilvusClient:
-    return MilvusClient(uri=settings.milvus_uri, timeout=30)
+    return MilvusClient(uri=settings.milvus_uri, timeout=30, grpc_options=GRPC_OPTIONS)
 
 
 def _schema(dim: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -66,3 +67,15 @@ def publish(
         producer.close(timeout=10)
         report.seconds = time.monotonic() - started
     return report
+
+
+def replay_dataset(settings: Settings, dataset, rate: float, events: int, seed: int, catalog: bool = True,
+                   on_catalog: Callable[[_Event], None] = lambda e: None,
+                   on_behaviour: Callable[[_Event], None] = lambda e: None) -> list[PublishReport]:
+    """The demo catalog as upserts (at full speed), then ``events`` simulated behaviour events
+    (queries, impressions, clicks, carts, purchases) at ``rate`` per second."""
+    from streams.simulator import catalog_events, simulate
+
+    reports = [publish(settings, catalog_events(dataset), on_sent=on_catalog)] if catalog else []
+    behaviour = itertools.islice(simulate(dataset, seed=seed), events)
+    return reports + [publish(settings, behaviour, rate=rate, on_sent=on_behaviour)]

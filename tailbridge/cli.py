@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
+import warnings
 from dataclasses import asdict
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,15 +15,22 @@ from rich.table import Table
 
 from tailbridge.settings import get_settings
 
+# Library deprecation notices (kafka-python, Feast) are for their maintainers, not our users.
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
 app = typer.Typer(help="tailbridge: real-time features and retrieval for e-commerce search.", no_args_is_help=True)
 stack_app = typer.Typer(help="The local stack: Kafka (Tansu), Redis, Milvus Lite.", no_args_is_help=True)
 topics_app = typer.Typer(help="Kafka topics of the event contracts.", no_args_is_help=True)
 features_app = typer.Typer(help="Feast feature repository.", no_args_is_help=True)
 data_app = typer.Typer(help="Demo data: generate a catalog and queries, replay behaviour.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models (models/).", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate models offline against baselines.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 app.add_typer(features_app, name="features")
 app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
 
 console = Console()
 
@@ -176,23 +182,15 @@ def data_synth(
         console.print(f"  {name}: {path}")
 
 
-def _replay(data: Path, rate: float, events: int, seed: int, catalog: bool) -> None:
+def _load_demo_data(data: Path):
     from models.data import synth
-    from streams.replay import publish
-    from streams.simulator import catalog_events, simulate
 
-    settings = get_settings()
     if not (data / "manifest.json").exists():
         _fail(f"no demo data in {data}: run `tailbridge data synth` first")
-    dataset = synth.load(data)
-    with _progress() as progress:
-        reports = []
-        if catalog:
-            task = progress.add_task("catalog upserts", total=len(dataset.items))
-            reports.append(publish(settings, catalog_events(dataset), on_sent=lambda e: progress.advance(task)))
-        task = progress.add_task(f"behaviour events @ {rate:g}/s" if rate else "behaviour events", total=events)
-        stream: Iterable = itertools.islice(simulate(dataset, seed=seed), events)
-        reports.append(publish(settings, stream, rate=rate, on_sent=lambda e: progress.advance(task)))
+    return synth.load(data)
+
+
+def print_published(reports) -> None:
     table = Table(title="published")
     for column in ("topic", "acknowledged", "failed"):
         table.add_column(column)
@@ -203,6 +201,19 @@ def _replay(data: Path, rate: float, events: int, seed: int, catalog: bool) -> N
     errors = [error for report in reports for error in report.errors]
     if errors:
         _fail("some events were not delivered:\n" + "\n".join(errors))
+
+
+def _replay(data: Path, rate: float, events: int, seed: int, catalog: bool) -> None:
+    from streams.replay import replay_dataset
+
+    dataset = _load_demo_data(data)
+    with _progress() as progress:
+        catalog_task = progress.add_task("catalog upserts", total=len(dataset.items), visible=catalog)
+        task = progress.add_task(f"behaviour events @ {rate:g}/s" if rate else "behaviour events", total=events)
+        reports = replay_dataset(get_settings(), dataset, rate, events, seed, catalog,
+                                      on_catalog=lambda e: progress.advance(catalog_task),
+                                      on_behaviour=lambda e: progress.advance(task))
+    print_published(reports)
 
 
 @data_app.command("replay")
@@ -257,6 +268,57 @@ def reindex(
                   + (f"; dropped {result['from']}" if result["dropped_old"] else ""))
 
 
+# ------------------------------------------------------------------ retriever (models/commands.py)
+
+
+@train_app.command("retriever")
+def train_retriever(
+    data: Annotated[Path, typer.Option(help="Dataset dir: BEIR (and demo), ESCI parquet or WANDS.")],
+    out: Annotated[Optional[Path], typer.Option(help="Artifact root [default: DATA_DIR/models/retriever].")] = None,
+    version: Annotated[Optional[str], typer.Option(help="Version name [default: <data>-<settings hash>].")] = None,
+    feedback: Annotated[Optional[Path], typer.Option(help="Feedback log dir [default: DATA/feedback if present].")] = None,
+    simulate_feedback: Annotated[int, typer.Option(min=0, help="Demo data: simulate N sessions as the log first.")] = 0,
+    stage1_epochs: Annotated[Optional[int], typer.Option(min=0)] = None,
+    stage2_epochs: Annotated[Optional[int], typer.Option(min=0)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=2)] = None,
+    max_train_queries: Annotated[Optional[int], typer.Option(min=1)] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(min=1, help="Time budget; stages end early.")] = None,
+    restart: Annotated[bool, typer.Option(help="Discard a checkpoint instead of resuming it.")] = False,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads [default: all cores].")] = None,
+) -> None:
+    """Train the unified retriever (resumable: run the same command again after an interruption)."""
+    from models.commands import CommandError, train_retriever as run
+
+    overrides = {"stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs, "batch_size": batch_size,
+                 "max_train_queries": max_train_queries, "max_minutes": max_minutes}
+    try:
+        run(data, out or get_settings().data_dir / "models" / "retriever", version, feedback, simulate_feedback,
+            restart, threads, overrides)
+    except CommandError as exc:
+        _fail(str(exc))
+
+
+@eval_app.command("retriever")
+def eval_retriever(
+    data: Annotated[Path, typer.Option(help="Dataset dir (as for training).")],
+    split: Annotated[str, typer.Option(help="Judgements to evaluate on.")] = "test",
+    model: Annotated[Optional[str], typer.Option(help="Trained version name or artifact path.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where eval-<split>.json/.png go [default: the model dir].")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Also write each system's top 100 as TREC runs.")] = None,
+    feedback: Annotated[Optional[Path], typer.Option(help="Feedback log for user contexts [default: DATA/feedback].")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1)] = None,
+) -> None:
+    """BM25, MiniLM, hybrid RRF and the trained retriever (with and without user context)."""
+    from models.commands import CommandError, eval_retriever as run
+    from models.encoders import retriever_dir
+
+    default_out = retriever_dir(model) if model else get_settings().data_dir / "eval" / data.name
+    try:
+        run(data, split, model, out or default_out, run_dir, feedback, threads)
+    except CommandError as exc:
+        _fail(str(exc))
+
+
 # ------------------------------------------------------------------ demo
 
 
@@ -265,13 +327,13 @@ def demo(
     items: Annotated[int, typer.Option(min=10)] = 5000,
     users: Annotated[int, typer.Option(min=1)] = 200,
     events: Annotated[int, typer.Option(min=1)] = 5000,
-    rate: Annotated[float, typer.Option(min=0)] = 2000,
+    rate: Annotated[float, typer.Option(min=0)] = 500,
     seed: int = 7,
 ) -> None:
-    """The main job on the embedded stack: stack up, data, topics, features, replay, report."""
-    from streams.topics import all_topic_names, count_messages
+    """The main job on the embedded stack: stack up, data, topics, features, then a worker
+    processing a live replay while features and vectors change on screen."""
+    from tailbridge.demo import live_replay, print_topic_counts
 
-    settings = get_settings()
     console.rule("1/5 stack")
     stack_up(as_json=False)
     console.rule("2/5 demo data")
@@ -280,16 +342,10 @@ def demo(
     topics_create()
     console.rule("4/5 features")
     features_apply()
-    console.rule("5/5 replay")
-    _replay(_default_data_dir(), rate, events, seed, catalog=True)
-    with console.status("reading every topic back from the broker..."):
-        counts = count_messages(settings, all_topic_names(settings))
-    table = Table(title="what flowed per topic (read back from the broker)")
-    table.add_column("topic")
-    table.add_column("messages", justify="right")
-    for topic, count in counts.items():
-        table.add_row(topic, str(count))
-    console.print(table)
+    console.rule("5/5 live replay through the stream worker")
+    reports = live_replay(get_settings(), _load_demo_data(_default_data_dir()), rate, events, seed, console)
+    print_published(reports)
+    print_topic_counts(get_settings(), console)
     console.print("The stack is still running: `tailbridge stack status`, `tailbridge stack down`.")
 
 

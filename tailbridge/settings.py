@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     worker_batch_seconds: float = Field(0.2, gt=0, description="Longest wait to fill a batch.")
     worker_flush_seconds: float = Field(1.0, gt=0, description="Period of item-stats and feedback-log flushes.")
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as TAILBRIDGE_* variables, for a child process that must see the same stack."""
+        return {f"TAILBRIDGE_{name.upper()}": str(value) for name, value in self.model_dump().items()}
+
     @field_validator("data_dir", "state_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

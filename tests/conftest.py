@@ -41,7 +41,7 @@ def pytest_report_header(config) -> str:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment for a subprocess (the CLI, a second client) that must see the same stack."""
-    return os.environ | {f"TAILBRIDGE_{name.upper()}": str(value) for name, value in settings.model_dump().items()}
+    return os.environ | settings.as_env()
 
 
 def _container_settings(run: ExitStack, base: dict) -> Settings:

@@ -1,0 +1,156 @@
+"""The live part of `make demo`: a stream worker processes the replay while a dashboard shows
+user features (Feast) and item vectors and stats (Milvus) changing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import redis
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from feature_repo.store import feature_store
+from infra.stack import log_file, resolve_online_store
+from streams import item_index
+from streams.behaviour import Keys, feedback_dir
+from streams.events import InteractionEvent
+from streams.feedback import read_examples
+from streams.replay import replay_dataset
+from streams.topics import all_topic_names, count_messages
+from tailbridge.settings import Settings
+
+DEMO_FEEDBACK_WINDOW_S = 10  # short, so the demo shows labelled feedback before it ends
+CATCH_UP_TIMEOUT_S = 120
+WATCHED_USERS = 3
+
+
+def start_worker(settings: Settings, env_overrides: dict[str, str]) -> subprocess.Popen:
+    log = log_file(settings, "worker")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = os.environ | settings.as_env() | env_overrides
+    with log.open("ab") as out:
+        return subprocess.Popen([str(Path(sys.executable).parent / "tailbridge"), "worker"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int, console: Console) -> list:
+    worker = start_worker(settings, {"TAILBRIDGE_FEEDBACK_WINDOW_SECONDS": str(DEMO_FEEDBACK_WINDOW_S)})
+    sent = Counter()
+    active_users = Counter()
+
+    def on_behaviour(event) -> None:
+        sent["behaviour"] += 1
+        if isinstance(event, InteractionEvent) and event.action != "impression":
+            active_users[event.user_id] += 1
+
+    reports: list = []
+    publisher = threading.Thread(target=lambda: reports.extend(replay_dataset(
+        settings, dataset, rate, events, seed, catalog=True,
+        on_catalog=lambda e: sent.update(["catalog"]), on_behaviour=on_behaviour)), daemon=True)
+    dashboard = Dashboard(settings, len(dataset.items), events, sent, active_users,
+                          {item.item_id: item.title for item in dataset.items})
+    publisher.start()
+    try:
+        with Live(dashboard.render(), console=console, refresh_per_second=2) as live:
+            deadline = None
+            while True:
+                time.sleep(0.5)
+                live.update(dashboard.render())
+                if worker.poll() is not None:
+                    raise SystemExit(f"the worker exited; see {log_file(settings, 'worker')}")
+                if publisher.is_alive():
+                    continue
+                deadline = deadline or time.monotonic() + CATCH_UP_TIMEOUT_S
+                if dashboard.caught_up() and dashboard.feedback_rows or time.monotonic() > deadline:
+                    break
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(30)
+    if not dashboard.caught_up():
+        console.print(f"[yellow]the worker had not caught up after {CATCH_UP_TIMEOUT_S} s; "
+                      f"see {log_file(settings, 'worker')}[/]")
+    return reports
+
+
+class Dashboard:
+    def __init__(self, settings, catalog_size, behaviour_total, sent, active_users, titles):
+        self.settings, self.catalog_size, self.behaviour_total = settings, catalog_size, behaviour_total
+        self.sent, self.active_users, self.titles = sent, active_users, titles
+        self.keys = Keys(settings)
+        self.redis = redis.Redis.from_url(resolve_online_store(settings).redis_url)
+        self.store = feature_store(settings)
+        self.milvus = item_index.connect(settings)
+        self.indexed = self.applied = self.feedback_rows = 0
+        self.applied_before = int(self.redis.get(self.keys.applied) or 0)  # an earlier demo on this Redis
+
+    def caught_up(self) -> bool:
+        return self.indexed >= self.catalog_size and self.applied >= self.behaviour_total
+
+    def _refresh(self) -> None:
+        self.applied = int(self.redis.get(self.keys.applied) or 0) - self.applied_before
+        alias = item_index.alias_name(self.settings)
+        self.indexed = item_index.count(self.milvus, alias) if item_index.serving_collection(
+            self.milvus, self.settings) else 0
+        self.feedback_rows = len(read_examples(feedback_dir(self.settings)))
+
+    def render(self) -> Group:
+        self._refresh()
+        flow = Table(title="stream worker", expand=False)
+        for column in ("", "published", "processed"):
+            flow.add_column(column, justify="right" if column else "left")
+        flow.add_row("catalog upserts -> Milvus vectors", str(self.sent["catalog"]), str(self.indexed))
+        flow.add_row("queries + interactions -> Feast", str(self.sent["behaviour"]), str(self.applied))
+        flow.add_row(f"labelled feedback rows ({DEMO_FEEDBACK_WINDOW_S} s window)", "", str(self.feedback_rows))
+        return Group(flow, self._users(), self._items())
+
+    def _users(self) -> Table:
+        table = Table(title="user_context in Feast (most active shoppers)")
+        for column in ("user", "last items", "top categories", "session clicks/carts/buys"):
+            table.add_column(column)
+        users = [u for u, _ in self.active_users.most_common(WATCHED_USERS)]
+        if not users:
+            return table
+        rows = self.store.get_online_features(
+            features=[f"user_context:{f}" for f in ("recent_item_ids", "affinity_categories", "affinity_weights",
+                                                    "session_clicks", "session_carts", "session_purchases")],
+            entity_rows=[{"user_id": u} for u in users]).to_dict()
+        for i, user in enumerate(users):
+            items = rows["recent_item_ids"][i] or []
+            categories = zip(rows["affinity_categories"][i] or [], rows["affinity_weights"][i] or [])
+            table.add_row(user, "\n".join(self.titles.get(item, item)[:40] for item in items[:3]),
+                          ", ".join(f"{c} {w:.2f}" for c, w in list(categories)[:3]),
+                          f"{rows['session_clicks'][i] or 0}/{rows['session_carts'][i] or 0}/"
+                          f"{rows['session_purchases'][i] or 0}")
+        return table
+
+    def _items(self) -> Table:
+        table = Table(title="item vectors in Milvus: best-converting items (stats used for boosting)")
+        for column in ("item", "title", "ctr_24h", "purchases_24h", "model"):
+            table.add_column(column)
+        if not self.indexed:
+            return table
+        rows = self.milvus.query(item_index.alias_name(self.settings), filter="purchases_24h > 0", limit=500,
+                                 output_fields=["item_id", "title", "ctr_24h", "purchases_24h", "model_version"])
+        for row in sorted(rows, key=lambda r: (-r["purchases_24h"], -r["ctr_24h"]))[:5]:
+            table.add_row(row["item_id"], row["title"][:40], f"{row['ctr_24h']:.3f}", f"{row['purchases_24h']:.0f}",
+                          row["model_version"])
+        return table
+
+
+def print_topic_counts(settings: Settings, console: Console) -> None:
+    with console.status("reading every topic back from the broker..."):
+        counts = count_messages(settings, all_topic_names(settings))
+    table = Table(title="what flowed per topic (read back from the broker)")
+    table.add_column("topic")
+    table.add_column("messages", justify="right")
+    for topic, count in counts.items():
+        table.add_row(topic, str(count))
+    console.print(table)
