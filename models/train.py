@@ -489,7 +489,9 @@ class Trainer:
                         if step < self.position.step:
                             continue
                         step_rng = np.random.default_rng([cfg.seed, stage, epoch, step])
-                        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 10_007 + epoch * 101 + step)
+                        step_seed = cfg.seed * 1_000_003 + stage * 10_007 + epoch * 101 + step
+                        gen = torch.Generator().manual_seed(step_seed)
+                        torch.manual_seed(step_seed)  # dropout: a resumed run repeats the same steps
                         parts = (self._stage1_loss if stage == 1 else self._stage2_loss)(list(rows), step_rng, gen)
                         self.opt.zero_grad(set_to_none=True)
                         self.term_opt.zero_grad(set_to_none=True)

@@ -274,9 +274,9 @@ def reindex(
 @train_app.command("retriever")
 def train_retriever(
     data: Annotated[Path, typer.Option(help="Dataset dir: BEIR (and demo), ESCI parquet or WANDS.")],
-    out: Annotated[Optional[Path], typer.Option(help="Artifact root [default: DATA_DIR/models/retriever].")] = None,
-    version: Annotated[Optional[str], typer.Option(help="Version name [default: <data>-<settings hash>].")] = None,
-    feedback: Annotated[Optional[Path], typer.Option(help="Feedback log dir [default: DATA/feedback if present].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Artifact root (default: DATA_DIR/models/retriever).")] = None,
+    version: Annotated[Optional[str], typer.Option(help="Version name (default: <data>-<settings hash>).")] = None,
+    feedback: Annotated[Optional[Path], typer.Option(help="Feedback log dir (default: DATA/feedback if present).")] = None,
     simulate_feedback: Annotated[int, typer.Option(min=0, help="Demo data: simulate N sessions as the log first.")] = 0,
     stage1_epochs: Annotated[Optional[int], typer.Option(min=0)] = None,
     stage2_epochs: Annotated[Optional[int], typer.Option(min=0)] = None,
@@ -284,7 +284,7 @@ def train_retriever(
     max_train_queries: Annotated[Optional[int], typer.Option(min=1)] = None,
     max_minutes: Annotated[Optional[float], typer.Option(min=1, help="Time budget; stages end early.")] = None,
     restart: Annotated[bool, typer.Option(help="Discard a checkpoint instead of resuming it.")] = False,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads [default: all cores].")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")] = None,
 ) -> None:
     """Train the unified retriever (resumable: run the same command again after an interruption)."""
     from models.commands import CommandError, train_retriever as run
@@ -303,9 +303,9 @@ def eval_retriever(
     data: Annotated[Path, typer.Option(help="Dataset dir (as for training).")],
     split: Annotated[str, typer.Option(help="Judgements to evaluate on.")] = "test",
     model: Annotated[Optional[str], typer.Option(help="Trained version name or artifact path.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Where eval-<split>.json/.png go [default: the model dir].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where eval-<split>.json/.png go (default: the model dir).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Also write each system's top 100 as TREC runs.")] = None,
-    feedback: Annotated[Optional[Path], typer.Option(help="Feedback log for user contexts [default: DATA/feedback].")] = None,
+    feedback: Annotated[Optional[Path], typer.Option(help="Feedback log for user contexts (default: DATA/feedback).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,
 ) -> None:
     """BM25, MiniLM, hybrid RRF and the trained retriever (with and without user context)."""

@@ -117,21 +117,26 @@ def searches_with_context(frame: pd.DataFrame, item_category: Mapping[str, str])
     return out
 
 
-def final_contexts(frame: pd.DataFrame, item_category: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Each user's context after the whole log (what Feast would hold now)."""
-    contexts: dict[str, dict[str, Any]] = {}
-    engaged = frame[frame["label"] != "shown_unclicked"].sort_values(["event_time", "position"])
-    for user, rows in engaged.groupby("user_id"):
-        items = list(zip(rows["item_id"].astype(str), rows["label"].map(LABEL_ACTION)))[::-1][:RECENT_ITEMS]
-        aff: dict[str, float] = {}
-        for item_id, action in zip(rows["item_id"].astype(str), rows["label"].map(LABEL_ACTION)):
-            category = item_category.get(item_id)
-            if category:
-                aff[category] = aff.get(category, 0.0) + ACTION_WEIGHT[action]
-        total = sum(aff.values()) or 1.0
-        contexts[str(user)] = {"recent_item_ids": [i for i, _ in items], "recent_actions": [a for _, a in items],
-                               "category_affinity": {c: v / total for c, v in aff.items()}}
-    return contexts
+def context_at(frame: pd.DataFrame, user_id: str, item_category: Mapping[str, str],
+               before: pd.Timestamp | None = None) -> dict[str, Any] | None:
+    """The user's context from their engagements in ``frame`` (strictly before ``before`` if
+    given): what Feast's ``user_context`` would hold at that moment. None if there are none."""
+    rows = frame[(frame["user_id"] == user_id) & (frame["label"] != "shown_unclicked")]
+    if before is not None:
+        rows = rows[rows["event_time"] < before]
+    if rows.empty:
+        return None
+    rows = rows.sort_values(["event_time", "query_id", "position"])
+    engaged = list(zip(rows["item_id"].astype(str), rows["label"].map(LABEL_ACTION)))
+    affinity: dict[str, float] = {}
+    for item_id, action in engaged:
+        category = item_category.get(item_id)
+        if category:
+            affinity[category] = affinity.get(category, 0.0) + ACTION_WEIGHT[action]
+    total = sum(affinity.values()) or 1.0
+    recent = engaged[::-1][:RECENT_ITEMS]
+    return {"recent_item_ids": [i for i, _ in recent], "recent_actions": [a for _, a in recent],
+            "category_affinity": {c: v / total for c, v in affinity.items()}}
 
 
 def simulate_feedback(data_dir: Path, sessions: int, seed: int = 7) -> pd.DataFrame:
