@@ -128,13 +128,20 @@ def redis_ready(url: str) -> bool:
         client.close()
 
 
+# pymilvus pings every 10 s even when idle, and a gRPC server on default settings (Milvus Lite)
+# answers "too many pings" with GOAWAY, breaking the connection. pymilvus shares one connection
+# per address in a process, created with the options of whichever client came first: every
+# client in this project passes these.
+MILVUS_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
+
+
 def milvus_ready(settings: Settings) -> bool:
     if not port_open(*milvus_address(settings)):
         return False
     from pymilvus import MilvusClient
 
     try:
-        client = MilvusClient(uri=settings.milvus_uri, timeout=3)
+        client = MilvusClient(uri=settings.milvus_uri, timeout=3, grpc_options=MILVUS_GRPC_OPTIONS)
         client.list_collections()
         client.close()
         return True

@@ -122,6 +122,10 @@ def create_app(settings: Settings) -> faust.App:
                 counts["indexed"] += result.upserted
                 counts["deleted"] += result.deleted
 
+    @app.task
+    async def warm_up() -> None:
+        await _retry("loading the item encoder", indexer.warm_up)
+
     @app.timer(interval=settings.worker_flush_seconds)
     async def flush() -> None:
         counts["item_stats_written"] += await _retry("item stats flush", lambda: behaviour.flush_item_stats(milvus))

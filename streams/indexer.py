@@ -47,6 +47,12 @@ class Indexer:
             self._encoders[version] = self._load_encoder(version)
         return self._encoders[version]
 
+    def warm_up(self) -> None:
+        """Load the encoders of the live collections now rather than on the first catalog event:
+        interactions with items not yet indexed get no category, so indexing should not lag."""
+        for version in self.live().values():
+            self.encoder(version)
+
     def live(self, refresh: bool = False) -> dict[str, str]:
         if refresh or time.monotonic() - self._live_at > LIVE_REFRESH_S:
             self._live = item_index.live_collections(self.milvus, self.settings)

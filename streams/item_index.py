@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 from pymilvus import DataType, Function, FunctionType, MilvusClient
 
+from infra.stack import MILVUS_GRPC_OPTIONS
 from tailbridge.settings import Settings
 
 CONTENT_FIELDS = ("title", "description", "brand", "category", "category_path", "price", "attributes")
@@ -38,13 +39,8 @@ def collection_name(settings: Settings, version: str) -> str:
     return f"{alias_name(settings)}__{_slug(version)}"
 
 
-# pymilvus pings every 10 s even when idle; a gRPC server with default settings (Milvus Lite)
-# answers with GOAWAY "too many pings" and the connection breaks. Ping only during calls.
-GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
-
-
 def connect(settings: Settings) -> MilvusClient:
-    return MilvusClient(uri=settings.milvus_uri, timeout=30, grpc_options=GRPC_OPTIONS)
+    return MilvusClient(uri=settings.milvus_uri, timeout=30, grpc_options=MILVUS_GRPC_OPTIONS)
 
 
 def _schema(dim: int):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pymilvus import DataType, MilvusClient
 
+from infra.stack import MILVUS_GRPC_OPTIONS
 from tests.conftest import settings_env
 
 pytestmark = pytest.mark.integration
@@ -27,7 +28,7 @@ def make_collection(client: MilvusClient, name: str) -> None:
 
 def test_insert_in_one_process_search_from_another(stack_settings):
     name = f"t_{uuid.uuid4().hex[:10]}"
-    client = MilvusClient(uri=stack_settings.milvus_uri)
+    client = MilvusClient(uri=stack_settings.milvus_uri, grpc_options=MILVUS_GRPC_OPTIONS)
     make_collection(client, name)
     vectors = np.eye(DIM, dtype=np.float32)
     client.insert(name, [{"item_id": f"item_{i}", "vector": v.tolist()} for i, v in enumerate(vectors)])
