@@ -42,11 +42,26 @@ def interaction_edges(
     return edges
 
 
+def randomized_svd(matrix, rank: int, seed: int, oversample: int = 10, power_iterations: int = 4):
+    """Top-``rank`` SVD by a seeded randomized range finder (Halko et al.): unlike ARPACK it is
+    deterministic for a seed even when singular values repeat (one per connected component)."""
+    rng = np.random.default_rng(seed)
+    sketch = matrix @ rng.standard_normal((matrix.shape[1], rank + oversample))
+    q, _ = np.linalg.qr(sketch)
+    for _ in range(power_iterations):
+        q, _ = np.linalg.qr(matrix.T @ q)
+        q, _ = np.linalg.qr(matrix @ q)
+    u_small, s, vt = np.linalg.svd(np.asarray((matrix.T @ q).T), full_matrices=False)
+    u = q @ u_small
+    u, s, vt = u[:, :rank], s[:rank], vt[:rank]
+    signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])  # vectors are defined up to sign
+    return u * signs, s, vt * signs[:, None]
+
+
 def spectral_embedding(edges: Mapping[tuple[str, str], float], rank: int, seed: int = 0
                        ) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     """(query keys, query vectors [m, rank], item ids, item vectors [n, rank]), unit rows."""
     import scipy.sparse as sp
-    from scipy.sparse.linalg import svds
 
     queries = sorted({q for q, _ in edges})
     items = sorted({i for _, i in edges})
@@ -58,20 +73,18 @@ def spectral_embedding(edges: Mapping[tuple[str, str], float], rank: int, seed: 
     cols = np.fromiter((i_row[i] for _, i in edges), dtype=np.int64, count=len(edges))
     vals = np.fromiter(edges.values(), dtype=np.float64, count=len(edges))
     adj = sp.csr_matrix((vals, (rows, cols)), shape=(len(queries), len(items)))
+    # Degree-regularised normalisation (regularised spectral clustering): adding the mean degree
+    # keeps low-degree nodes and small components from dominating the top vectors.
     dq = np.asarray(adj.sum(axis=1)).ravel()
     di = np.asarray(adj.sum(axis=0)).ravel()
-    norm = sp.diags(1 / np.sqrt(dq)) @ adj @ sp.diags(1 / np.sqrt(di))
-    k = min(rank, min(norm.shape) - 1)
-    if k < 1:  # a graph too small to factorise: one shared direction
-        u, s, vt = np.ones((len(queries), 1)), np.ones(1), np.ones((1, len(items)))
-    else:
-        v0 = np.random.default_rng(seed).standard_normal(min(norm.shape))  # deterministic start
-        u, s, vt = svds(norm, k=k, v0=v0)
+    norm = sp.diags(1 / np.sqrt(dq + dq.mean())) @ adj @ sp.diags(1 / np.sqrt(di + di.mean()))
+    k = min(rank, *norm.shape)
+    u, s, vt = randomized_svd(norm.tocsr(), k, seed)
     scale = np.sqrt(s)
     qv = np.zeros((len(queries), rank), np.float32)
     iv = np.zeros((len(items), rank), np.float32)
-    qv[:, :len(s)] = u * scale
-    iv[:, :len(s)] = vt.T * scale
+    qv[:, :k] = u * scale
+    iv[:, :k] = vt.T * scale
     for m in (qv, iv):
         m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
     return queries, qv, items, iv

@@ -529,7 +529,7 @@ class Trainer:
             "fingerprint": self.fingerprint, "position": asdict(self.position), "model": self.model.state_dict(),
             "optimizers": [self.opt.state_dict(), self.term_opt.state_dict()],
             "schedulers": [s.state_dict() for s in self.scheds], "history": self.history,
-            "losses": self.losses, "negatives": self.negatives, "catalog": self.catalog.astype(np.float16),
+            "losses": self.losses, "negatives": self.negatives, "catalog": self.catalog,
             "elapsed": self.elapsed_before + time.monotonic() - started,
         }
         tmp = path.with_suffix(".tmp")
@@ -551,7 +551,7 @@ class Trainer:
             sched.load_state_dict(saved)
         self.position = Position(**state["position"])
         self.history, self.losses = state["history"], state["losses"]
-        self.negatives, self.catalog = state["negatives"], state["catalog"].astype(np.float32)
+        self.negatives, self.catalog = state["negatives"], state["catalog"]
         self.elapsed_before = float(state["elapsed"])
         return True
 
@@ -632,7 +632,7 @@ def write_artifact(trainer: Trainer, out_dir: Path, data_dir: Path, feedback_dir
         "steps": steps, "minutes": round(elapsed / 60, 2), "device": str(trainer.device),
         "history": trainer.history,
         "final_losses": {k: float(np.mean(v[-20:])) for k, v in trainer.losses.items()},
-        "fusion_weights": [round(float(w), 4) for w in model.fusion_weights()],
+        "fusion_weights": [round(float(w), 4) for w in model.fusion_weights().detach()],
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "MODEL_CARD.md").write_text(model_card(out_dir.name, trainer, metrics))

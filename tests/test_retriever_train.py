@@ -1,0 +1,152 @@
+"""Training the retriever end to end on a tiny demo set (seconds), resuming after an
+interruption, and evaluating it with the CLI's evaluation: files, numbers, errors."""
+
+import dataclasses
+import json
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from models.data import synth
+from models.data.feedback import read_feedback, simulate_feedback, write_feedback
+from models.encoders import load_encoder
+from models.evaluate import evaluate
+from models.metrics import ndcg_at
+from models.train import TrainConfig, TrainingError, train
+from models.unified import RetrieverConfig
+
+torch.set_num_threads(1)
+
+MODEL = RetrieverConfig(semantic_dim=32, lexical_dim=16, behaviour_dim=8, term_buckets=4096, graph_rank=4,
+                        user_items=4, category_buckets=64, max_length=24, train_layers=1)
+TRAIN = TrainConfig(stage1_epochs=2, stage2_epochs=1, batch_size=16, group_size=4, random_items=8, mine_depth=10,
+                    encode_batch=64, warmup_steps=2)
+EVERY_STEP = dataclasses.replace(TRAIN, checkpoint_minutes=0.0)  # a checkpoint after each step
+ARTIFACT_FILES = {"config.json", "model.safetensors", "graph_index.json", "item_vectors.npy", "item_vectors_ids.json",
+                  "metrics.json", "MODEL_CARD.md", "text", "tokenizer"}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(bar_prefix: str, step: int):
+    """A progress factory that stops training at a given step, like a Ctrl-C or a killed job."""
+    @contextmanager
+    def factory(label, total):
+        done = [0]
+
+        def advance(n=1):
+            if label.startswith(bar_prefix) and n == 1:
+                done[0] += 1
+                if done[0] == step:
+                    raise Interrupted(label)
+        yield advance
+    return factory
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    synth.write(synth.generate(items=150, users=6, seed=5), root)
+    write_feedback(simulate_feedback(root, sessions=60, seed=5), root / "feedback")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models")
+    return train(demo, out, "tiny", MODEL, TRAIN, say=lambda _: None)
+
+
+def test_artifact_has_everything_and_loads(trained, demo):
+    assert {p.name for p in trained.iterdir()} == ARTIFACT_FILES  # the checkpoint is gone once complete
+    metrics = json.loads((trained / "metrics.json").read_text())
+    n_train = metrics["data"]["train_queries"]
+    steps_per_epoch = -(-n_train // TRAIN.batch_size)
+    assert metrics["steps"] == {"stage1_loss": 2 * steps_per_epoch, "stage2_loss": steps_per_epoch}
+    assert metrics["data"]["logged_searches"] > 0 and metrics["data"]["dev_queries"] > 0
+    assert [h["when"] for h in metrics["history"]] == ["start", "start", "start", "final"]
+    assert all(0 <= h["dev_ndcg@10"] <= 1 for h in metrics["history"])
+    card = (trained / "MODEL_CARD.md").read_text()
+    assert f"{n_train} training queries" in card and "Stage 1" in card
+    config = json.loads((trained / "config.json").read_text())
+    assert config["retriever"]["lexical_dim"] == 16 and config["training"]["stage1_epochs"] == 2
+
+    encoder = load_encoder(str(trained))
+    items = [{"item_id": "new-1", "title": "Harlow Velvet Sofa", "description": "", "category_path": ["Furniture"],
+              "brand": "Harlow", "price": 10.0, "attributes": {}}]
+    v = encoder.encode_items(items)
+    assert v.shape == (1, MODEL.dim) and np.isclose(np.linalg.norm(v), 1.0, atol=1e-5)
+    shipped = np.load(trained / "item_vectors.npy")
+    assert shipped.shape == (150, MODEL.dim)
+
+
+def test_interrupted_training_resumes_to_the_same_model(demo, trained, tmp_path):
+    with pytest.raises(Interrupted):
+        train(demo, tmp_path, "tiny", MODEL, EVERY_STEP, say=lambda _: None,
+              progress_factory=interrupt_at("stage 1 epoch 2/", 3))
+    assert (tmp_path / "tiny" / "checkpoint" / "state.pt").exists()
+    said = []
+    out = train(demo, tmp_path, "tiny", MODEL, TRAIN, say=said.append)
+    assert any(s.startswith("resuming tiny at stage 1 epoch 2 step 2") for s in said)
+    resumed, straight = json.loads((out / "metrics.json").read_text()), json.loads((trained / "metrics.json").read_text())
+    assert resumed["steps"] == straight["steps"]
+    np.testing.assert_allclose(np.load(out / "item_vectors.npy"), np.load(trained / "item_vectors.npy"), atol=1e-5)
+
+
+def test_checkpoint_from_other_settings_is_refused(demo, tmp_path):
+    with pytest.raises(Interrupted):
+        train(demo, tmp_path, "v", MODEL, TRAIN, say=lambda _: None, progress_factory=interrupt_at("stage 1 epoch 2/", 1))
+    other = dataclasses.replace(TRAIN, fn_margin=0.2)
+    with pytest.raises(TrainingError, match="pass --restart"):
+        train(demo, tmp_path, "v", MODEL, other, say=lambda _: None)
+
+
+def test_evaluation_report_chart_and_trec_runs(demo, trained, tmp_path):
+    report = evaluate(demo, "test", str(trained), run_dir=tmp_path / "runs", out_dir=tmp_path / "eval",
+                      say=lambda _: None)
+    assert list(report["systems"]) == ["bm25", "minilm", "hybrid-rrf", "tailbridge", "tailbridge+user"]
+    assert "persona" in report["user_context"]
+    for system in report["systems"].values():
+        assert set(system) >= {"overall", "head", "torso", "tail"}
+        assert sum(system[s]["queries"] for s in ("head", "torso", "tail")) == system["overall"]["queries"]
+        assert all(0 <= system["overall"][m] <= 1 for m in ("ndcg@10", "recall@100", "mrr@10", "grade_acc"))
+    assert json.loads((tmp_path / "eval" / "eval-test.json").read_text()) == report
+    assert (tmp_path / "eval" / "eval-test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Anyone can recompute the metrics from the TREC runs and the qrels.
+    qrels = {}
+    for line in (demo / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, g = line.split("\t")
+        qrels.setdefault(q, {})[d] = int(g)
+    for system in report["systems"]:
+        ranked = {}
+        for line in (tmp_path / "runs" / f"{system}.trec").read_text().splitlines():
+            qid, q0, item, rank, score, name = line.split()
+            assert q0 == "Q0" and name == system
+            ranked.setdefault(qid, []).append((int(rank), item, float(score)))
+        assert set(ranked) == set(qrels) and all(len(r) == 100 for r in ranked.values())
+        for rows in ranked.values():
+            assert [r for r, _, _ in rows] == list(range(1, 101))
+            assert all(a[2] >= b[2] for a, b in zip(rows, rows[1:]))
+        recomputed = np.mean([ndcg_at([i for _, i, _ in sorted(ranked[q])], qrels[q]) for q in sorted(qrels)])
+        assert recomputed == pytest.approx(report["systems"][system]["overall"]["ndcg@10"], abs=1e-4)
+
+
+def test_evaluation_errors_are_clear(demo):
+    from models.data.loaders import DatasetError
+
+    with pytest.raises(DatasetError, match="no split 'valid'"):
+        evaluate(demo, "valid", say=lambda _: None)
+
+
+def test_feedback_log_round_trip_and_no_test_queries(demo):
+    log = read_feedback(demo / "feedback")
+    test_texts = {json.loads(line)["text"] for line in (demo / "queries.jsonl").read_text().splitlines()
+                  if json.loads(line)["_id"] in (demo / "qrels" / "test.tsv").read_text()}
+    assert not set(log["query"]) & test_texts  # the simulated log covers training queries only
+    assert set(log["label"]) <= {"shown_unclicked", "clicked", "added_to_cart", "purchased"}
+    assert (log.groupby("query_id")["position"].apply(lambda p: sorted(p) == list(range(1, len(p) + 1)))).all()
