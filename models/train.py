@@ -13,7 +13,7 @@
    multi-grained loss (behaviour levels against random catalog items), with a lighter stage-1
    term so retrieval does not drift.
 5. Artifact: ``<out>/`` holds weights, configs, tokenizer, graph index, the catalog's vectors,
-   ``metrics.json`` and ``MODEL_CARD.md``. A checkpoint under ``<out>/checkpoint/`` is written
+   ``metrics.json``, ``MODEL_CARD.md`` and the query tower as ONNX (``models.export``). A checkpoint under ``<out>/checkpoint/`` is written
    every few minutes and after every epoch; running the same command again resumes from it.
 
 CPU budget (what is traded): only the top MiniLM layers train, and the frozen lower layers'
@@ -75,6 +75,7 @@ class TrainConfig:
     max_minutes: float | None = None
     checkpoint_minutes: float = 5.0
     encode_batch: int = 256
+    export_onnx: bool = True  # also write the query tower as ONNX (fp32 + int8) for serving
     seed: int = 7
 
 
@@ -580,7 +581,7 @@ def fingerprint(data: RetrievalData, ts: TrainingSet, model_cfg: RetrieverConfig
     parts = {"data": data.name, "items": len(data.items), "examples": len(ts.examples),
              "judgements": sum(len(e.judged) for e in ts.examples), "searches": len(ts.searches),
              "model": model_cfg.to_json(), "train": {k: v for k, v in asdict(cfg).items()
-                                                     if k not in ("max_minutes", "checkpoint_minutes")}}
+                                                     if k not in ("max_minutes", "checkpoint_minutes", "export_onnx")}}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
@@ -636,6 +637,10 @@ def write_artifact(trainer: Trainer, out_dir: Path, data_dir: Path, feedback_dir
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "MODEL_CARD.md").write_text(model_card(out_dir.name, trainer, metrics))
+    if trainer.cfg.export_onnx:
+        from models.export import export_query_tower
+
+        export_query_tower(out_dir, int8=True)
     checkpoint = trainer.checkpoint_path()
     if checkpoint.exists():  # the artifact is complete: the checkpoint has served its purpose
         checkpoint.unlink()

@@ -503,18 +503,24 @@ def save(model: UnifiedRetriever, featurizer: Featurizer, out_dir: Path) -> None
     (out_dir / GRAPH_FILE).write_text(json.dumps(graph))
 
 
-def load(model_dir: Path) -> tuple[UnifiedRetriever, Featurizer]:
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
+def read_config(model_dir: Path) -> tuple[RetrieverConfig, dict[str, dict[str, int]]]:
+    """The config and graph index of an artifact ({"queries": key -> row, "items": id -> row})."""
     model_dir = Path(model_dir)
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, GRAPH_FILE, "text", "tokenizer") if not (model_dir / f).exists()]
     if missing:
         raise FileNotFoundError(f"{model_dir}: not a retriever artifact (missing {', '.join(missing)})")
     cfg = RetrieverConfig.from_json(json.loads((model_dir / CONFIG_FILE).read_text())["retriever"])
     graph = json.loads((model_dir / GRAPH_FILE).read_text())
-    gq = {k: i for i, k in enumerate(graph["queries"])}
-    gi = {k: i for i, k in enumerate(graph["items"])}
+    return cfg, {side: {k: i for i, k in enumerate(graph[side])} for side in ("queries", "items")}
+
+
+def load(model_dir: Path) -> tuple[UnifiedRetriever, Featurizer]:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    cfg, graph = read_config(model_dir)
+    gq, gi = graph["queries"], graph["items"]
     model = UnifiedRetriever(cfg, load_bert(model_dir / "text", config_only=True), len(gq), len(gi))
     model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"), local_files_only=True)

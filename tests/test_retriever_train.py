@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 MODEL = RetrieverConfig(semantic_dim=32, lexical_dim=16, behaviour_dim=8, term_buckets=4096, graph_rank=4,
                         user_items=4, category_buckets=64, max_length=24, train_layers=1)
 TRAIN = TrainConfig(stage1_epochs=2, stage2_epochs=1, batch_size=16, group_size=4, random_items=8, mine_depth=10,
-                    encode_batch=64, warmup_steps=2)
+                    encode_batch=64, warmup_steps=2, export_onnx=False)  # export: tests/test_models_onnx.py
 EVERY_STEP = dataclasses.replace(TRAIN, checkpoint_minutes=0.0)  # a checkpoint after each step
 ARTIFACT_FILES = {"config.json", "model.safetensors", "graph_index.json", "item_vectors.npy", "item_vectors_ids.json",
                   "metrics.json", "MODEL_CARD.md", "text", "tokenizer"}
