@@ -16,7 +16,8 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import faust
 import redis
@@ -31,6 +32,7 @@ from streams.topics import CONSUMER_HEARTBEAT_MS, CONSUMER_SESSION_TIMEOUT_MS, T
 from tailbridge.settings import Settings
 
 log = logging.getLogger("tailbridge.worker")
+T = TypeVar("T")
 MAX_BACKOFF_S = 10.0
 REPORT_EVERY_S = 10.0
 
@@ -43,12 +45,13 @@ def _redis_for(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(online.redis_url, socket_timeout=10, socket_connect_timeout=5)
 
 
-async def _retry(what: str, work: Callable[[], object]) -> object:
-    """Run blocking ``work`` on a thread until it succeeds; the batch stays un-acked meanwhile."""
+async def _retry(what: str, work: Callable[[], Awaitable[T]]) -> T:
+    """Await ``work()`` until it succeeds. Nothing may escape an agent's batch body: faust
+    acks the batch when the body exits, even by an exception, and those events would be lost."""
     delay = 0.5
     while True:
         try:
-            return await asyncio.to_thread(work)
+            return await work()
         except Exception:
             log.exception("%s failed; retrying in %.1f s (the batch is not acknowledged)", what, delay)
             await asyncio.sleep(delay)
@@ -104,32 +107,42 @@ def create_app(settings: Settings) -> faust.App:
     # Queries and interactions are both keyed by user: one agent sees all of a user's events.
     behaviour_topics = topic(TOPICS["queries"].topic(settings), TOPICS["interactions"].topic(settings))
 
+    def on_thread(work: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+        return lambda: asyncio.to_thread(work)
+
+    async def handle_behaviour(batch) -> None:
+        events = await parse(batch)
+        if events:
+            result = await asyncio.to_thread(behaviour.process, events)
+            counts["applied"] += result.applied
+            counts["duplicates"] += result.duplicates
+
+    async def handle_catalog(batch) -> None:
+        events = await parse(batch)
+        if events:
+            result = await asyncio.to_thread(indexer.process, events)
+            counts["indexed"] += result.upserted
+            counts["deleted"] += result.deleted
+
     @app.agent(behaviour_topics, name="behaviour")
     async def behaviour_agent(stream):
         async for batch in stream.take_events(settings.worker_batch_size, within=settings.worker_batch_seconds):
-            events = await parse(batch)
-            if events:
-                result = await _retry("behaviour batch", lambda: behaviour.process(events))
-                counts["applied"] += result.applied
-                counts["duplicates"] += result.duplicates
+            await _retry("behaviour batch", lambda: handle_behaviour(batch))
 
     @app.agent(topic(TOPICS["catalog"].topic(settings)), name="item_indexer")
     async def indexer_agent(stream):
         async for batch in stream.take_events(min(settings.worker_batch_size, 256), within=settings.worker_batch_seconds):
-            events = await parse(batch)
-            if events:
-                result = await _retry("index batch", lambda: indexer.process(events))
-                counts["indexed"] += result.upserted
-                counts["deleted"] += result.deleted
+            await _retry("index batch", lambda: handle_catalog(batch))
 
     @app.task
     async def warm_up() -> None:
-        await _retry("loading the item encoder", indexer.warm_up)
+        await _retry("loading the item encoder", on_thread(indexer.warm_up))
 
     @app.timer(interval=settings.worker_flush_seconds)
     async def flush() -> None:
-        counts["item_stats_written"] += await _retry("item stats flush", lambda: behaviour.flush_item_stats(milvus))
-        examples, _ = await _retry("feedback flush", behaviour.flush_feedback)
+        counts["item_stats_written"] += await _retry("item stats flush",
+                                                     on_thread(lambda: behaviour.flush_item_stats(milvus)))
+        examples, _ = await _retry("feedback flush", on_thread(behaviour.flush_feedback))
         counts["feedback_rows"] += examples
 
     last_report = {"at": time.monotonic(), "counts": Counter()}

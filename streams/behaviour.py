@@ -208,6 +208,13 @@ class BehaviourProcessor:
         items = [i.decode() for i in self.redis.spop(self.keys.dirty_items, limit) or []]
         if not items:
             return 0
+        try:
+            return self._write_item_stats(milvus, items)
+        except Exception:
+            self.redis.sadd(self.keys.dirty_items, *items)  # still dirty: the retry picks them up
+            raise
+
+    def _write_item_stats(self, milvus, items: list[str]) -> int:
         with self.redis.pipeline(transaction=False) as pipe:
             for item in items:
                 pipe.hgetall(self.keys.counters(item))
