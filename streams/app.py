@@ -58,11 +58,14 @@ async def _retry(what: str, work: Callable[[], Awaitable[T]]) -> T:
             delay = min(delay * 2, MAX_BACKOFF_S)
 
 
-def create_app(settings: Settings) -> faust.App:
-    app = faust.App(
-        f"{settings.topic_prefix}-worker",
+def faust_app(settings: Settings, name: str = "worker") -> faust.App:
+    """The faust app as every tailbridge consumer configures it (agents are added by the caller)."""
+    (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)  # faust makes only the leaf
+    return faust.App(
+        f"{settings.topic_prefix}-{name}",
         broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
         store="memory://",  # no faust tables: state that must survive lives in Redis, Feast, Milvus
+        datadir=str(settings.state_dir / "faust" / "{conf.name}"),  # not the current directory
         value_serializer="raw",
         key_serializer="raw",
         web_enabled=False,  # several workers side by side on one machine
@@ -74,6 +77,10 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_interval=1.0,
         stream_buffer_maxsize=settings.worker_batch_size * 2,
     )
+
+
+def create_app(settings: Settings) -> faust.App:
+    app = faust_app(settings)
     redis_client = _redis_for(settings)
     store = feature_store(settings)
     milvus = connect_milvus(settings)

@@ -7,6 +7,7 @@ the last event per item counts (events of one item share a partition, so they ar
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,11 +42,15 @@ class Indexer:
         self._encoders: dict[str, Encoder] = {}
         self._live: dict[str, str] = {}
         self._live_at = 0.0
+        # The start-up warm-up and the first batch run on different threads: one must not see
+        # a collection the other is still creating, nor load the same encoder twice.
+        self._lock = threading.RLock()
 
     def encoder(self, version: str) -> Encoder:
-        if version not in self._encoders:
-            self._encoders[version] = self._load_encoder(version)
-        return self._encoders[version]
+        with self._lock:
+            if version not in self._encoders:
+                self._encoders[version] = self._load_encoder(version)
+            return self._encoders[version]
 
     def warm_up(self) -> None:
         """Load the encoders of the live collections now rather than on the first catalog event:
@@ -54,15 +59,16 @@ class Indexer:
             self.encoder(version)
 
     def live(self, refresh: bool = False) -> dict[str, str]:
-        if refresh or time.monotonic() - self._live_at > LIVE_REFRESH_S:
-            self._live = item_index.live_collections(self.milvus, self.settings)
-            if not self._live:  # first catalog event ever: serve the default encoder
-                version = self.settings.encoder_version
-                item_index.create_collection(self.milvus, self.settings, version, self.encoder(version).dim)
-                item_index.point_alias(self.milvus, self.settings, version)
+        with self._lock:
+            if refresh or time.monotonic() - self._live_at > LIVE_REFRESH_S:
                 self._live = item_index.live_collections(self.milvus, self.settings)
-            self._live_at = time.monotonic()
-        return self._live
+                if not self._live:  # first catalog event ever: serve the default encoder
+                    version = self.settings.encoder_version
+                    item_index.create_collection(self.milvus, self.settings, version, self.encoder(version).dim)
+                    item_index.point_alias(self.milvus, self.settings, version)
+                    self._live = item_index.live_collections(self.milvus, self.settings)
+                self._live_at = time.monotonic()
+            return self._live
 
     def process(self, events: Sequence[CatalogUpsert | CatalogDelete]) -> IndexResult:
         started = time.perf_counter()

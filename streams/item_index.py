@@ -75,12 +75,14 @@ def create_collection(client: MilvusClient, settings: Settings, version: str, di
         index.add_index(field_name="vector", index_type="HNSW", metric_type="IP", params={"M": 16, "efConstruction": 200})
         index.add_index(field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
         client.create_collection(name, schema=_schema(dim), index_params=index)
-        client.alter_collection_properties(name, {VERSION_PROPERTY: version})
+    # Outside the `if`: another process may have created it and not yet labelled it.
+    client.alter_collection_properties(name, {VERSION_PROPERTY: version})
     return name
 
 
-def _version_of(client: MilvusClient, collection: str) -> str:
-    return client.describe_collection(collection)["properties"][VERSION_PROPERTY]
+def _version_of(client: MilvusClient, collection: str) -> str | None:
+    """None while the collection is being created (no version label yet)."""
+    return client.describe_collection(collection)["properties"].get(VERSION_PROPERTY)
 
 
 def serving_collection(client: MilvusClient, settings: Settings) -> str | None:
@@ -99,7 +101,8 @@ def serving_version(client: MilvusClient, settings: Settings) -> str | None:
 def live_collections(client: MilvusClient, settings: Settings) -> dict[str, str]:
     """collection name -> model version, for every version collection (serving or being built)."""
     prefix = alias_name(settings) + "__"
-    return {name: _version_of(client, name) for name in client.list_collections() if name.startswith(prefix)}
+    versions = {name: _version_of(client, name) for name in client.list_collections() if name.startswith(prefix)}
+    return {name: version for name, version in versions.items() if version}
 
 
 def point_alias(client: MilvusClient, settings: Settings, version: str) -> None:
