@@ -86,7 +86,7 @@ def eval_retriever(data: Path, split: str, model: str | None, out: Path, run_dir
     except _known_errors() as exc:
         raise CommandError(str(exc)) from None
     table = Table(title=f"{report['data']} / {split}: {report['queries']} queries, {report['items']} items, exact search")
-    table.add_column("system")
+    table.add_column("system", no_wrap=True)
     table.add_column("stratum")
     table.add_column("queries", justify="right")
     for m in METRICS:

@@ -18,7 +18,9 @@
 
 CPU budget (what is traded): only the top MiniLM layers train, and the frozen lower layers'
 outputs are computed once per text and cached; texts are cut at 64 tokens; hard negatives are
-re-mined once per epoch, not per step. ``max_minutes`` ends stages early to meet a deadline.
+re-mined every ``mine_every`` epochs, not per step (each mining is a full catalog encode);
+``max_minutes`` (default 28) gives each remaining epoch an equal share of the time left and
+ends an epoch early when its share is spent, so a large set finishes in time with fewer steps.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ class TrainConfig:
     batch_size: int = 32
     hard_negatives: int = 2  # per query (stage 1), drawn from the top `mine_depth` unjudged items
     mine_depth: int = 30
+    mine_every: int = 2  # epochs between re-mining (each costs a full catalog encode)
     group_size: int = 8  # judged or logged items per query (stage 2)
-    random_items: int = 32  # random catalog items per batch: the multi-grained "global" comparison
+    random_items: int = 16  # random catalog items per batch: the multi-grained "global" comparison
     temperature: float = 0.05
     fn_margin: float = 0.0  # false-negative mask: drop candidates scoring above positive - margin
     min_odds_ratio: float = 4.0  # ROAR
@@ -72,7 +75,7 @@ class TrainConfig:
     behaviour_prob: float = 0.5  # chance an example uses one of its logged searches
     dev_fraction: float = 0.1
     max_train_queries: int | None = None
-    max_minutes: float | None = None
+    max_minutes: float | None = 28.0  # stages end early to finish in time (the 30-minute budget)
     checkpoint_minutes: float = 5.0
     encode_batch: int = 256
     export_onnx: bool = True  # also write the query tower as ONNX (fp32 + int8) for serving
@@ -356,12 +359,12 @@ class Trainer:
         pool = sorted(i for i, v in labels.items() if v == best)
         return self.item_row[pool[rng.integers(len(pool))]]
 
-    def _hard_negatives(self, rows: Sequence[int], rng: np.random.Generator) -> list[int]:
+    def _hard_negatives(self, rows: Sequence[int], rng: np.random.Generator, per_query: int) -> list[int]:
         negs: list[int] = []
         for r in rows:
             cand = self.negatives[r][self.negatives[r] >= 0]
             if len(cand):
-                negs += [int(c) for c in rng.choice(cand, size=min(self.cfg.hard_negatives, len(cand)), replace=False)]
+                negs += [int(c) for c in rng.choice(cand, size=min(per_query, len(cand)), replace=False)]
         return negs
 
     def _contrastive(self, rows: Sequence[int], q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
@@ -376,7 +379,7 @@ class Trainer:
         cfg = self.cfg
         views = [self._view(self.ts.examples[r], rng) for r in rows]
         positives = [self._positive(self.ts.examples[r], v, rng) for r, v in zip(rows, views)]
-        negs = self._hard_negatives(rows, rng)
+        negs = self._hard_negatives(rows, rng, cfg.hard_negatives)
         contexts = [None if v is None else v["context"] for v in views]
         q = self.model.encode_queries(self._query_batch(rows, contexts, cfg.query_graph_dropout, gen))
         items = self.model.encode_items(self._item_batch(positives + negs, cfg.item_graph_dropout, gen))
@@ -402,7 +405,8 @@ class Trainer:
             grades.append([ex.judged.get(i, -1) for i, _ in chosen])
             positives.append(self._positive(ex, view, rng))
         randoms = [int(x) for x in rng.choice(len(self.items), size=min(cfg.random_items, len(self.items)), replace=False)]
-        negs = self._hard_negatives(rows, rng) if cfg.stage2_contrastive_weight > 0 else []
+        # Stage 2 keeps one hard negative per query: its groups already cost most of the step.
+        negs = self._hard_negatives(rows, rng, 1) if cfg.stage2_contrastive_weight > 0 else []
         unique = sorted({m for ms in members for m in ms} | set(randoms) | set(positives) | set(negs))
         col = {m: c for c, m in enumerate(unique)}
         q = self.model.encode_queries(self._query_batch(rows, contexts, cfg.query_graph_dropout, gen))
@@ -463,23 +467,25 @@ class Trainer:
                 pos = self.position
                 if (stage, epoch) < (pos.stage, pos.epoch):
                     continue
-                epoch_deadline = None
-                if deadline is not None:
-                    # Each remaining epoch gets an equal share of the time left, so both stages
-                    # run; a minute and one catalog encode are kept for writing the artifact.
-                    left = deadline - self.reserve - time.monotonic()
-                    epoch_deadline = time.monotonic() + left / (planned - done_epochs + 1)
-                    if left <= 0:
+                if pos.step == 0 or (stage, epoch) != (pos.stage, pos.epoch):
+                    if deadline is not None and deadline - self.reserve - time.monotonic() <= 0:
                         self.say(f"time budget: skipping stage {stage} epoch {epoch + 1}")
                         continue
-                if pos.step == 0 or (stage, epoch) != (pos.stage, pos.epoch):
-                    self.encode_catalog(f"stage {stage} epoch {epoch + 1}: encoding catalog")
-                    metrics = self.dev_metrics()
-                    self.history.append({"stage": stage, "epoch": epoch, "when": "start", **metrics})
-                    if metrics:
-                        self.say(f"stage {stage} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                    self.mine()
+                    if epoch % max(1, cfg.mine_every) == 0:  # fresh hard negatives from the current model
+                        self.encode_catalog(f"stage {stage} epoch {epoch + 1}: encoding catalog")
+                        metrics = self.dev_metrics()
+                        self.history.append({"stage": stage, "epoch": epoch, "when": "start", **metrics})
+                        if metrics:
+                            self.say(f"stage {stage} epoch {epoch + 1}: "
+                                     + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                        self.mine()
                     self.position = Position(stage, epoch, 0)
+                epoch_deadline = None
+                if deadline is not None:
+                    # Each remaining epoch gets an equal share of the time left, so both stages run;
+                    # the reserve (a minute and a catalog encode) is kept for writing the artifact.
+                    left = deadline - self.reserve - time.monotonic()
+                    epoch_deadline = time.monotonic() + left / (planned - done_epochs + 1)
                 rng = np.random.default_rng([cfg.seed, stage, epoch])
                 order = rng.permutation(len(self.ts.examples))
                 batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]

@@ -282,7 +282,7 @@ def train_retriever(
     stage2_epochs: Annotated[Optional[int], typer.Option(min=0)] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=2)] = None,
     max_train_queries: Annotated[Optional[int], typer.Option(min=1)] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(min=1, help="Time budget; stages end early.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(min=1, help="Time budget (default 28); stages end early.")] = None,
     restart: Annotated[bool, typer.Option(help="Discard a checkpoint instead of resuming it.")] = False,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")] = None,
 ) -> None:
