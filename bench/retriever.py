@@ -1,6 +1,8 @@
 """Query-encoding latency of a trained retriever: torch vs ONNX Runtime fp32 vs int8.
 
-    .venv/bin/python bench/retriever.py --model DIR --data DIR [--queries 200] [--threads 1] [--json out.json]
+    .venv/bin/python -P bench/retriever.py --model DIR --data DIR [--queries 200] [--threads 1] [--json out.json]
+
+(``-P``: bench/streams.py would otherwise shadow the ``streams`` package.)
 
 Encodes the data set's test queries one at a time (batch 1, as the query handler does) with
 each runtime, after a warm-up, and reports p50 / p90 / p99 in milliseconds, with the cosine

@@ -87,10 +87,10 @@ def eval_retriever(data: Path, split: str, model: str | None, out: Path, run_dir
         raise CommandError(str(exc)) from None
     table = Table(title=f"{report['data']} / {split}: {report['queries']} queries, {report['items']} items, exact search")
     table.add_column("system", no_wrap=True)
-    table.add_column("stratum")
+    table.add_column("stratum", no_wrap=True)
     table.add_column("queries", justify="right")
     for m in METRICS:
-        table.add_column(m, justify="right")
+        table.add_column(m, justify="right", no_wrap=True)
     for system, groups in report["systems"].items():
         for stratum, row in groups.items():
             table.add_row(system if stratum == "overall" else "", stratum, str(row["queries"]),

@@ -230,7 +230,7 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
 
     systems = list(report["systems"])
     groups = [g for g in ("overall", *STRATA) if any(g in report["systems"][s] for s in systems)]
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(groups), 4))
+    fig, ax = plt.subplots(figsize=(3.5 + 1.6 * len(groups), 4))
     width = 0.8 / len(systems)
     for k, system in enumerate(systems):
         values = [report["systems"][system].get(g, {}).get("ndcg@10") or 0.0 for g in groups]
@@ -238,8 +238,9 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(np.arange(len(groups)) + width * (len(systems) - 1) / 2, groups)
     ax.set_ylabel("nDCG@10")
+    ax.set_ylim(0, 1.05)
     ax.set_title(f"{report['data']} / {report['split']}: nDCG@10 by query stratum (exact search)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
