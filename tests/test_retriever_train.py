@@ -150,3 +150,27 @@ def test_feedback_log_round_trip_and_no_test_queries(demo):
     assert not set(log["query"]) & test_texts  # the simulated log covers training queries only
     assert set(log["label"]) <= {"shown_unclicked", "clicked", "added_to_cart", "purchased"}
     assert (log.groupby("query_id")["position"].apply(lambda p: sorted(p) == list(range(1, len(p) + 1)))).all()
+
+
+def test_cli_reports_bad_input_clearly(demo, tmp_path):
+    from typer.testing import CliRunner
+
+    from tailbridge.cli import app
+
+    runner = CliRunner()
+    cases = [
+        (["eval", "retriever", "--data", str(tmp_path / "missing")], "data directory not found"),
+        (["eval", "retriever", "--data", str(demo), "--split", "nope", "--out", str(tmp_path)], "no split 'nope'"),
+        (["eval", "retriever", "--data", str(demo), "--model", str(tmp_path / "no-model")], "no trained retriever"),
+        (["train", "retriever", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)], "data directory not found"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert message in " ".join(result.output.split()), (args, result.output)
+    beir = tmp_path / "plain"
+    beir.mkdir()
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        (beir / name).write_text((demo / name).read_text())
+    result = runner.invoke(app, ["train", "retriever", "--data", str(beir), "--simulate-feedback", "5"])
+    assert result.exit_code == 1 and "needs demo data (users.jsonl)" in " ".join(result.output.split())
