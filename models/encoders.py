@@ -8,8 +8,9 @@ package. Trained retriever versions (``models.unified``) are artifact directorie
 ``DATA_DIR/models/retriever/<version>``; ``load_encoder`` takes such a version name or a path.
 
 Queries may come with the shopper's real-time context (the Feast ``user_context`` row:
-``recent_item_ids`` newest first, ``recent_actions``, ``category_affinity``); encoders that do
-not personalise ignore it, and ``None`` always means "no user".
+``recent_item_ids`` newest first, ``recent_actions``, and ``affinity_categories`` /
+``affinity_weights`` or a ``category_affinity`` mapping); encoders that do not personalise
+ignore it, and ``None`` always means "no user".
 """
 
 from __future__ import annotations

@@ -393,6 +393,17 @@ def query_key(text: str) -> str:
 ItemVectorLookup = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
 
 
+def category_affinity(context: Mapping[str, Any]) -> dict[str, float]:
+    """Category -> affinity from a user context: the Feast view's two arrays
+    (``affinity_categories``, ``affinity_weights``) or a ``category_affinity`` mapping."""
+    if context.get("category_affinity"):
+        return {str(c): float(w) for c, w in context["category_affinity"].items()}
+    categories, weights = context.get("affinity_categories") or [], context.get("affinity_weights") or []
+    if len(categories) != len(weights):
+        raise ValueError(f"user context: {len(categories)} affinity_categories but {len(weights)} affinity_weights")
+    return {str(c): float(w) for c, w in zip(categories, weights)}
+
+
 @dataclass
 class Featurizer:
     """Turns raw inputs into model batches: tokenizer, term hashing, graph node lookup, user context.
@@ -436,8 +447,9 @@ class Featurizer:
         return batch
 
     def user_input(self, contexts: Sequence[Mapping[str, Any] | None], item_vectors: ItemVectorLookup | None) -> UserInput:
-        """Feast ``user_context`` rows (recent_item_ids newest first, recent_actions,
-        category_affinity) -> tensors. Items without a known vector are skipped; None is no user."""
+        """Feast ``user_context`` rows (recent_item_ids newest first, recent_actions, and the
+        affinities, see ``category_affinity``) -> tensors. Items without a known vector are
+        skipped; None is no user."""
         n, u, d = len(contexts), self.cfg.user_items, self.cfg.dim
         vecs = torch.zeros(n, u, d)
         mask = torch.zeros(n, u, dtype=torch.bool)
@@ -460,7 +472,7 @@ class Featurizer:
                 action = ACTION_ALIASES.get(acts[j], acts[j]) if j < len(acts) else "other"
                 actions[i, k] = ACTIONS.index(action) if action in ACTIONS else 0
                 k += 1
-            affinity = ctx.get("category_affinity") or {}
+            affinity = category_affinity(ctx)
             cat_rows.append([1 + zlib.crc32(f"cat:{c}".encode()) % (self.cfg.category_buckets - 1) for c in affinity])
             cat_weights.append([float(v) for v in affinity.values()])
         width = max([1, *(len(r) for r in cat_rows)])

@@ -114,6 +114,21 @@ def test_no_user_path_is_unchanged_and_context_changes_the_query(built):
     assert torch.equal(personal[0], personal[2])
 
 
+def test_feast_affinity_arrays_equal_the_mapping(built):
+    model, fz = built
+    with torch.no_grad():
+        model.user.categories.weight.normal_(std=0.1)
+        lookup = item_lookup(model, fz)
+        feast_row = {"recent_item_ids": USER["recent_item_ids"], "recent_actions": USER["recent_actions"],
+                     "affinity_categories": list(USER["category_affinity"]),
+                     "affinity_weights": list(USER["category_affinity"].values())}
+        a = model.encode_queries(fz.queries(["sofa"], [USER], lookup))
+        b = model.encode_queries(fz.queries(["sofa"], [feast_row], lookup))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="2 affinity_categories but 1 affinity_weights"):
+        fz.queries(["sofa"], [{"affinity_categories": ["a", "b"], "affinity_weights": [1.0]}], lookup)
+
+
 def test_fresh_model_ignores_user_context():
     model, fz = unified.build(CFG)
     with torch.no_grad():
