@@ -49,7 +49,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
 
 
 def train_retriever(data: Path, out: Path, version: str | None, feedback: Path | None, simulate_sessions: int,
-                    restart: bool, threads: int | None, train_overrides: dict[str, Any]) -> Path:
+                    restart: bool, threads: int | None, train_overrides: dict[str, Any], dim: int = 384) -> Path:
     from models.data.feedback import simulate_feedback, write_feedback
     from models.train import TrainConfig, train
     from models.unified import RetrieverConfig
@@ -67,7 +67,7 @@ def train_retriever(data: Path, out: Path, version: str | None, feedback: Path |
                     write_feedback(simulate_feedback(data, simulate_sessions), target)
                 console.print(f"wrote a simulated feedback log to {target}")
         cfg = TrainConfig(**{k: v for k, v in train_overrides.items() if v is not None})
-        return train(data, out, version, RetrieverConfig(), cfg, feedback, restart, say=console.print,
+        return train(data, out, version, RetrieverConfig.of_dim(dim), cfg, feedback, restart, say=console.print,
                      progress_factory=progress_bar)
     except _known_errors() as exc:
         raise CommandError(str(exc)) from None

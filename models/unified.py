@@ -66,6 +66,14 @@ class RetrieverConfig:
     def dim(self) -> int:
         return self.semantic_dim + self.lexical_dim + self.behaviour_dim
 
+    @classmethod
+    def of_dim(cls, dim: int) -> RetrieverConfig:
+        """Blocks in the default proportions (2/3 semantic, 1/4 lexical, the rest behaviour)."""
+        if dim < 12:
+            raise ValueError(f"dimension must be at least 12, got {dim}")
+        semantic, lexical = round(dim * 2 / 3), dim // 4
+        return cls(semantic_dim=semantic, lexical_dim=lexical, behaviour_dim=dim - semantic - lexical)
+
     def to_json(self) -> dict:
         return asdict(self)
 

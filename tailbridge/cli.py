@@ -278,6 +278,7 @@ def train_retriever(
     version: Annotated[Optional[str], typer.Option(help="Version name (default: <data>-<settings hash>).")] = None,
     feedback: Annotated[Optional[Path], typer.Option(help="Feedback log dir (default: DATA/feedback if present).")] = None,
     simulate_feedback: Annotated[int, typer.Option(min=0, help="Demo data: simulate N sessions as the log first.")] = 0,
+    dim: Annotated[int, typer.Option(min=12, help="Vector dimension of both towers.")] = 384,
     stage1_epochs: Annotated[Optional[int], typer.Option(min=0)] = None,
     stage2_epochs: Annotated[Optional[int], typer.Option(min=0)] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=2)] = None,
@@ -293,7 +294,7 @@ def train_retriever(
                  "max_train_queries": max_train_queries, "max_minutes": max_minutes}
     try:
         run(data, out or get_settings().data_dir / "models" / "retriever", version, feedback, simulate_feedback,
-            restart, threads, overrides)
+            restart, threads, overrides, dim)
     except CommandError as exc:
         _fail(str(exc))
 

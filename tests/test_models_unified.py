@@ -129,6 +129,14 @@ def test_feast_affinity_arrays_equal_the_mapping(built):
         fz.queries(["sofa"], [{"affinity_categories": ["a", "b"], "affinity_weights": [1.0]}], lookup)
 
 
+def test_dimension_is_configurable():
+    assert RetrieverConfig.of_dim(384) == RetrieverConfig()  # the default blocks: 256 + 96 + 32
+    cfg = RetrieverConfig.of_dim(100)
+    assert cfg.dim == 100 and min(cfg.semantic_dim, cfg.lexical_dim, cfg.behaviour_dim) > 0
+    with pytest.raises(ValueError, match="at least 12"):
+        RetrieverConfig.of_dim(8)
+
+
 def test_fresh_model_ignores_user_context():
     model, fz = unified.build(CFG)
     with torch.no_grad():
