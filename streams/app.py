@@ -28,6 +28,7 @@ from streams.behaviour import BehaviourProcessor
 from streams.events import EventValidationError, decode
 from streams.indexer import Indexer
 from streams.item_index import connect as connect_milvus
+from streams.item_index import live_collections
 from streams.topics import CONSUMER_HEARTBEAT_MS, CONSUMER_SESSION_TIMEOUT_MS, TOPICS
 from tailbridge.settings import Settings
 
@@ -151,6 +152,18 @@ def create_app(settings: Settings) -> faust.App:
                                                      on_thread(lambda: behaviour.flush_item_stats(milvus)))
         examples, _ = await _retry("feedback flush", on_thread(behaviour.flush_feedback))
         counts["feedback_rows"] += examples
+
+    sealed = {"writes": 0}
+
+    @app.timer(interval=settings.worker_index_seal_seconds)
+    async def seal_index() -> None:
+        """Milvus Lite scans rows not yet flushed by brute force on every search (~30 ms per
+        1,000): seal what was written, at most this often, so search stays fast."""
+        writes = counts["indexed"] + counts["deleted"] + counts["item_stats_written"]
+        if writes != sealed["writes"]:
+            await _retry("index flush", on_thread(
+                lambda: [milvus.flush(name) for name in live_collections(milvus, settings)]))
+            sealed["writes"] = writes
 
     last_report = {"at": time.monotonic(), "counts": Counter()}
 

@@ -268,6 +268,29 @@ def reindex(
                   + (f"; dropped {result['from']}" if result["dropped_old"] else ""))
 
 
+# ------------------------------------------------------------------ query handler
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Listen address (default TAILBRIDGE_SERVE_HOST).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default TAILBRIDGE_SERVE_PORT).")] = None,
+    loglevel: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """Run the query handler: POST /search, POST /events, /healthz, /readyz, /metrics and the
+    search page at /."""
+    import torch
+    import uvicorn
+
+    from serving.app import create_app
+
+    settings = get_settings()
+    torch.set_num_threads(1)  # one request per core beats two threads fighting over each request
+    host, port = host or settings.serve_host, port or settings.serve_port
+    console.print(f"tailbridge query handler on http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=loglevel)
+
+
 # ------------------------------------------------------------------ retriever (models/commands.py)
 
 
@@ -316,6 +339,51 @@ def eval_retriever(
     default_out = retriever_dir(model) if model else get_settings().data_dir / "eval" / data.name
     try:
         run(data, split, model, out or default_out, run_dir, feedback, threads)
+    except CommandError as exc:
+        _fail(str(exc))
+
+
+# ------------------------------------------------------------------ ranker (models/commands.py)
+
+
+@train_app.command("ranker")
+def train_ranker(
+    data: Annotated[Path, typer.Option(help="Dataset dir with the catalog (as for the retriever).")],
+    feedback: Annotated[Optional[Path], typer.Option(
+        help="Feedback log dir (default: DATA/feedback, else the stream worker's DATA_DIR/offline/feedback).")] = None,
+    simulate_feedback: Annotated[int, typer.Option(min=0, help="Demo data: simulate N sessions as the log first.")] = 0,
+    version: Annotated[Optional[str], typer.Option(help="Version name (default: <data>-<settings hash>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Artifact root (default: DATA_DIR/models/ranker).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=0, help="Stage-1 epochs (text encoder frozen).")] = None,
+    finetune_steps: Annotated[Optional[int], typer.Option(min=0, help="Stage-2 steps (encoder fine-tuned).")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(min=0.5, help="Time budget for both models (default 10).")] = None,
+    baseline: Annotated[bool, typer.Option(help="Also train the single-task click model the eval compares with.")] = True,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")] = None,
+) -> None:
+    """Train the multi-task ranker (click, add-to-cart, purchase heads) and the click-only baseline."""
+    from models.commands import CommandError, train_ranker as run
+
+    overrides = {"epochs": epochs, "finetune_steps": finetune_steps, "max_minutes": max_minutes}
+    try:
+        run(data, out or get_settings().data_dir / "models" / "ranker", version, feedback, simulate_feedback,
+            baseline, threads, overrides)
+    except CommandError as exc:
+        _fail(str(exc))
+
+
+@eval_app.command("ranker")
+def eval_ranker(
+    data: Annotated[Path, typer.Option(help="Dataset dir with the catalog (as for training).")],
+    model: Annotated[Optional[str], typer.Option(help="Trained version or artifact path (default: the newest).")] = None,
+    feedback: Annotated[Optional[Path], typer.Option(help="Feedback log (default: the one the model was trained on).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1)] = None,
+) -> None:
+    """AUC per head and nDCG@10 per served page on the searches after the training period:
+    multi-task vs the click-only model vs the logged order; and score() latency."""
+    from models.commands import CommandError, eval_ranker as run
+
+    try:
+        run(data, model, feedback, threads)
     except CommandError as exc:
         _fail(str(exc))
 

@@ -8,6 +8,7 @@ and a Milvus server is all it takes to run the same code against them.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -51,10 +52,34 @@ class Settings(BaseSettings):
     worker_batch_size: int = Field(500, ge=1, description="Most events a stream processor handles at once.")
     worker_batch_seconds: float = Field(0.2, gt=0, description="Longest wait to fill a batch.")
     worker_flush_seconds: float = Field(1.0, gt=0, description="Period of item-stats and feedback-log flushes.")
+    worker_index_seal_seconds: float = Field(
+        5.0, gt=0, description="Longest time index writes stay unflushed in Milvus (unflushed rows slow every search)."
+    )
+
+    serve_host: str = Field("127.0.0.1", description="Address `tailbridge serve` listens on.")
+    serve_port: int = Field(8000, ge=1, le=65535, description="Port `tailbridge serve` listens on.")
+    serve_context_timeout_ms: float = Field(
+        50, gt=0, description="Deadline for reading a user's context (and rewrites); past it search goes on without."
+    )
+    serve_dependency_cooldown_s: float = Field(
+        2.0, ge=0, description="After a dependency fails, how long search skips it before trying again."
+    )
+    serve_milvus_timeout_s: float = Field(2.0, gt=0, description="Deadline of each Milvus call made by search.")
+    serve_candidates: int = Field(50, ge=1, le=1000, description="Candidates per retrieval route that reach the ranker.")
+    serve_event_buffer: int = Field(
+        10_000, ge=1, description="Events waiting for the broker; beyond it new events are dropped (and counted)."
+    )
+    ranker_version: str = Field(
+        "auto", description="Ranker under DATA_DIR/models/ranker: a version, a path, 'auto' (newest) or 'none'."
+    )
+    ranker_weights: dict[str, float] | None = Field(
+        None, description='Head weights of the final score, JSON, e.g. {"click": 1, "add_to_cart": 2, "purchase": 4}.'
+    )
 
     def as_env(self) -> dict[str, str]:
         """These settings as TAILBRIDGE_* variables, for a child process that must see the same stack."""
-        return {f"TAILBRIDGE_{name.upper()}": str(value) for name, value in self.model_dump().items()}
+        return {f"TAILBRIDGE_{name.upper()}": json.dumps(value) if isinstance(value, dict) else str(value)
+                for name, value in self.model_dump().items() if value is not None}
 
     @field_validator("data_dir", "state_dir")
     @classmethod

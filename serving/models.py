@@ -1,0 +1,70 @@
+"""Which models the query handler serves with.
+
+The query encoder must match the vectors in the serving Milvus collection, so its version is
+read from the collection the alias points at (``streams.item_index.serving_version``), never
+configured separately: after ``tailbridge reindex`` moves the alias, the handler follows.
+A trained retriever is served from its ONNX int8 query tower when exported (fastest), else
+with torch; all-MiniLM-L6-v2 with torch. The ranker is ``TAILBRIDGE_RANKER_VERSION``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.encoders import MINILM_VERSION, Encoder, MiniLMEncoder, UnifiedEncoder, retriever_dir
+from tailbridge.settings import Settings
+
+
+def artifact_item_vectors(model_dir: Path):
+    """The item vectors a retriever artifact ships (its training catalog), as a lookup for the
+    query tower's user context (recent items are named by id)."""
+    from models.unified import ITEM_IDS_FILE, ITEM_VECTORS_FILE
+
+    ids_file, vectors_file = model_dir / ITEM_IDS_FILE, model_dir / ITEM_VECTORS_FILE
+    if not (ids_file.is_file() and vectors_file.is_file()):
+        return None
+    rows = {item_id: i for i, item_id in enumerate(json.loads(ids_file.read_text()))}
+    vectors = np.load(vectors_file)
+    return lambda ids: {i: vectors[rows[i]] for i in ids if i in rows}
+
+
+def load_query_encoder(version: str) -> Encoder:
+    if version == MINILM_VERSION:
+        return MiniLMEncoder()
+    from models.export import FP32_FILE, INT8_FILE, OnnxQueryEncoder
+
+    model_dir = retriever_dir(version)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"the serving collection holds vectors of {version!r}, but there is no model at "
+                                f"{model_dir}: copy the artifact there or `tailbridge reindex --model` another one")
+    for name, int8 in ((INT8_FILE, True), (FP32_FILE, False)):
+        if (model_dir / name).is_file():
+            encoder = OnnxQueryEncoder(model_dir, int8=int8, item_vectors=artifact_item_vectors(model_dir))
+            encoder.version = version  # the collection's version, which the query vectors must match
+            return encoder
+    return UnifiedEncoder(model_dir)
+
+
+def ranker_root(settings: Settings) -> Path:
+    return settings.data_dir / "models" / "ranker"
+
+
+def load_ranker(settings: Settings) -> Any | None:
+    """The configured ranker, or None ('none', or 'auto' with nothing trained yet)."""
+    choice = settings.ranker_version
+    if choice == "none":
+        return None
+    from models.ranker import load_ranker as load
+
+    if choice == "auto":
+        root = ranker_root(settings)
+        trained = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+        if not trained:
+            return None
+        return load(trained[-1])
+    return load(choice)
+
