@@ -48,24 +48,32 @@ def _known_errors() -> tuple[type[Exception], ...]:
     return DatasetError, BeirFormatError, FeedbackError, TrainingError, EvalError, FileNotFoundError
 
 
+def simulate_feedback_log(data: Path, sessions: int) -> Path:
+    """``--simulate-feedback N``: write a feedback log for demo data to ``DATA/feedback`` from N
+    simulated shopper sessions over the training queries (kept if one is already there)."""
+    from models.data.feedback import simulate_feedback, write_feedback
+
+    target = data / "feedback"
+    if (target / "examples").is_dir():
+        console.print(f"feedback log already at {target}: not simulating")
+    elif not (data / "users.jsonl").exists():
+        raise CommandError(f"--simulate-feedback needs demo data (users.jsonl) in {data}")
+    else:
+        with console.status(f"simulating {sessions} shopper sessions over the training queries..."):
+            write_feedback(simulate_feedback(data, sessions), target)
+        console.print(f"wrote a simulated feedback log to {target}")
+    return target
+
+
 def train_retriever(data: Path, out: Path, version: str | None, feedback: Path | None, simulate_sessions: int,
                     restart: bool, threads: int | None, train_overrides: dict[str, Any], dim: int = 384) -> Path:
-    from models.data.feedback import simulate_feedback, write_feedback
     from models.train import TrainConfig, train
     from models.unified import RetrieverConfig
 
     _threads(threads)
     try:
         if simulate_sessions:
-            target = data / "feedback"
-            if (target / "examples").is_dir():
-                console.print(f"feedback log already at {target}: not simulating")
-            elif not (data / "users.jsonl").exists():
-                raise CommandError(f"--simulate-feedback needs demo data (users.jsonl) in {data}")
-            else:
-                with console.status(f"simulating {simulate_sessions} shopper sessions over the training queries..."):
-                    write_feedback(simulate_feedback(data, simulate_sessions), target)
-                console.print(f"wrote a simulated feedback log to {target}")
+            simulate_feedback_log(data, simulate_sessions)
         cfg = TrainConfig(**{k: v for k, v in train_overrides.items() if v is not None})
         return train(data, out, version, RetrieverConfig.of_dim(dim), cfg, feedback, restart, say=console.print,
                      progress_factory=progress_bar)
@@ -98,4 +106,110 @@ def eval_retriever(data: Path, split: str, model: str | None, out: Path, run_dir
     console.print(table)
     console.print(f"wrote {out / f'eval-{split}.json'} and {out / f'eval-{split}.png'}"
                   + (f"; TREC runs in {run_dir}" if run_dir else ""))
+    return report
+
+
+# ------------------------------------------------------------------ ranker (models/ranker.py, models/ranker_train.py)
+
+
+def _ranker_errors() -> tuple[type[Exception], ...]:
+    from models.ranker_train import RankerTrainingError
+
+    return (*_known_errors(), RankerTrainingError)
+
+
+def worker_feedback_dir() -> Path:
+    """Where the stream worker writes the feedback log (``streams.behaviour.feedback_dir``; not
+    imported from there because that module pulls in Feast and Milvus clients)."""
+    from tailbridge.settings import get_settings
+
+    return get_settings().data_dir / "offline" / "feedback"
+
+
+def ranker_feedback(data: Path, feedback: Path | None, trained_on: Path | None = None) -> Path:
+    """The feedback log to use: ``--feedback``; else the log a model was trained on; else
+    ``DATA/feedback``; else the stream worker's log."""
+    if feedback is not None:
+        if not (feedback / "examples").is_dir():
+            raise CommandError(f"no feedback log at {feedback} (expected {feedback}/examples/date=YYYY-MM-DD/*.parquet)")
+        return feedback
+    for candidate in (trained_on, data / "feedback", worker_feedback_dir()):
+        if candidate is not None and (candidate / "examples").is_dir():
+            return candidate
+    raise CommandError(f"no feedback log: none in {data / 'feedback'} or {worker_feedback_dir()} (the stream "
+                       "worker's). Pass --feedback DIR, run `tailbridge worker` during live traffic, or for demo data "
+                       "add --simulate-feedback N (e.g. 20000) to simulate shopper sessions")
+
+
+def train_ranker(data: Path, out: Path, version: str | None, feedback: Path | None, simulate_sessions: int,
+                 baseline: bool, threads: int | None, train_overrides: dict[str, Any]) -> Path:
+    from models.ranker_train import RankerTrainConfig, train
+
+    if not data.is_dir():
+        raise CommandError(f"{data}: data directory not found")
+    _threads(threads)
+    try:
+        if simulate_sessions and feedback is None:
+            simulate_feedback_log(data, simulate_sessions)
+        log = ranker_feedback(data, feedback)
+        cfg = RankerTrainConfig(**{k: v for k, v in train_overrides.items() if v is not None})
+        return train(data, log, out, version, cfg=cfg, baseline=baseline, say=console.print,
+                     progress_factory=progress_bar)
+    except _ranker_errors() as exc:
+        raise CommandError(str(exc)) from None
+
+
+def eval_ranker(data: Path, model: str | None, feedback: Path | None, threads: int | None) -> dict[str, Any]:
+    import json
+
+    from models import ranker as rk
+    from models.ranker_train import SYSTEMS, evaluate
+
+    if not data.is_dir():
+        raise CommandError(f"{data}: data directory not found")
+    if model is None:
+        root = rk.ranker_root()
+        trained = sorted((p for p in root.iterdir() if (p / rk.CONFIG_FILE).is_file()),
+                         key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+        if not trained:
+            raise CommandError(f"no trained ranker in {root} (train one with `tailbridge train ranker`)")
+        model_dir = trained[-1]
+    else:
+        model_dir = rk.ranker_dir(model)
+        if not (model_dir / rk.CONFIG_FILE).is_file():
+            known = ", ".join(rk.known_versions()) or "none"
+            raise CommandError(f"no trained ranker at {model_dir} (known versions: {known}; "
+                               "train one with `tailbridge train ranker`)")
+    _threads(threads)
+    try:
+        trained_on = json.loads((model_dir / "metrics.json").read_text())["data"]["feedback_dir"] \
+            if (model_dir / "metrics.json").is_file() else None
+        log = ranker_feedback(data, feedback, Path(trained_on) if trained_on else None)
+        report = evaluate(data, model_dir, log, say=console.print, progress_factory=progress_bar)
+    except _ranker_errors() as exc:
+        raise CommandError(str(exc)) from None
+    test = report["test"]
+    table = Table(title=f"ranker {report['model']} on {report['data']}: {test['searches']} test searches "
+                        f"({test['rows']} rows; {test['rows_click']} clicks, {test['rows_add_to_cart']} carts, "
+                        f"{test['rows_purchase']} purchases), after the training period")
+    table.add_column("system", no_wrap=True)
+    for column in ("AUC click", "AUC cart", "AUC purchase", "purchase nDCG@10", "graded nDCG@10"):
+        table.add_column(column, justify="right", no_wrap=True)
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for name in SYSTEMS:
+        row = report["systems"].get(name)
+        if row is not None:
+            table.add_row(name, *(fmt(row["auc"][t]) for t in ("click", "add_to_cart", "purchase")),
+                          fmt(row["ndcg@10_purchase"]), fmt(row["ndcg@10_graded"]))
+    console.print(table)
+    some = next(iter(report["systems"].values()))
+    console.print(f"nDCG over the served pages re-ranked: purchase nDCG on {some['pages_with_purchase']} pages with a "
+                  f"purchase, graded (click 1, cart 2, purchase 3) on {some['pages_with_click']} with a click; "
+                  f"click-only AUCs are its click probability against each label; weights {report['weights']}")
+    lat = report["latency_ms"]
+    console.print(f"score() over {lat['candidates']} cached candidates, 1 thread, {lat['calls']} calls: new query "
+                  f"p50 {lat['new_query']['p50']:.2f} ms / p99 {lat['new_query']['p99']:.2f} ms; cached query p50 "
+                  f"{lat['cached_query']['p50']:.2f} / p99 {lat['cached_query']['p99']:.2f} ms; query encode p50 "
+                  f"{lat['query_encode']['p50']:.2f} ms")
+    console.print(f"wrote {model_dir / 'eval-ranker.json'}")
     return report

@@ -1,0 +1,292 @@
+"""The multi-task ranker: features, loss masking, point-in-time stats, a tiny end-to-end
+training (seconds), the artifact, serving scores, evaluation and the CLI's errors."""
+
+import json
+import math
+from contextlib import nullcontext
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models import ranker as rk
+from models.data import synth
+from models.data.feedback import simulate_feedback, write_feedback
+from models.ranker_train import (RankerTrainConfig, auc, cache_texts, evaluate, fit, point_in_time_stats, prepare,
+                                 train, write_artifact)
+
+torch.set_num_threads(1)
+
+TINY = rk.RankerConfig(layers=1, train_layers=1, max_length=16, dim=16, hidden=32)
+TRAIN = RankerTrainConfig(epochs=2, batch_size=128, finetune_steps=3, finetune_searches=4, encode_batch=64,
+                          max_minutes=None)
+ARTIFACT_FILES = {"config.json", "model.safetensors", "text", "tokenizer", "item_encodings.npy",
+                  "item_encodings.json", "metrics.json", "MODEL_CARD.md"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    synth.write(synth.generate(items=150, users=6, seed=5), root)
+    write_feedback(simulate_feedback(root, sessions=80, seed=5), root / "feedback")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models")
+    return train(demo, demo / "feedback", out, "tiny", TINY, TRAIN, say=lambda _: None)
+
+
+def no_bar(label, total):
+    return nullcontext(lambda n=1: None)
+
+
+def catalog_candidates(demo, n=12):
+    items = [json.loads(line) for line in (demo / "corpus.jsonl").read_text().splitlines()[:n]]
+    return [{"item_id": it["_id"], "title": it["title"], "brand": it["metadata"].get("brand", ""),
+             "category_path": " > ".join(it["metadata"].get("category_path", [])),
+             "price": it["metadata"].get("price", 0.0), "ctr_24h": 0.05 + 0.01 * k, "cvr_24h": 0.05,
+             "purchases_24h": k % 3} for k, it in enumerate(items)]
+
+
+# ------------------------------------------------------------------ pure logic
+
+
+def test_user_item_features():
+    item = {"item_id": "a", "title": "Harlow Sofa", "brand": "Harlow", "category_path": "Home > Sofas", "price": 200.0}
+    assert rk.leaf_category(item) == "Sofas" and rk.product_text(item) == "Harlow Sofa. Harlow. Sofas"
+    assert rk.user_item_features(item, None) == [0.0] * len(rk.USER_FEATURES)
+    assert rk.user_item_features(item, rk.user_view(None, {})) == [0.0] * len(rk.USER_FEATURES)
+    prices = {"x": 100.0, "y": 100.0, "a": 200.0}
+    fan = {"affinity_categories": ["Sofas", "Lamps"], "affinity_weights": [0.9, 0.1],
+           "recent_item_ids": ["a", "x", "y"], "recent_actions": ["purchase", "click", "click"]}
+    other = {"affinity_categories": ["Lamps"], "affinity_weights": [1.0], "recent_item_ids": ["x"],
+             "recent_actions": ["add_to_cart"]}
+    f_fan = dict(zip(rk.USER_FEATURES, rk.user_item_features(item, rk.user_view(fan, prices))))
+    f_other = dict(zip(rk.USER_FEATURES, rk.user_item_features(item, rk.user_view(other, prices))))
+    assert f_fan["has_user"] == f_other["has_user"] == 1.0
+    assert f_fan["category_affinity"] == pytest.approx(0.9) and f_other["category_affinity"] == 0.0
+    assert (f_fan["recently_clicked"], f_fan["recently_carted"], f_fan["recently_purchased"]) == (1.0, 1.0, 1.0)
+    assert (f_other["recently_clicked"], f_other["recently_purchased"]) == (0.0, 0.0)
+    assert f_fan["log_price_vs_recent_median"] == pytest.approx(math.log(200 / 100))  # median of 100, 100, 200
+    # the feedback log's mapping form of affinities works too
+    mapping = {"category_affinity": {"Sofas": 0.5}, "recent_item_ids": [], "recent_actions": []}
+    assert rk.user_item_features(item, rk.user_view(mapping, prices))[1] == 0.5
+    assert rk.item_features({"purchases_24h": 3, "ctr_24h": None}) == [0.0, 0.0, pytest.approx(math.log(4))]
+
+
+def test_weights_are_validated():
+    assert rk.resolve_weights(rk.DEFAULT_WEIGHTS, {"purchase": 10}) == {"click": 1.0, "add_to_cart": 2.0, "purchase": 10.0}
+    with pytest.raises(ValueError, match="unknown ranker head 'buy'"):
+        rk.resolve_weights(rk.DEFAULT_WEIGHTS, {"buy": 1})
+    with pytest.raises(ValueError, match=">= 0"):
+        rk.resolve_weights(rk.DEFAULT_WEIGHTS, {"click": -1})
+    with pytest.raises(ValueError, match="subset"):
+        rk.RankerConfig(tasks=("clicks",))
+
+
+def test_point_in_time_stats_never_see_their_own_search():
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
+    rows = [  # (search, item, label, time)
+        ("s1", "a", "purchased", t0),
+        ("s1", "b", "shown_unclicked", t0),
+        ("s2", "a", "clicked", t0 + timedelta(hours=1)),
+        ("s3", "a", "purchased", t0 + timedelta(hours=24.5)),  # s1 is out of the 24 h window by now
+        ("s4", "a", "shown_unclicked", t0 + timedelta(hours=24.5)),  # same instant as s3: cannot see it
+        ("s5", "a", "shown_unclicked", t0 + timedelta(hours=49)),  # everything before is out of the window
+    ]
+    frame = pd.DataFrame([{"query_id": s, "item_id": i, "label": lab, "event_time": t, "position": 1}
+                          for s, i, lab, t in rows])
+    frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
+    stats = point_in_time_stats(frame, 24)
+    prior_ctr, prior_cvr = 0.05, 0.05  # no history: the smoothing priors
+    assert stats[0].tolist() == pytest.approx([prior_ctr, prior_cvr, 0])  # s1 does not see its own purchase
+    assert stats[1].tolist() == pytest.approx([prior_ctr, prior_cvr, 0])
+    # s2 sees s1 only: 1 impression, 1 click (the purchase), 1 purchase
+    assert stats[2].tolist() == pytest.approx([(1 + 1) / (1 + 20), (1 + 0.5) / (1 + 10), 1])
+    # s3 and s4 see s2 only (s1 left the window; s3 is not before s4): 1 impression, 1 click, 0 purchases
+    for r in (3, 4):
+        assert stats[r].tolist() == pytest.approx([(1 + 1) / (1 + 20), 0.5 / (1 + 10), 0])
+    assert stats[5].tolist() == pytest.approx([prior_ctr, prior_cvr, 0])
+
+
+def test_single_task_loss_reaches_the_click_head_only():
+    torch.manual_seed(0)
+    model = rk.RankerModel(TINY, rk.truncated_bert(1))
+    q, p = torch.randn(8, TINY.dim), torch.randn(8, TINY.dim)
+    feats = torch.randn(8, len(rk.FEATURES))
+    labels = torch.from_numpy(rk.labels_from_level(np.array([1, 2, 3, 4, 1, 2, 3, 4])))
+    assert labels.tolist()[:4] == [[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    loss, per_head = rk.multitask_loss(model(q, p, feats, ("click",)), labels, ("click",))
+    assert set(per_head) == {"click"}
+    loss.backward()
+    assert model.heads["click"].weight.grad.abs().sum() > 0
+    assert model.heads["purchase"].weight.grad is None and model.heads["add_to_cart"].weight.grad is None
+    assert model.trunk[0].weight.grad.abs().sum() > 0
+
+    model.zero_grad(set_to_none=True)
+    loss, per_head = rk.multitask_loss(model(q, p, feats), labels, rk.TASKS)
+    assert loss.item() == pytest.approx(sum(v.item() for v in per_head.values()))
+    loss.backward()
+    assert all(model.heads[t].weight.grad.abs().sum() > 0 for t in rk.TASKS)
+
+
+def test_auc():
+    assert auc([0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1]) == 1.0
+    assert auc([0.4, 0.3, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert auc([0.5, 0.5], [0, 1]) == 0.5
+    assert auc([0.1, 0.2], [1, 1]) is None
+
+
+def test_changing_weights_changes_the_order(demo):
+    torch.manual_seed(0)
+    model, tokenizer = rk.build(TINY)
+    with torch.no_grad():  # click rises with CTR, purchase falls with it: the weights decide the order
+        for head, sign in (("click", 1.0), ("add_to_cart", 0.0), ("purchase", -1.0)):
+            model.heads[head].weight.zero_()
+            model.heads[head].bias.zero_()
+        model.trunk[-2].weight.zero_()
+        model.trunk[-2].bias.fill_(0.0)
+        model.trunk[0].weight.zero_()
+        model.trunk[0].bias.zero_()
+        model.trunk[0].weight[0, 3 * TINY.dim] = 1.0  # hidden unit 0 = standardised ctr_24h
+        model.trunk[-2].weight[0, 0] = 1.0
+        model.heads["click"].weight[0, 0] = 3.0
+        model.heads["purchase"].weight[0, 0] = -3.0
+    ranker = rk.Ranker(model, tokenizer, "hand-made")
+    candidates = catalog_candidates(demo)
+    by_click = ranker.score("sofa", candidates, weights={"click": 1, "add_to_cart": 0, "purchase": 0})
+    by_purchase = ranker.score("sofa", candidates, weights={"click": 0, "add_to_cart": 0, "purchase": 1})
+    order = lambda out: sorted(range(len(out)), key=lambda i: -out[i]["score"])  # noqa: E731
+    assert order(by_click) != order(by_purchase)
+    assert order(by_click) == order(by_purchase)[::-1]
+
+
+# ------------------------------------------------------------------ tiny training end to end
+
+
+def test_split_is_by_time_and_features_point_in_time(demo):
+    rd = prepare(demo, demo / "feedback", 0.2, say=lambda _: None)
+    n = len(rd.search_ids)
+    assert rd.train_searches == round(n * 0.8)
+    train, test = rd.split_rows("train"), rd.split_rows("test")
+    assert len(train) + len(test) == rd.rows and set(train).isdisjoint(test)
+    assert max(rd.search_times[:rd.train_searches]) <= min(rd.search_times[rd.train_searches:])
+    assert rd.features.shape == (rd.rows, len(rk.FEATURES))
+    assert rd.contexts[0] is None  # the very first search has no history
+    assert (rd.stats[: rd.search_start[1], 2] == 0).all()  # nor any item stats
+    users = [rd.contexts[s] for s in range(n)]
+    assert any(c is not None for c in users[rd.train_searches:])  # test searches carry earlier history
+
+
+def test_training_artifact_and_reload_give_identical_scores(demo, tmp_path):
+    rd = prepare(demo, demo / "feedback", 0.2, say=lambda _: None)
+    texts = cache_texts(rd, TINY, TRAIN, no_bar)
+    model, tokenizer, history = fit(rd, texts, TINY, TRAIN, None, lambda _: None, no_bar)
+    assert history["stage2_steps"] == TRAIN.finetune_steps and history["stage1_steps"] > 0
+    metrics = write_artifact(rd, model, tokenizer, tmp_path / "v1", TRAIN, history, 0.1, demo, demo / "feedback",
+                             no_bar)
+    assert ARTIFACT_FILES <= {p.name for p in (tmp_path / "v1").iterdir()}
+    assert all(0 <= v <= 1 for v in metrics["test_auc"].values())
+
+    fresh = rk.Ranker(model, tokenizer, "in-memory")
+    loaded = rk.load_ranker(tmp_path / "v1")
+    assert loaded.version == "v1" and len(loaded.items) == len(rd.item_ids)
+    s = rd.train_searches
+    query, candidates, context = rd.query_texts[rd.query[rd.search_start[s]]], rd.candidates(s), rd.contexts[s]
+    a, b = fresh.score(query, candidates, context), loaded.score(query, candidates, context)
+    assert [x.keys() for x in a] == [x.keys() for x in b]
+    for x, y in zip(a, b):
+        for k in x:
+            assert x[k] == pytest.approx(y[k], abs=1e-6)
+
+
+def test_trained_artifact_scores(trained, demo):
+    assert ARTIFACT_FILES <= {p.name for p in trained.iterdir()}
+    assert ARTIFACT_FILES <= {p.name for p in (trained / rk.BASELINE_DIR).iterdir()}
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["tasks"] == list(rk.TASKS) and set(metrics["test_auc"]) == set(rk.TASKS)
+    assert metrics["data"]["train_searches"] + metrics["data"]["test_searches"] == metrics["data"]["searches"]
+    card = (trained / "MODEL_CARD.md").read_text()
+    assert "multi-task" in card and f"{metrics['data']['train_searches']} searches train" in card
+    config = json.loads((trained / "config.json").read_text())
+    assert config["ranker"]["layers"] == 1 and config["training"]["epochs"] == 2
+
+    ranker = rk.load_ranker(trained)
+    candidates = catalog_candidates(demo)
+    out = ranker.score("a sofa for the living room", candidates)
+    assert len(out) == len(candidates)
+    for row in out:
+        assert set(row) == {*rk.TASKS, "score"}
+        assert all(0.0 <= row[t] <= 1.0 for t in rk.TASKS)
+        assert row["score"] == pytest.approx(row["click"] + 2 * row["add_to_cart"] + 4 * row["purchase"])
+    heavy = ranker.score("a sofa for the living room", candidates, weights={"purchase": 10})
+    for row, h in zip(out, heavy):
+        assert h["score"] == pytest.approx(row["click"] + 2 * row["add_to_cart"] + 10 * row["purchase"])
+    assert ranker.score("anything", []) == []
+
+    # a user, and a candidate whose text changed (re-encoded: a new cache entry)
+    ctx = {"affinity_categories": [rk.leaf_category(candidates[0])], "affinity_weights": [1.0],
+           "recent_item_ids": [candidates[1]["item_id"]], "recent_actions": ["purchase"]}
+    with_user = ranker.score("a sofa for the living room", candidates, ctx)
+    assert all(0 <= r["score"] <= 7 for r in with_user) and with_user != out
+    cached = len(ranker.items)
+    renamed = [{**candidates[0], "title": candidates[0]["title"] + " deluxe"}, {"item_id": "new", "title": "Lamp"}]
+    assert len(ranker.score("lamp", renamed)) == 2 and len(ranker.items) == cached + 2
+
+    baseline = rk.load_ranker(trained / rk.BASELINE_DIR)
+    for row in baseline.score("a sofa", candidates):
+        assert set(row) == {"click", "score"} and row["score"] == pytest.approx(row["click"])
+
+
+def test_load_ranker_unknown_version_lists_known():
+    with pytest.raises(ValueError, match="unknown ranker version 'no-such-version'.*known:"):
+        rk.load_ranker("no-such-version")
+
+
+def test_evaluation_report(trained, demo):
+    report = evaluate(demo, trained, demo / "feedback", say=lambda _: None, latency_calls=5)
+    assert list(report["systems"]) == ["multi-task", "click-only", "logged order"]
+    for name, system in report["systems"].items():
+        assert set(system["auc"]) == set(rk.TASKS)
+        for head, value in system["auc"].items():
+            assert value is None or 0.0 <= value <= 1.0, (name, head)
+        assert system["auc"]["click"] is not None
+        for key in ("ndcg@10_purchase", "ndcg@10_graded"):
+            assert system[key] is None or 0.0 <= system[key] <= 1.0
+    assert report["test"]["searches"] == json.loads((trained / "metrics.json").read_text())["data"]["test_searches"]
+    assert report["latency_ms"]["new_query"]["p50"] > 0
+    assert json.loads((trained / "eval-ranker.json").read_text()) == report
+
+
+def test_cli_reports_bad_input_clearly(demo, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tailbridge.cli import app
+    from tailbridge.settings import get_settings
+
+    monkeypatch.setenv("TAILBRIDGE_DATA_DIR", str(tmp_path / "datadir"))  # no worker feedback log, no versions
+    get_settings.cache_clear()
+
+    runner = CliRunner()
+    cases = [
+        (["train", "ranker", "--data", str(tmp_path / "missing")], "data directory not found"),
+        (["eval", "ranker", "--data", str(tmp_path / "missing")], "data directory not found"),
+        (["eval", "ranker", "--data", str(demo), "--model", "no-such-model"], "no trained ranker at"),
+        (["train", "ranker", "--data", str(demo), "--feedback", str(tmp_path / "nolog")], "no feedback log at"),
+    ]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "corpus.jsonl").write_text((demo / "corpus.jsonl").read_text())
+    cases.append((["train", "ranker", "--data", str(bare), "--out", str(tmp_path / "out")], "--simulate-feedback N"))
+    cases.append((["train", "ranker", "--data", str(bare), "--simulate-feedback", "5"], "needs demo data (users.jsonl)"))
+    try:
+        for args, message in cases:
+            result = runner.invoke(app, args)
+            assert result.exit_code == 1, (args, result.output)
+            assert message in " ".join(result.output.split()), (args, result.output)
+    finally:
+        get_settings.cache_clear()  # the next test reads the real settings again
