@@ -12,7 +12,10 @@ import redis
 from feature_repo.definitions import user_context
 from tailbridge.settings import Settings
 
-USER_CONTEXT_FEATURES = [f"user_context:{field.name}" for field in user_context.schema]
+# `features`, not `schema`: Feast's apply() adds the entity column (user_id) to the view's schema
+# in place, so a process that applied the repo before importing this module would ask for
+# "user_context:user_id" and every context read would fail.
+USER_CONTEXT_FEATURES = [f"user_context:{field.name}" for field in user_context.features]
 
 
 class FeastContextReader:
