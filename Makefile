@@ -8,9 +8,24 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# The search page test (tests/test_search_page.py) drives Debian's chromium headless through
+# chromedriver. Installed only when missing, so this is a no-op on an installed machine; sudo
+# only when not root. Without apt-get it says what to install instead of failing the setup.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	    echo "installing chromium and chromium-driver (apt)"; \
+	    $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "warning: no apt-get: install chromium and chromedriver yourself (tests/test_search_page.py needs them)" >&2; \
+	  fi; \
+	fi
 
 # torch goes in first and alone, as exactly torch==2.13.0: any other spec (or letting a
 # dependency choose) downloads GBs of CUDA wheels.

@@ -5,7 +5,8 @@
     GET  /healthz   the process answers
     GET  /readyz    each dependency's state; 503 until search can answer
     GET  /metrics   Prometheus: per-stage latency, degradations, errors, dropped events
-    GET  /          the search page
+    GET  /users     shoppers that have a real-time context (the search page's user selector)
+    GET  /          the search page (static/index.html)
 
 Clients are built once in ``build_components`` and reach the endpoints through FastAPI
 dependencies, so tests can build the app against their own stack.
@@ -14,14 +15,17 @@ dependencies, so tests can build the app against their own stack.
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+import redis
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 
 from serving.context import FeastContextReader, RedisRewriteStore
 from serving.metrics import Metrics
@@ -29,6 +33,7 @@ from serving.models import load_ranker
 from serving.publisher import EventPublisher
 from serving.schemas import EventAccepted, Readiness, SearchRequest, SearchResponse
 from serving.search import ItemIndex, SearchService, SearchUnavailable
+from streams.behaviour import Keys
 from streams.events import InteractionEvent
 from tailbridge.settings import Settings, get_settings
 
@@ -44,6 +49,7 @@ class Components:
     publisher: EventPublisher
     rewrites: RedisRewriteStore | None
     context_error: str | None  # why there is no user-context reader, if there is none
+    redis_url: str | None = None  # the online store's Redis (None: SQLite), where the workers keep user states
 
     def close(self) -> None:
         self.service.close()
@@ -65,7 +71,8 @@ def build_components(settings: Settings) -> Components:
     rewrites = RedisRewriteStore(online.redis_url, settings.feast_project) if online.kind == "redis" else None
     service = SearchService(settings, metrics, ItemIndex(settings), publisher, read_context, rewrites,
                             load_ranker(settings))
-    return Components(settings, metrics, service, publisher, rewrites, context_error)
+    return Components(settings, metrics, service, publisher, rewrites, context_error,
+                      online.redis_url if online.kind == "redis" else None)
 
 
 def components(request: Request) -> Components:
@@ -121,11 +128,68 @@ def create_app(settings: Settings | None = None, built: Components | None = None
     def metrics(deps: Deps) -> Response:
         return Response(generate_latest(deps.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/users", response_model=UserList)
+    def users(deps: Deps, limit: Annotated[int, Query(ge=1, le=500)] = 20) -> UserList:
+        return users_with_context(deps, limit)
+
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(PAGE)
 
     return app
+
+
+class UserList(BaseModel):
+    user_ids: list[str] = Field(description="Shoppers whose user_context row is not empty now, sorted.")
+    source: str = Field(description="Where the candidates came from, and how many were looked at.")
+
+
+USER_SCAN_KEYS = 200_000  # Redis keys looked at, at most, per /users call (a shared Redis holds many)
+
+
+def users_with_context(deps: Components, limit: int) -> UserList:
+    """Shoppers a search would personalise, for the page's selector and for benchmarks.
+
+    Candidates are the users the stream workers keep state for (Redis keys
+    ``tb:<project>:user:<id>``, SCANned, so no demo file has to be where the app runs); each is
+    then read through the same Feast reader search uses and kept only when its context is not
+    empty, so every id listed gets ``personalized: true`` right now. No Redis (the SQLite
+    fallback has no workers), no context reader, or an unreachable Redis: an empty list, and
+    ``source`` says why."""
+    read = deps.service.read_context
+    if read is None:
+        return UserList(user_ids=[], source=f"no user-context reader: {deps.context_error}")
+    if deps.redis_url is None:
+        return UserList(user_ids=[], source="no Redis online store (SQLite): no stream worker keeps user states")
+    prefix = Keys(deps.settings).user("")
+    client = redis.Redis.from_url(deps.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    candidates: list[str] = []
+    scanned = 0
+    try:
+        # SCAN MATCH is a glob: escape the project name's glob characters.
+        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", prefix) + "*"
+        cursor = 0
+        while True:
+            cursor, keys = client.scan(cursor, match=pattern, count=2000)
+            scanned += 2000
+            candidates += [key.decode(errors="replace")[len(prefix):] for key in keys]
+            if cursor == 0 or len(candidates) >= 3 * limit or scanned >= USER_SCAN_KEYS:
+                break
+    except redis.RedisError as exc:
+        return UserList(user_ids=[], source=f"Redis at {deps.redis_url} failed: {type(exc).__name__}: {exc}")
+    finally:
+        client.close()
+    found: list[str] = []
+    try:
+        for user_id in sorted(set(candidates)):  # Redis answered, so Feast's reads will not hang
+            if read(user_id) is not None:
+                found.append(user_id)
+                if len(found) == limit:
+                    break
+    except Exception as exc:  # noqa: BLE001  the selector falls back to anonymous; say why
+        return UserList(user_ids=found, source=f"Feast user_context read failed: {type(exc).__name__}: {exc}")
+    return UserList(user_ids=found, source=f"stream-worker user states in Redis, {len(set(candidates))} "
+                                           "looked at, kept those with a Feast user_context")
 
 
 def warm_up(service: SearchService) -> None:
