@@ -210,7 +210,7 @@ def dependency_states(deps: Components) -> dict[str, str]:
     service = deps.service
     state: dict[str, str] = {}
     try:
-        service.index.ready()
+        service.index.ready(probe=True)
         state["milvus"] = f"ok (serving {service.index.version})"
     except SearchUnavailable as exc:
         state["milvus"] = str(exc)

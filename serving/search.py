@@ -69,11 +69,12 @@ class ItemIndex:
                                         "search needs the item index") from None
         return self._client
 
-    def ready(self) -> tuple[Any, MilvusClient]:
-        """(encoder, client) for the serving version; loads the encoder on first use or after a reindex."""
+    def ready(self, probe: bool = False) -> tuple[Any, MilvusClient]:
+        """(encoder, client) for the serving version; loads the encoder on first use or after a
+        reindex. The version is re-read every few seconds, or now with ``probe`` (readiness)."""
         with self._lock:
             client = self._connect()
-            if self.encoder is None or time.monotonic() - self._checked > VERSION_CHECK_SECONDS:
+            if probe or self.encoder is None or time.monotonic() - self._checked > VERSION_CHECK_SECONDS:
                 try:
                     version = serving_version(client, self.settings)
                 except Exception as exc:
