@@ -49,22 +49,16 @@ def load_query_encoder(version: str) -> Encoder:
     return UnifiedEncoder(model_dir)
 
 
-def ranker_root(settings: Settings) -> Path:
-    return settings.data_dir / "models" / "ranker"
-
-
 def load_ranker(settings: Settings) -> Any | None:
     """The configured ranker, or None ('none', or 'auto' with nothing trained yet)."""
+    from models import ranker
+
     choice = settings.ranker_version
     if choice == "none":
         return None
-    from models.ranker import load_ranker as load
-
+    root = settings.data_dir / "models" / "ranker"
     if choice == "auto":
-        root = ranker_root(settings)
-        trained = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-        if not trained:
-            return None
-        return load(trained[-1])
-    return load(choice)
-
+        trained = [root / version for version in ranker.known_versions(root)]
+        return ranker.load_ranker(max(trained, key=lambda p: p.stat().st_mtime)) if trained else None
+    path = Path(choice).expanduser()
+    return ranker.load_ranker(path if path.is_dir() else root / choice)
