@@ -188,8 +188,8 @@ def users_with_context(deps: Components, limit: int) -> UserList:
                     break
     except Exception as exc:  # noqa: BLE001  the selector falls back to anonymous; say why
         return UserList(user_ids=found, source=f"Feast user_context read failed: {type(exc).__name__}: {exc}")
-    return UserList(user_ids=found, source=f"stream-worker user states in Redis, {len(set(candidates))} "
-                                           "looked at, kept those with a Feast user_context")
+    return UserList(user_ids=found, source=f"stream-worker user states in Redis ({len(set(candidates))} candidates), "
+                                           "kept those whose Feast user_context is not empty")
 
 
 def warm_up(service: SearchService) -> None:

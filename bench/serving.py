@@ -1,0 +1,844 @@
+"""Benchmark of the query handler (`tailbridge serve`) under fixed-rate load on loopback.
+
+    .venv/bin/python -P bench/serving.py --prepare --data DIR [--items 50000] [--events 20000]
+    .venv/bin/python -P bench/serving.py --url http://127.0.0.1:8000 --data DIR [--rates 20,50]
+                                         [--duration 30] [--runs 3] [--json out.json]
+
+Both read the same TAILBRIDGE_* settings as the app (run them with the app's environment):
+the Milvus URI and topic prefix (which collection the direct searches go to) and the candidate
+count per route (``serve_candidates``, the ``limit`` of both Milvus calls).
+
+``--prepare`` builds what the measurement needs, on whatever stack the settings point at:
+a demo catalog (``tailbridge data synth``), the topics and Feast views, a ``tailbridge
+worker`` (started detached and left running, unless ``--no-worker``), the catalog published and
+indexed by that worker (progress from the Milvus row count), then simulated shopper sessions
+replayed so the personas have a real-time ``user_context``. Steps already done for this
+namespace are skipped (a marker file in DIR), so it can be re-run after an interruption.
+
+The measurement, per rate (20 and 50 requests/s by default) and per run:
+
+1. handler    - open-loop load: POST /search is sent at fixed intervals whatever the answers
+                (asyncio + httpx), each with ``explain=true`` (so the answer carries per-stage
+                timings) and the user id of a shopper that has a user_context (from GET /users),
+                the query drawn from the demo queries (head, torso and tail mixed). Latency is
+                measured from the *scheduled* send time, so queueing anywhere (client, server,
+                Milvus) is counted and not hidden by coordinated omission. After a warm-up.
+2. direct     - the same searches, at the same rate, sent straight to Milvus with the
+                handler's own code (``serving.search.ItemIndex.search``: the dense search on
+                "vector" and the BM25 search on "sparse", same limit, filter and output fields),
+                query vectors computed beforehand: Milvus alone.
+
+It reports p50/p95/p99 of end-to-end latency and of every stage, the handler's overhead per
+request (end to end minus its retrieve stage, i.e. everything but the two Milvus calls), the
+direct-Milvus latency, errors, degraded answers, the personalised fraction, the achieved rate and
+the CPU each process used. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this file's directory comes first on sys.path (unless -P) and bench/ holds a
+# streams.py: drop that entry so `streams` is the project's package, and put the root first.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from tailbridge.settings import Settings  # noqa: E402
+
+CLI = str(Path(sys.executable).parent / "tailbridge")
+console = Console(width=None if sys.stdout.isatty() else 160)
+STAGES = ["user_context", "rewrites", "embed", "retrieve", "fuse", "rank", "publish", "total"]
+TARGETS = {
+    "p99": ("e2e p99 <= 100 ms at 20 QPS", 100.0),
+    "overhead": ("handler overhead p50 <= 15 ms", 15.0),
+}
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------ small helpers
+
+
+def pct(values, q: float) -> float | None:
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
+
+
+def summary(ms: list[float]) -> dict:
+    return {"count": len(ms), "p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95), "p99_ms": pct(ms, 99),
+            "max_ms": max(ms) if ms else None, "mean_ms": statistics.fmean(ms) if ms else None}
+
+
+def progress_bar() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True)
+
+
+def fmt(value, digits: int = 1, unit: str = "") -> str:
+    return "-" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def get(d: Any, path: str):
+    for part in path.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+# ------------------------------------------------------------------ CPU from /proc
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime (threads included)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _machine_busy_ticks() -> int:
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(values[:8]) - values[3] - (values[4] if len(values) > 4 else 0)  # all but idle + iowait
+
+
+def listening_pid(port: int) -> int | None:
+    """The process listening on a loopback TCP port, from /proc/net/tcp{,6} and /proc/*/fd."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 9 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(parts[9])
+    if not inodes:
+        return None
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in targets:
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _all_ticks() -> dict[int, int]:
+    return {int(e.name): _cpu_ticks(int(e.name)) for e in Path("/proc").iterdir() if e.name.isdigit()}
+
+
+def namespace_workers(settings: Settings) -> list[int]:
+    """`tailbridge worker` processes serving this namespace (their TAILBRIDGE_TOPIC_PREFIX)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        argv = _cmdline(int(entry.name))
+        if not any(a.endswith("tailbridge") for a in argv[:2]) or "worker" not in argv[1:3]:
+            continue
+        try:
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_text(errors="replace").split("\0") if "=" in v)
+        except OSError:
+            continue
+        if env.get("TAILBRIDGE_TOPIC_PREFIX", "tailbridge") == settings.topic_prefix:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+class CpuWindow:
+    """Cores used by each named process, by the whole machine and by everything else over a
+    window, and the busiest of the others: on a shared 2-core machine this shows what the
+    handler competed with."""
+
+    def __init__(self, pids: dict[str, int | None]):
+        self.pids = {name: pid for name, pid in pids.items() if pid}
+        self.t0 = time.monotonic()
+        self.all0 = _all_ticks()
+        self.machine0 = _machine_busy_ticks()
+
+    def stop(self) -> dict[str, Any]:
+        wall = max(time.monotonic() - self.t0, 1e-9)
+        all1 = _all_ticks()
+        cores = lambda pid: max(all1.get(pid, 0) - self.all0.get(pid, 0), 0) / CLOCK_TICKS / wall  # noqa: E731
+        out: dict[str, Any] = {name: round(cores(pid), 2) for name, pid in self.pids.items()}
+        named_cores = sum(out.values())
+        out["machine"] = round((_machine_busy_ticks() - self.machine0) / CLOCK_TICKS / wall, 2)
+        out["others"] = round(max(out["machine"] - named_cores, 0.0), 2)
+        named = set(self.pids.values())
+        busiest = sorted(((cores(pid), pid) for pid in all1 if pid not in named and pid in self.all0),
+                         reverse=True)[:4]
+        out["top_others"] = [f"{c:.2f} {' '.join(_cmdline(pid))[:70] or pid}" for c, pid in busiest if c >= 0.05]
+        out["window_s"] = round(wall, 1)
+        return out
+
+
+# ------------------------------------------------------------------ the request plan
+
+
+@dataclass
+class Plan:
+    queries: list[str]  # one per request, in send order
+    strata: list[str]
+    users: list[str | None]
+
+
+def load_queries(data: Path) -> dict[str, list[str]]:
+    by_stratum: dict[str, list[str]] = {}
+    path = data / "queries.jsonl"
+    if not path.is_file():
+        raise BenchError(f"no {path}: --data must be a demo data dir (`tailbridge data synth --out DIR`)")
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip():
+                q = orjson.loads(line)
+                by_stratum.setdefault(q["metadata"]["stratum"], []).append(q["text"])
+    return by_stratum
+
+
+def make_plan(by_stratum: dict[str, list[str]], mix: dict[str, float], users: list[str], n: int, seed: int) -> Plan:
+    rng = random.Random(seed)
+    strata = [s for s in mix if by_stratum.get(s)]
+    if not strata:
+        raise BenchError(f"no queries of strata {list(mix)} in the data dir")
+    weights = [mix[s] for s in strata]
+    plan = Plan([], [], [])
+    for _ in range(n):
+        stratum = rng.choices(strata, weights)[0]
+        plan.strata.append(stratum)
+        plan.queries.append(rng.choice(by_stratum[stratum]))
+        plan.users.append(rng.choice(users) if users else None)
+    return plan
+
+
+# ------------------------------------------------------------------ open-loop load
+
+
+async def open_loop(rate: float, count: int, fire) -> list[dict]:
+    """Start request i at t0 + i/rate whatever happened to the earlier ones; each record's
+    latency is from its scheduled time."""
+    t0 = time.perf_counter() + 0.05
+    tasks = []
+    for i in range(count):
+        at = t0 + i / rate
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(fire(i, at)))
+    sent_span = time.perf_counter() - t0
+    records = await asyncio.gather(*tasks)
+    for r in records:  # the rate actually sent (the dispatcher may fall behind on a busy machine)
+        r["_sent_per_s"] = (count - 1) / sent_span if count > 1 and sent_span > 0 else None
+    return records
+
+
+async def handler_phase(url: str, plan: Plan, offset: int, rate: float, count: int, k: int,
+                        timeout_s: float) -> list[dict]:
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+        async def fire(i: int, at: float) -> dict:
+            j = (offset + i) % len(plan.queries)
+            body = {"query": plan.queries[j], "k": k, "explain": True}
+            if plan.users[j]:
+                body["user_id"] = plan.users[j]
+                body["session_id"] = f"bench-{plan.users[j]}"
+            started = time.perf_counter()
+            record: dict[str, Any] = {"i": i, "stratum": plan.strata[j], "lag_ms": (started - at) * 1000}
+            try:
+                response = await client.post("/search", json=body)
+                done = time.perf_counter()
+                record.update(status=response.status_code, e2e_ms=(done - at) * 1000,
+                              service_ms=(done - started) * 1000)
+                if response.status_code == 200:
+                    answer = response.json()
+                    record.update(timings=answer.get("timings_ms") or {}, degraded=answer["degraded"],
+                                  personalized=answer["personalized"], user=bool(plan.users[j]),
+                                  results=len(answer["results"]), versions=answer["model_versions"])
+                else:
+                    record["error"] = response.text[:300]
+            except httpx.HTTPError as exc:
+                record.update(status=0, e2e_ms=(time.perf_counter() - at) * 1000, error=f"{type(exc).__name__}: {exc}")
+            return record
+
+        return await open_loop(rate, count, fire)
+
+
+async def direct_phase(index, vectors: dict[str, np.ndarray], plan: Plan, offset: int, rate: float, count: int,
+                       limit: int, pool: ThreadPoolExecutor) -> list[dict]:
+    loop = asyncio.get_running_loop()
+
+    async def fire(i: int, at: float) -> dict:
+        j = (offset + i) % len(plan.queries)
+        text = plan.queries[j]
+        started = time.perf_counter()
+        record: dict[str, Any] = {"i": i, "lag_ms": (started - at) * 1000}
+        try:
+            # The handler's own call: dense on "vector" + BM25 on "sparse", same limit and fields.
+            await loop.run_in_executor(pool, index.search, vectors[text][None, :], [text], limit, "")
+            record.update(status=200, e2e_ms=(time.perf_counter() - at) * 1000)
+        except Exception as exc:  # noqa: BLE001  counted as an error of the phase
+            record.update(status=0, e2e_ms=(time.perf_counter() - at) * 1000, error=f"{type(exc).__name__}: {exc}")
+        return record
+
+    return await open_loop(rate, count, fire)
+
+
+def run_with_progress(what: str, seconds: float, coroutine):
+    """Run a phase on this thread's event loop with a progress bar advancing on wall time."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = asyncio.run(coroutine)
+        except BaseException as exc:  # noqa: BLE001  re-raised below
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, name=what, daemon=True)
+    started = time.monotonic()
+    with progress_bar() as progress:
+        task = progress.add_task(what, total=round(seconds), info="")
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.25)
+            progress.update(task, completed=min(round(time.monotonic() - started), round(seconds)))
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+# ------------------------------------------------------------------ one measurement
+
+
+def analyse_handler(records: list[dict], rate: float) -> dict:
+    ok = [r for r in records if r.get("status") == 200]
+    errors = Counter(str(r.get("status")) for r in records if r.get("status") != 200)
+    out: dict[str, Any] = {
+        "target_rate": rate, "requests": len(records), "ok": len(ok), "errors": dict(errors),
+        "error_examples": [r["error"] for r in records if r.get("error")][:3],
+        "sent_per_s": records[0]["_sent_per_s"] if records else None,
+        "e2e": summary([r["e2e_ms"] for r in records if "e2e_ms" in r]),
+        "e2e_ok": summary([r["e2e_ms"] for r in ok]),
+        "service": summary([r["service_ms"] for r in ok]),
+        "dispatch_lag": summary([r["lag_ms"] for r in records]),
+        "stages": {s: summary([r["timings"][s] for r in ok if s in r["timings"]]) for s in STAGES
+                   if any(s in r["timings"] for r in ok)},
+        # Everything but the two Milvus calls: end to end (from the scheduled send) minus the
+        # handler's retrieve stage; and the same inside the handler (its total minus retrieve).
+        "overhead": summary([r["e2e_ms"] - r["timings"]["retrieve"] for r in ok if "retrieve" in r["timings"]]),
+        "overhead_in_handler": summary([r["timings"]["total"] - r["timings"]["retrieve"] for r in ok
+                                        if "retrieve" in r["timings"]]),
+        "degraded": dict(Counter(d for r in ok for d in r["degraded"])),
+        "degraded_requests": sum(1 for r in ok if r["degraded"]),
+        "with_user": sum(1 for r in ok if r["user"]),
+        "personalized": sum(1 for r in ok if r["personalized"]),
+        "empty_results": sum(1 for r in ok if not r["results"]),
+        "by_stratum": {s: summary([r["e2e_ms"] for r in ok if r["stratum"] == s])
+                       for s in sorted({r["stratum"] for r in ok})},
+        "model_versions": ok[-1]["versions"] if ok else None,
+        "latencies_ms": [round(r["e2e_ms"], 2) for r in records if "e2e_ms" in r],
+        "retrieve_ms": [round(r["timings"].get("retrieve", float("nan")), 2) for r in ok],
+    }
+    out["personalized_fraction"] = out["personalized"] / out["with_user"] if out["with_user"] else None
+    return out
+
+
+def analyse_direct(records: list[dict], rate: float) -> dict:
+    ok = [r for r in records if r.get("status") == 200]
+    return {"target_rate": rate, "requests": len(records), "ok": len(ok),
+            "errors": len(records) - len(ok), "error_examples": [r["error"] for r in records if r.get("error")][:3],
+            "sent_per_s": records[0]["_sent_per_s"] if records else None,
+            "e2e": summary([r["e2e_ms"] for r in ok]), "dispatch_lag": summary([r["lag_ms"] for r in records]),
+            "latencies_ms": [round(r["e2e_ms"], 2) for r in ok]}
+
+
+def measure_rate(args, plan: Plan, index, vectors, limit: int, rate: float, run: int, pids: dict) -> dict:
+    count, warm = int(rate * args.duration), int(rate * args.warmup)
+    offset = (run * 7919 + int(rate) * 104729) % len(plan.queries)  # each run and rate: other searches
+    result: dict[str, Any] = {"rate": rate}
+    if warm:
+        run_with_progress(f"run {run + 1}: warm-up {rate:g}/s", args.warmup,
+                          handler_phase(args.url, plan, offset + count, rate, warm, args.k, args.timeout))
+    cpu = CpuWindow(pids)
+    records = run_with_progress(f"run {run + 1}: handler {rate:g}/s", args.duration,
+                                handler_phase(args.url, plan, offset, rate, count, args.k, args.timeout))
+    result["handler"] = analyse_handler(records, rate)
+    result["handler"]["cpu_cores"] = cpu.stop()
+    if not args.no_direct:
+        with ThreadPoolExecutor(max_workers=64, thread_name_prefix="direct") as pool:
+            run_with_progress(f"run {run + 1}: direct warm-up {rate:g}/s", min(args.warmup, 3),
+                              direct_phase(index, vectors, plan, offset + count, rate, int(rate * min(args.warmup, 3)),
+                                           limit, pool))
+            cpu = CpuWindow(pids)
+            records = run_with_progress(f"run {run + 1}: direct Milvus {rate:g}/s", args.duration,
+                                        direct_phase(index, vectors, plan, offset, rate, count, limit, pool))
+        result["direct"] = analyse_direct(records, rate)
+        result["direct"]["cpu_cores"] = cpu.stop()
+    h, d = result["handler"], result.get("direct")
+    console.print(f"  {rate:g}/s: e2e p50 {fmt(h['e2e']['p50_ms'])} p95 {fmt(h['e2e']['p95_ms'])} p99 "
+                  f"{fmt(h['e2e']['p99_ms'])} ms; overhead p50 {fmt(h['overhead']['p50_ms'])} ms"
+                  + (f"; direct Milvus p50 {fmt(d['e2e']['p50_ms'])} p99 {fmt(d['e2e']['p99_ms'])} ms" if d else "")
+                  + f"; errors {sum(h['errors'].values())}, personalised {h['personalized']}/{h['with_user']}")
+    return result
+
+
+# ------------------------------------------------------------------ reporting
+
+ROWS = [  # (label, path under a rate's result)
+    ("end to end (from scheduled send)", "handler.e2e"),
+    ("  handler total (server side)", "handler.stages.total"),
+    *[(f"  stage: {s}", f"handler.stages.{s}") for s in STAGES[:-1]],
+    ("handler overhead = e2e - retrieve", "handler.overhead"),
+    ("  in handler = total - retrieve", "handler.overhead_in_handler"),
+    ("direct Milvus (dense + BM25)", "direct.e2e"),
+    ("client dispatch lag (bench)", "handler.dispatch_lag"),
+]
+
+
+def median_of(runs: list[dict], rate: float, path: str) -> float | None:
+    values = [v for r in runs for x in r["rates"] if x["rate"] == rate
+              if isinstance(v := get(x, path), (int, float))]
+    return statistics.median(values) if values else None
+
+
+def rate_blocks(runs: list[dict], rate: float) -> list[dict]:
+    return [x for r in runs for x in r["rates"] if x["rate"] == rate]
+
+
+def summarise(runs: list[dict], rates: list[float]) -> dict:
+    out: dict[str, Any] = {}
+    for rate in rates:
+        block: dict[str, Any] = {}
+        for _, path in ROWS:
+            for q in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
+                value = median_of(runs, rate, f"{path}.{q}")
+                if value is not None:
+                    block[f"{path}.{q}"] = value
+        for path in ("handler.sent_per_s", "handler.personalized_fraction", "handler.degraded_requests",
+                     "handler.ok", "handler.requests", "direct.sent_per_s"):
+            block[path] = median_of(runs, rate, path)
+        # Pooled over runs: the per-request arrays.
+        e2e = [v for r in runs for x in r["rates"] if x["rate"] == rate for v in get(x, "handler.latencies_ms") or []]
+        direct = [v for r in runs for x in r["rates"] if x["rate"] == rate for v in get(x, "direct.latencies_ms") or []]
+        block["pooled.e2e"] = summary(e2e)
+        block["pooled.direct"] = summary(direct)
+        out[str(rate)] = block
+    return out
+
+
+def verdicts(summary_: dict, rates: list[float]) -> dict:
+    out = {}
+    base = summary_.get(str(20.0)) or summary_.get(str(rates[0]))
+    if base:
+        value = base.get("handler.e2e.p99_ms")
+        out["p99"] = {"target": TARGETS["p99"][0], "value": value,
+                      "pass": None if value is None else value <= TARGETS["p99"][1]}
+        value = base.get("handler.overhead.p50_ms")
+        out["overhead"] = {"target": TARGETS["overhead"][0] + " (at 20 QPS)", "value": value,
+                           "pass": None if value is None else value <= TARGETS["overhead"][1]}
+    return out
+
+
+def print_results(runs: list[dict], rates: list[float], summary_: dict, verdict: dict) -> None:
+    for rate in rates:
+        n = len(runs)
+        table = Table(title=f"{rate:g} requests/s: latency in ms (median of {n} run{'s' if n > 1 else ''})")
+        table.add_column("what")
+        for q in ("p50", "p95", "p99", "max"):
+            table.add_column(q, justify="right")
+        if n > 1:
+            table.add_column("per run p50 / p99", justify="right")
+        for label, path in ROWS:
+            values = [summary_[str(rate)].get(f"{path}.{q}_ms") for q in ("p50", "p95", "p99", "max")]
+            if all(v is None for v in values):
+                continue
+            row = [label, *(fmt(v) for v in values)]
+            if n > 1:
+                row.append("  ".join(f"{fmt(get(x, path + '.p50_ms'))}/{fmt(get(x, path + '.p99_ms'))}"
+                                     for x in rate_blocks(runs, rate)))
+            table.add_row(*row)
+        console.print(table)
+        block = summary_[str(rate)]
+        frac = block["handler.personalized_fraction"]
+        console.print(f"  sent {fmt(block['handler.sent_per_s'])} req/s (target {rate:g}); "
+                      f"ok {fmt(block['handler.ok'], 0)} of {fmt(block['handler.requests'], 0)} per run; "
+                      f"degraded answers {fmt(block['handler.degraded_requests'], 0)}; personalised "
+                      f"{'-' if frac is None else f'{100 * frac:.1f}%'} of requests with a user id")
+        for i, x in enumerate(rate_blocks(runs, rate)):
+            h = x["handler"]
+            if h["errors"] or h["degraded"]:
+                console.print(f"  run {i + 1}: errors {h['errors']} {h['error_examples'][:1]}; degraded {h['degraded']}")
+
+    cpu = Table(title=f"CPU during each measured window (cores; the machine has {os.cpu_count()}; "
+                      "'others' = processes not named here)")
+    names = sorted({k for r in runs for x in r["rates"] for phase in ("handler", "direct")
+                    for k in (get(x, f"{phase}.cpu_cores") or {})
+                    if k not in ("machine", "others", "window_s", "top_others")})
+    cpu.add_column("window")
+    for name in [*names, "others", "machine"]:
+        cpu.add_column(name, justify="right")
+    for i, r in enumerate(runs):
+        for x in r["rates"]:
+            for phase in ("handler", "direct"):
+                c = get(x, f"{phase}.cpu_cores")
+                if c:
+                    cpu.add_row(f"run {i + 1} {x['rate']:g}/s {phase}", *(fmt(c.get(n), 2) for n in [*names, "others", "machine"]))
+    console.print(cpu)
+    beside = Counter(line.split(" ", 1)[1] for r in runs for x in r["rates"] for phase in ("handler", "direct")
+                     for line in get(x, f"{phase}.cpu_cores.top_others") or [])
+    if beside:
+        console.print("  busiest other processes during the windows: "
+                      + "; ".join(f"{name} ({n} windows)" for name, n in beside.most_common(4)))
+
+    t = Table(title="targets")
+    for column in ("target", "value", ""):
+        t.add_column(column)
+    for v in verdict.values():
+        cell = "[yellow]n/a[/]" if v["pass"] is None else "[green]PASS[/]" if v["pass"] else "[red]MISS[/]"
+        t.add_row(v["target"], fmt(v["value"], 1, " ms"), cell)
+    console.print(t)
+
+
+def diagnose(runs: list[dict], rates: list[float], summary_: dict) -> list[str]:
+    lines = []
+    for rate in rates:
+        block = summary_[str(rate)]
+        stages = {s: block.get(f"handler.stages.{s}.p50_ms") for s in STAGES[:-1]}
+        stages = {s: v for s, v in stages.items() if v is not None}
+        total = block.get("handler.stages.total.p50_ms")
+        e2e50, e2e99 = block.get("handler.e2e.p50_ms"), block.get("handler.e2e.p99_ms")
+        if not stages or not total:
+            continue
+        top = sorted(stages, key=stages.get, reverse=True)[:2]
+        parts = ", ".join(f"{s} {stages[s]:.1f} ms" for s in top)
+        line = f"{rate:g}/s: of the handler's p50 {total:.1f} ms, the largest stages are {parts}"
+        direct = block.get("direct.e2e.p50_ms")
+        if direct is not None and "retrieve" in stages:
+            line += (f"; retrieve inside the handler {stages['retrieve']:.1f} ms vs the same Milvus calls alone "
+                     f"{direct:.1f} ms")
+        if e2e50 is not None:
+            line += f"; outside the handler (HTTP, queueing) p50 {e2e50 - total:.1f} ms"
+        stages99 = {s: block.get(f"handler.stages.{s}.p99_ms") for s in STAGES[:-1]}
+        stages99 = {s: v for s, v in stages99.items() if v is not None}
+        if stages99 and e2e99:
+            worst = max(stages99, key=stages99.get)
+            line += f"; at p99 ({e2e99:.0f} ms end to end) the slowest stage is {worst} ({stages99[worst]:.0f} ms)"
+        lines.append(line)
+    return lines
+
+
+# ------------------------------------------------------------------ prepare
+
+
+def cli(*args: str) -> None:
+    console.print(f"[dim]$ tailbridge {' '.join(args)}[/]")
+    subprocess.run([CLI, *args], check=True)
+
+
+def prepare(args) -> int:
+    """Build the demo catalog setup for the measurement on the stack the settings point at."""
+    from feature_repo.store import feature_store
+    from models.data import synth
+    from streams import item_index
+    from streams.behaviour import Keys
+    from streams.replay import publish
+    from streams.simulator import catalog_events, simulate
+    from infra.stack import resolve_online_store
+
+    import itertools
+
+    import redis
+
+    settings = Settings()
+    data: Path = args.data
+    marker_path = data / f".bench-serving-{settings.topic_prefix}.json"
+    if not (data / "manifest.json").is_file():
+        cli("data", "synth", "--items", str(args.items), "--users", str(args.users), "--out", str(data))
+    marker = orjson.loads(marker_path.read_bytes()) if marker_path.is_file() and not args.force else {}
+    cli("topics", "create")
+    cli("features", "apply")
+    dataset = synth.load(data)
+    items = len(dataset.items)
+    console.print(f"data {data}: {items:,} items, {len(dataset.users)} personas, {len(dataset.queries):,} queries; "
+                  f"namespace {settings.topic_prefix!r} / Feast project {settings.feast_project!r}; "
+                  f"Milvus {settings.milvus_uri}")
+
+    worker_log = data / f"worker-{settings.topic_prefix}.log"
+    worker = None
+    if not args.no_worker:
+        with worker_log.open("ab") as log:
+            worker = subprocess.Popen([CLI, "worker"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      cwd=data, start_new_session=True,
+                                      env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+        console.print(f"started `tailbridge worker` (pid {worker.pid}, log {worker_log}); it is left running")
+
+    def worker_alive() -> None:
+        if worker is not None and worker.poll() is not None:
+            tail = worker_log.read_text(errors="replace")[-2000:]
+            raise BenchError(f"the worker exited with code {worker.returncode}:\n{tail}")
+
+    milvus = item_index.connect(settings)
+
+    def indexed() -> int:
+        try:
+            return item_index.count(milvus, item_index.alias_name(settings)) \
+                if item_index.serving_collection(milvus, settings) else 0
+        except Exception:  # noqa: BLE001  the collection is being created
+            return 0
+
+    def save() -> None:
+        marker_path.write_bytes(orjson.dumps(marker, option=orjson.OPT_INDENT_2))
+
+    if indexed() < items and not marker.get("catalog_published"):
+        with progress_bar() as progress:
+            task = progress.add_task("publishing the catalog", total=items, info="")
+            report = publish(settings, catalog_events(dataset), on_sent=lambda e: progress.advance(task))
+        if report.failed or report.errors:
+            raise BenchError(f"catalog publish failed: {report.errors[:3]}")
+        marker["catalog_published"] = datetime.now(UTC).isoformat()
+        save()
+    else:
+        console.print("catalog already published to this namespace; waiting for the index")
+
+    # 50k MiniLM encodes take a while on 2 cores: show the count, the rate and the time left.
+    started, last, last_change = time.monotonic(), indexed(), time.monotonic()
+    first = last
+    with progress_bar() as progress:
+        task = progress.add_task("worker indexing (Milvus rows)", total=items, completed=last, info="")
+        while last < items:
+            time.sleep(5)
+            worker_alive()
+            now_count, now = indexed(), time.monotonic()
+            if now_count != last:
+                last, last_change = now_count, now
+            elif now - last_change > args.stall_timeout:
+                raise BenchError(f"indexing stuck at {last:,} of {items:,} rows for {args.stall_timeout:.0f} s "
+                                 f"(is a `tailbridge worker` running for this namespace? see {worker_log})")
+            rate = (last - first) / max(now - started, 1e-9)
+            eta = f", ~{(items - last) / rate / 60:.0f} min left" if rate > 0 else ""
+            progress.update(task, completed=last, info=f"{rate:,.0f} items/s{eta}")
+    console.print(f"indexed {items:,} items ({(time.monotonic() - started) / 60:.1f} min waited)")
+
+    online = resolve_online_store(settings)
+    if online.kind != "redis":
+        raise BenchError("the worker needs Redis for user contexts; the stack resolved the SQLite online store")
+    r = redis.Redis.from_url(online.redis_url)
+    keys = Keys(settings)
+    seen = lambda: int(r.get(keys.applied) or 0) + int(r.get(keys.duplicates) or 0)  # noqa: E731
+    if not marker.get("sessions_published"):
+        before = seen()
+        events = list(itertools.islice(simulate(dataset, seed=args.seed), args.events))
+        with progress_bar() as progress:
+            task = progress.add_task("replaying shopper sessions", total=len(events), info="")
+            report = publish(settings, events, on_sent=lambda e: progress.advance(task))
+        if report.failed or report.errors:
+            raise BenchError(f"session publish failed: {report.errors[:3]}")
+        marker["sessions_published"] = datetime.now(UTC).isoformat()
+        marker["sessions"] = len(events)
+        save()
+        with progress_bar() as progress:
+            task = progress.add_task("worker applying sessions", total=len(events), info="")
+            last, last_change = seen() - before, time.monotonic()
+            while last < len(events):
+                time.sleep(1)
+                worker_alive()
+                value = seen() - before
+                progress.update(task, completed=value)
+                if value != last:
+                    last, last_change = value, time.monotonic()
+                elif time.monotonic() - last_change > args.stall_timeout:
+                    raise BenchError(f"the worker stopped applying events at {value} of {len(events)}")
+
+    store = feature_store(settings)
+    users = [p.user_id for p in dataset.users]
+    rows = store.get_online_features(features=["user_context:recent_item_ids", "user_context:affinity_categories"],
+                                     entity_rows=[{"user_id": u} for u in users]).to_dict()
+    with_context = sum(1 for a, b in zip(rows["recent_item_ids"], rows["affinity_categories"]) if a or b)
+    console.print(f"{with_context} of {len(users)} personas have a user_context in Feast")
+    console.print("next: `tailbridge serve` with the same environment, then\n"
+                  f"  .venv/bin/python -P bench/serving.py --url http://127.0.0.1:8000 --data {data}")
+    return 0
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running app (tailbridge serve)")
+    parser.add_argument("--data", type=Path, help="demo data dir (queries.jsonl; --prepare builds it)")
+    parser.add_argument("--rates", default="20,50", help="requests/s, comma separated (default 20,50)")
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per rate and phase")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds at the rate before measuring")
+    parser.add_argument("--runs", type=int, default=1, help="repetitions; medians across runs are reported")
+    parser.add_argument("--k", type=int, default=10, help="results per search")
+    parser.add_argument("--mix", default="head=0.4,torso=0.2,tail=0.4", help="query strata weights")
+    parser.add_argument("--users", type=int, default=200,
+                        help="shoppers to draw from GET /users (with --prepare: personas to generate)")
+    parser.add_argument("--anonymous", action="store_true", help="send no user ids (personalisation off)")
+    parser.add_argument("--no-direct", action="store_true", help="skip the direct-Milvus phase")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout (s)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--pids", default="", help="extra processes for the CPU table, name=PID,...")
+    parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--prepare", action="store_true", help="build the catalog setup instead of measuring")
+    parser.add_argument("--items", type=int, default=50_000, help="--prepare: catalog size (default 50,000)")
+    parser.add_argument("--events", type=int, default=20_000, help="--prepare: simulated session events to replay")
+    parser.add_argument("--no-worker", action="store_true", help="--prepare: a worker already runs; start none")
+    parser.add_argument("--force", action="store_true", help="--prepare: redo steps a marker says are done")
+    parser.add_argument("--stall-timeout", type=float, default=600.0, help="--prepare: give up after this long "
+                        "without progress (s)")
+    args = parser.parse_args(argv)
+    if args.prepare:
+        if args.data is None:
+            parser.error("--prepare needs --data DIR")
+        try:
+            return prepare(args)
+        except (BenchError, subprocess.CalledProcessError) as exc:
+            console.print(f"[red]prepare failed:[/] {exc}")
+            return 1
+    if args.data is None:
+        parser.error("--data DIR (the demo data the app's catalog was built from) is needed for the queries")
+    try:
+        return measure(args)
+    except BenchError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 1
+
+
+def measure(args) -> int:
+    import torch
+
+    from infra import stack
+    from serving.search import ItemIndex
+
+    torch.set_num_threads(1)
+    rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    mix = {k: float(v) for k, v in (p.split("=") for p in args.mix.split(","))}
+    settings = Settings()
+    try:
+        ready = httpx.get(f"{args.url}/readyz", timeout=30)
+    except httpx.HTTPError as exc:
+        raise BenchError(f"the app at {args.url} does not answer ({exc}): start it with `tailbridge serve`") from None
+    readiness = ready.json()
+    if ready.status_code != 200:
+        raise BenchError(f"the app is not ready: {readiness}")
+    users: list[str] = []
+    users_source = "anonymous (--anonymous)"
+    if not args.anonymous:
+        got = httpx.get(f"{args.url}/users", params={"limit": args.users}, timeout=120).json()
+        users, users_source = got["user_ids"], got["source"]
+        if not users:
+            raise BenchError(f"no shopper has a user_context ({users_source}): run --prepare (it replays sessions), "
+                             "or pass --anonymous to measure without personalisation")
+    by_stratum = load_queries(args.data)
+    total_requests = int(max(rates) * (args.duration + args.warmup)) * 4
+    plan = make_plan(by_stratum, mix, users, max(total_requests, 2000), args.seed)
+
+    index = ItemIndex(settings)
+    limit = max(settings.serve_candidates, args.k)
+    vectors: dict[str, np.ndarray] = {}
+    if not args.no_direct:
+        with console.status("loading the query encoder and encoding the plan's queries (for the direct phase)"):
+            encoder, _ = index.ready()
+            unique = sorted(set(plan.queries))
+            for start in range(0, len(unique), 256):
+                chunk = unique[start:start + 256]
+                for text, vector in zip(chunk, encoder.encode_queries(chunk, [None] * len(chunk))):
+                    vectors[text] = np.asarray(vector, dtype=np.float32)
+
+    port = int(args.url.rsplit(":", 1)[1].split("/")[0]) if args.url.count(":") >= 2 else 80
+    pids: dict[str, int | None] = {"app": listening_pid(port), "bench": os.getpid()}
+    for n, pid in enumerate(namespace_workers(settings)):
+        pids[f"worker{n + 1 if n else ''}"] = pid
+    for s in stack.status(settings):
+        if s.mode == "embedded" and s.pid and s.name in ("milvus", "kafka", "redis"):
+            pids[s.name] = s.pid
+    for item in filter(None, args.pids.split(",")):
+        name, _, pid = item.partition("=")
+        pids[name] = int(pid)
+    meta = {"started": datetime.now(UTC).isoformat(), "host": platform.node(), "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(), "url": args.url, "readyz": readiness, "users": len(users),
+            "users_source": users_source, "rates": rates, "duration_s": args.duration, "warmup_s": args.warmup,
+            "k": args.k, "limit_per_route": limit, "mix": mix, "milvus_uri": settings.milvus_uri,
+            "collection": settings.topic_prefix + "_items", "pids": pids, "commit": git_commit()}
+    console.print(f"[bold]tailbridge serving benchmark[/]: {args.url}, rates {', '.join(f'{r:g}' for r in rates)}/s, "
+                  f"{args.duration:g} s each after {args.warmup:g} s warm-up, {args.runs} run(s); "
+                  f"{len(users)} shoppers ({users_source}); candidates per route {limit}; "
+                  f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    console.print(f"  readyz: {readiness['dependencies']}")
+    console.print(f"  processes for the CPU table: {pids}")
+
+    runs = []
+    for run in range(args.runs):
+        console.rule(f"run {run + 1}/{args.runs}")
+        runs.append({"run": run + 1, "rates": [measure_rate(args, plan, index, vectors, limit, rate, run, pids)
+                                                for rate in rates]})
+    summary_ = summarise(runs, rates)
+    verdict = verdicts(summary_, rates)
+    meta["loadavg_end"] = os.getloadavg()
+    meta["model_versions"] = next((get(x, "handler.model_versions") for r in runs for x in r["rates"]
+                                   if get(x, "handler.model_versions")), None)
+    print_results(runs, rates, summary_, verdict)
+    for line in diagnose(runs, rates, summary_):
+        console.print(line)
+    console.print(f"models served: {meta['model_versions']}")
+    console.print("[dim]The machine may be shared: compare runs only under the same load (load average "
+                  f"{' '.join(f'{x:.2f}' for x in meta['loadavg_start'])} at start, "
+                  f"{' '.join(f'{x:.2f}' for x in meta['loadavg_end'])} at end; see the CPU table).[/]")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "targets": verdict, "summary": summary_, "runs": runs},
+                                        indent=1, default=str))
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
