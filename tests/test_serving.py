@@ -62,13 +62,28 @@ def catalog_events() -> list[CatalogUpsert]:
 
 
 @pytest.fixture(scope="module")
-def env(stack_settings, tmp_path_factory):
+def tiny_ranker(tmp_path_factory):
+    """A ranker trained for seconds on a small simulated feedback log: not a good ranker, but
+    the real model, artifact and scoring path, with user features that move its scores."""
+    from models.data import synth
+    from models.data.feedback import simulate_feedback, write_feedback
+    from models.ranker_train import train
+    from tests.test_ranker import TINY, TRAIN
+
+    data = tmp_path_factory.mktemp("ranker-data")
+    synth.write(synth.generate(items=150, users=6, seed=5), data)
+    write_feedback(simulate_feedback(data, sessions=80, seed=5), data / "feedback")
+    return train(data, data / "feedback", tmp_path_factory.mktemp("ranker"), "tiny", TINY, TRAIN, say=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def env(stack_settings, tmp_path_factory, tiny_ranker):
     run_id = uuid.uuid4().hex[:8]
     root = tmp_path_factory.mktemp("serving")
     settings = stack_settings.model_copy(update={
         "topic_prefix": f"tbq-{run_id}", "feast_project": f"tbq_{run_id}", "data_dir": root / "data",
         "worker_flush_seconds": 0.5, "worker_batch_seconds": 0.1, "worker_index_seal_seconds": 1.0,
-        "ranker_version": "none",
+        "ranker_version": str(tiny_ranker),
     })
     create_topics(settings)
     store = feature_store(settings)
@@ -103,16 +118,18 @@ def search(client: TestClient, **body) -> dict:
     return response.json()
 
 
-def test_hybrid_search_with_explanation(client):
-    body = search(client, query="velvet sofa", k=5, explain=True)
+def test_hybrid_search_ranked_with_explanation(client):
+    body = search(client, query="velvet sofa", k=len(CATALOG), explain=True)
     results = body["results"]
-    assert len(results) == 5 and [r["position"] for r in results] == [1, 2, 3, 4, 5]
-    assert results[0]["item_id"] in {"sofa-1", "chair-2"}, results  # both velvet; the sofa is the best match
-    assert {"user_context", "rewrites", "embed", "retrieve", "fuse", "publish", "total"} <= set(body["timings_ms"])
+    assert [r["position"] for r in results] == list(range(1, len(CATALOG) + 1))  # the whole catalog is a candidate
+    assert {"user_context", "rewrites", "embed", "retrieve", "fuse", "rank", "publish", "total"} <= set(body["timings_ms"])
     assert body["degraded"] == [] and body["rewrites"] == [] and body["personalized"] is False
-    assert body["model_versions"]["encoder"] == "minilm-l6-v2" and body["model_versions"]["ranker"] == "none"
-    top = results[0]["parts"]
-    assert top["dense_rank"] and top["bm25_rank"] and set(top["routes"]) == {"dense", "bm25"}
+    assert body["model_versions"] == {"encoder": "minilm-l6-v2", "ranker": "tiny", "rewrites": "redis-rewrites-v1"}
+    velvet_sofa = next(r for r in results if r["item_id"] == "sofa-1")  # matches both words: both routes rank it high
+    assert velvet_sofa["parts"]["dense_rank"] <= 3 and velvet_sofa["parts"]["bm25_rank"] <= 3
+    assert set(velvet_sofa["parts"]["routes"]) == {"dense", "bm25"} and velvet_sofa["source"] in {"dense", "bm25"}
+    for r in results:  # the ranker's heads, and the score is their weighted combination, best first
+        assert all(0.0 <= r["parts"][head] <= 1.0 for head in ("click", "add_to_cart", "purchase"))
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True)
     assert search(client, query="velvet sofa", k=3)["timings_ms"] is None  # explain is opt-in
@@ -229,11 +246,18 @@ def test_health_readiness_and_metrics(client):
     assert "tailbridge_events_published_total" in metrics and "tailbridge_events_dropped_total" in metrics
 
 
+def ranking(body: dict) -> list[tuple[str, float]]:
+    return [(h["item_id"], round(h["score"], 6)) for h in body["results"]]
+
+
 def test_results_change_after_the_users_events_stream_through(env, client):
-    """End to end: interactions -> Kafka -> worker -> Feast user_context -> /search."""
+    """End to end: interactions -> Kafka -> worker -> Feast user_context -> /search. Each
+    search is compared with an anonymous one made at the same moment, so index updates by the
+    worker (stats, flushes) cannot pass for personalisation."""
     settings, r, worker = env
     before = search(client, query="sofa", k=5, user_id="u_e2e", explain=True)
     assert before["personalized"] is False
+    assert ranking(before) == ranking(search(client, query="sofa", k=5))
     events = [InteractionEvent(action=action, user_id="u_e2e", session_id="s_e2e", item_id=item, price=899.0)
               for item in ("sofa-3", "sofa-1", "chair-2") for action in ("click", "add_to_cart", "purchase")]
     publish(settings, events)
@@ -242,8 +266,7 @@ def test_results_change_after_the_users_events_stream_through(env, client):
     after = wait_until(lambda: (b := search(client, query="sofa", k=5, user_id="u_e2e", explain=True))["personalized"]
                        and b, 30, "the user context to be served")
     assert after["degraded"] == []
-    assert [(h["item_id"], round(h["score"], 6)) for h in after["results"]] != \
-        [(h["item_id"], round(h["score"], 6)) for h in before["results"]]
+    assert ranking(after) != ranking(search(client, query="sofa", k=5))
 
 
 # ---------------------------------------------------------------------- degraded dependencies
