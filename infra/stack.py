@@ -319,7 +319,21 @@ def _start_milvus(settings: Settings) -> ComponentStatus:
     argv = [str(milvus_lite_binary()), "server", "--data-dir", str(data_dir), "--host", host, "--port", str(port)]
     pid = _spawn(settings, "milvus", argv)
     _wait_ready(settings, "milvus", pid, lambda: milvus_ready(settings))
-    return ComponentStatus("milvus", settings.milvus_uri, "embedded", True, pid, f"started (Milvus Lite, data {data_dir})")
+    loaded = _load_collections(settings)
+    return ComponentStatus("milvus", settings.milvus_uri, "embedded", True, pid, f"started (Milvus Lite, data {data_dir}"
+                           + (f", {loaded} collections loaded)" if loaded else ")"))
+
+
+def _load_collections(settings: Settings) -> int:
+    """Milvus Lite comes back from a restart with every collection released (searches fail
+    until load): load what the data dir holds."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=settings.milvus_uri, timeout=60, grpc_options=MILVUS_GRPC_OPTIONS)
+    names = client.list_collections()
+    for name in names:
+        client.load_collection(name)
+    return len(names)
 
 
 def _start_redis(settings: Settings) -> ComponentStatus:

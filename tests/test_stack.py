@@ -102,3 +102,24 @@ def test_only_loopback_addresses_count_as_ours_to_start():
     # IP literals resolve without a lookup: this test sends no traffic anywhere.
     assert stack._is_loopback("127.0.0.1") and stack._is_loopback("127.0.0.53") and stack._is_loopback("localhost")
     assert not stack._is_loopback("10.1.2.3") and not stack._is_loopback("192.168.0.10")
+
+
+def test_milvus_collections_are_searchable_after_a_restart(own_stack):
+    """Milvus Lite reopens its collections released; `stack up` loads them again."""
+    from streams import item_index
+
+    stack.up(own_stack)
+    client = item_index.connect(own_stack)
+    name = item_index.create_collection(client, own_stack, "v-restart", dim=4)
+    client.insert(name, [{"item_id": "a", "vector": [1.0, 0, 0, 0], "text": "red sofa", "title": "Red Sofa",
+                          "description": "", "brand": "", "category": "Sofas", "category_path": "Sofas", "price": 1.0,
+                          "attributes": "{}", "ctr_24h": 0.0, "cvr_24h": 0.0, "purchases_24h": 0.0,
+                          "model_version": "v-restart", "updated_ms": 0}])
+    client.flush(name)
+    stack.down(own_stack)
+
+    milvus = next(s for s in stack.up(own_stack) if s.name == "milvus")
+    assert "1 collections loaded" in milvus.detail, milvus.detail
+    hits = item_index.connect(own_stack).search(name, data=[[1.0, 0, 0, 0]], anns_field="vector", limit=1,
+                                                output_fields=["title"])
+    assert hits[0][0]["entity"]["title"] == "Red Sofa"
