@@ -107,11 +107,12 @@ def resolve_weights(base: Mapping[str, float], override: Mapping[str, float] | N
 
 ITEM_FEATURES = ("ctr_24h", "cvr_24h", "log1p_purchases_24h")
 USER_FEATURES = ("has_user", "category_affinity", "recently_clicked", "recently_carted", "recently_purchased",
-                 "log_price_vs_recent_median")
+                 "log_price_vs_recent_median", "price_level_vs_recent", "abs_price_level_vs_recent", "brand_share")
 FEATURES = ITEM_FEATURES + USER_FEATURES
 # An engagement counts for its own level and every level below it (a purchase was also a click).
 ACTION_LEVEL = {"click": 1, "clicked": 1, "add_to_cart": 2, "added_to_cart": 2, "purchase": 3, "purchased": 3}
 PRICE_RATIO_CLIP = 3.0
+PRICE_QUANTILES = 21
 
 
 def _number(value: Any) -> float:
@@ -120,6 +121,10 @@ def _number(value: Any) -> float:
     except (TypeError, ValueError):
         return 0.0
     return x if math.isfinite(x) else 0.0
+
+
+def item_id_of(candidate: Mapping[str, Any]) -> str:
+    return str(candidate.get("item_id", candidate.get("id", "")))
 
 
 def leaf_category(candidate: Mapping[str, Any]) -> str:
@@ -151,6 +156,43 @@ def item_features(candidate: Mapping[str, Any]) -> list[float]:
             math.log1p(max(0.0, _number(candidate.get("purchases_24h"))))]
 
 
+class Catalog:
+    """What the ranker knows of products beyond a candidate's own fields: price, brand and leaf
+    category per item id (a user context names its recent items by id only), and each leaf
+    category's price quantiles, so a price can be read as a level within its category (0 = the
+    category's cheapest, 1 = its dearest) and compared across categories. Filled from the
+    training catalog and then from every candidate scored."""
+
+    def __init__(self, quantiles: Mapping[str, Sequence[float]] | None = None):
+        self.quantiles = {c: np.asarray(q, dtype=np.float64) for c, q in (quantiles or {}).items()}
+        self.items: dict[str, tuple[float, str, str]] = {}  # item id -> (price, brand, leaf category)
+
+    @classmethod
+    def from_items(cls, items: Sequence[Mapping[str, Any]]) -> Catalog:
+        by_leaf: dict[str, list[float]] = {}
+        for it in items:
+            if _number(it.get("price")) > 0:
+                by_leaf.setdefault(leaf_category(it), []).append(math.log(_number(it.get("price"))))
+        cat = cls({c: np.quantile(v, np.linspace(0, 1, PRICE_QUANTILES)).tolist()
+                   for c, v in sorted(by_leaf.items()) if len(v) >= 5})
+        for it in items:
+            cat.add(it)
+        return cat
+
+    def add(self, candidate: Mapping[str, Any]) -> None:
+        self.items[item_id_of(candidate)] = (_number(candidate.get("price")), str(candidate.get("brand") or ""),
+                                             leaf_category(candidate))
+
+    def price_level(self, leaf: str, price: float) -> float | None:
+        q = self.quantiles.get(leaf)
+        if q is None or price <= 0:
+            return None
+        return float(np.interp(math.log(price), q, np.linspace(0, 1, len(q))))
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {c: [round(float(x), 6) for x in q] for c, q in self.quantiles.items()}
+
+
 @dataclass
 class UserView:
     """A Feast ``user_context`` row digested once per search for the per-candidate features."""
@@ -158,10 +200,12 @@ class UserView:
     affinity: dict[str, float]  # category -> weight (sums to 1 as the stream worker writes it)
     level: dict[str, int]  # recent item -> strongest engagement (1 click, 2 cart, 3 purchase)
     median_price: float  # of the recent items with a known price, 0 if none
+    median_price_level: float | None  # of the recent items' price levels in their categories
+    brand_share: dict[str, float]  # brand -> share of the recent items with a known brand
 
 
-def user_view(context: Mapping[str, Any] | None, prices: Mapping[str, float]) -> UserView | None:
-    """``prices`` maps item ids to prices, for the recent items (the ranker's catalog)."""
+def user_view(context: Mapping[str, Any] | None, catalog: Catalog) -> UserView | None:
+    """None without a user. Recent items the catalog does not know add no price or brand."""
     if not context:
         return None
     level: dict[str, int] = {}
@@ -169,25 +213,35 @@ def user_view(context: Mapping[str, Any] | None, prices: Mapping[str, float]) ->
     actions = list(context.get("recent_actions") or [])
     for item_id, action in zip(ids, actions):
         level[item_id] = max(level.get(item_id, 0), ACTION_LEVEL.get(str(action), 0))
-    known = [prices[i] for i in ids if prices.get(i, 0.0) > 0]
-    return UserView(category_affinity(context), level, statistics.median(known) if known else 0.0)
+    known = [catalog.items[i] for i in dict.fromkeys(ids) if i in catalog.items]
+    prices = [price for price, _, _ in known if price > 0]
+    levels = [x for x in (catalog.price_level(leaf, price) for price, _, leaf in known) if x is not None]
+    brands = [brand for _, brand, _ in known if brand]
+    return UserView(category_affinity(context), level, statistics.median(prices) if prices else 0.0,
+                    statistics.median(levels) if levels else None,
+                    {b: brands.count(b) / len(brands) for b in set(brands)})
 
 
-def user_item_features(candidate: Mapping[str, Any], view: UserView | None) -> list[float]:
-    """How this shopper relates to this item; all 0 without a user."""
+def user_item_features(candidate: Mapping[str, Any], view: UserView | None, catalog: Catalog) -> list[float]:
+    """How this shopper relates to this item: affinity to its leaf category, whether they recently
+    clicked / carted / bought it, its price against their recent items' (log ratio to the median
+    price, and the gap between price levels within categories), and the share of their recent
+    items of its brand. All 0 without a user; a feature without the data for it is 0."""
     if view is None:
         return [0.0] * len(USER_FEATURES)
-    level = view.level.get(str(candidate.get("item_id")), 0)
-    price = _number(candidate.get("price"))
+    level = view.level.get(item_id_of(candidate), 0)
+    price, leaf = _number(candidate.get("price")), leaf_category(candidate)
     ratio = 0.0
     if price > 0 and view.median_price > 0:
         ratio = max(-PRICE_RATIO_CLIP, min(PRICE_RATIO_CLIP, math.log(price / view.median_price)))
-    return [1.0, view.affinity.get(leaf_category(candidate), 0.0), float(level >= 1), float(level >= 2),
-            float(level >= 3), ratio]
+    item_level = catalog.price_level(leaf, price)
+    gap = 0.0 if item_level is None or view.median_price_level is None else item_level - view.median_price_level
+    return [1.0, view.affinity.get(leaf, 0.0), float(level >= 1), float(level >= 2), float(level >= 3), ratio,
+            gap, abs(gap), view.brand_share.get(str(candidate.get("brand") or ""), 0.0)]
 
 
-def features(candidate: Mapping[str, Any], view: UserView | None) -> list[float]:
-    return item_features(candidate) + user_item_features(candidate, view)
+def features(candidate: Mapping[str, Any], view: UserView | None, catalog: Catalog) -> list[float]:
+    return item_features(candidate) + user_item_features(candidate, view, catalog)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,7 +347,7 @@ class Ranker:
         self.tasks = self.cfg.tasks
         self.items = LRU(item_cache_size)  # (item_id, text hash) -> encoding [dim]
         self.queries = LRU(query_cache_size)  # normalised query -> encoding [dim]
-        self.prices: dict[str, float] = {}  # for the user's recent items' median price
+        self.catalog = Catalog()  # recent items' prices and brands, category price levels
 
     # ---------------------------------------------------------------- encoding
 
@@ -316,7 +370,7 @@ class Ranker:
         keys, texts = [], []
         for c in candidates:
             text = product_text(c)
-            keys.append((str(c.get("item_id", c.get("id", ""))), text_hash(text)))
+            keys.append((item_id_of(c), text_hash(text)))
             texts.append(text)
         found = [self.items.get(k) for k in keys]
         missing = [i for i, v in enumerate(found) if v is None]
@@ -351,12 +405,10 @@ class Ranker:
         w = self.weights(weights)
         if not candidates:
             return []
-        for c in candidates:  # the catalog's prices, for later users' recent items
-            price = _number(c.get("price"))
-            if price > 0:
-                self.prices[str(c.get("item_id", c.get("id", "")))] = price
-        view = user_view(user_context, self.prices)
-        feats = torch.tensor([features(c, view) for c in candidates], dtype=torch.float32)
+        for c in candidates:  # later users may name these among their recent items
+            self.catalog.add(c)
+        view = user_view(user_context, self.catalog)
+        feats = torch.tensor([features(c, view, self.catalog) for c in candidates], dtype=torch.float32)
         with torch.inference_mode():
             p = self.item_vectors(candidates)
             q = self.query_vector(query).expand_as(p)
@@ -374,7 +426,7 @@ class Ranker:
 # --------------------------------------------------------------------------------------------
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-ITEM_ENCODINGS_FILE, ITEM_INDEX_FILE = "item_encodings.npy", "item_encodings.json"
+ITEM_ENCODINGS_FILE, ITEM_INDEX_FILE, CATALOG_FILE = "item_encodings.npy", "item_encodings.json", "catalog.json"
 BASELINE_DIR = "baseline-click"  # the single-task click model trained beside a version, for the eval
 
 
@@ -390,11 +442,14 @@ def save(model: RankerModel, tokenizer: Any, out_dir: Path, extra_config: Mappin
     save_file(state, str(out_dir / WEIGHTS_FILE))
 
 
-def save_item_encodings(out_dir: Path, item_ids: Sequence[str], texts: Sequence[str], prices: Sequence[float],
-                        vectors: np.ndarray) -> None:
+def save_catalog(out_dir: Path, items: Sequence[Mapping[str, Any]], vectors: np.ndarray) -> None:
+    """The catalog's product encodings (keyed by id and text hash), and what ``Catalog`` keeps."""
     np.save(out_dir / ITEM_ENCODINGS_FILE, np.asarray(vectors, dtype=np.float32))
-    index = {"item_ids": list(item_ids), "text_hashes": [text_hash(t) for t in texts], "prices": list(prices)}
+    index = {"item_ids": [item_id_of(it) for it in items], "text_hashes": [text_hash(product_text(it)) for it in items]}
     (out_dir / ITEM_INDEX_FILE).write_text(json.dumps(index))
+    catalog = Catalog.from_items(items)
+    (out_dir / CATALOG_FILE).write_text(json.dumps(
+        {"price_quantiles": catalog.to_json(), "items": {i: list(v) for i, v in catalog.items.items()}}))
 
 
 def load(model_dir: Path) -> Ranker:
@@ -414,7 +469,10 @@ def load(model_dir: Path) -> Ranker:
     if vectors.is_file() and index.is_file():
         meta = json.loads(index.read_text())
         ranker.remember(meta["item_ids"], meta["text_hashes"], np.load(vectors))
-        ranker.prices.update({i: float(p) for i, p in zip(meta["item_ids"], meta["prices"]) if p and p > 0})
+    if (model_dir / CATALOG_FILE).is_file():
+        saved = json.loads((model_dir / CATALOG_FILE).read_text())
+        ranker.catalog = Catalog(saved["price_quantiles"])
+        ranker.catalog.items = {i: (float(p), str(b), str(c)) for i, (p, b, c) in saved["items"].items()}
     return ranker
 
 

@@ -23,7 +23,7 @@ TINY = rk.RankerConfig(layers=1, train_layers=1, max_length=16, dim=16, hidden=3
 TRAIN = RankerTrainConfig(epochs=2, batch_size=128, finetune_steps=3, finetune_searches=4, encode_batch=64,
                           max_minutes=None)
 ARTIFACT_FILES = {"config.json", "model.safetensors", "text", "tokenizer", "item_encodings.npy",
-                  "item_encodings.json", "metrics.json", "MODEL_CARD.md"}
+                  "item_encodings.json", "catalog.json", "metrics.json", "MODEL_CARD.md"}
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +58,33 @@ def catalog_candidates(demo, n=12):
 def test_user_item_features():
     item = {"item_id": "a", "title": "Harlow Sofa", "brand": "Harlow", "category_path": "Home > Sofas", "price": 200.0}
     assert rk.leaf_category(item) == "Sofas" and rk.product_text(item) == "Harlow Sofa. Harlow. Sofas"
-    assert rk.user_item_features(item, None) == [0.0] * len(rk.USER_FEATURES)
-    assert rk.user_item_features(item, rk.user_view(None, {})) == [0.0] * len(rk.USER_FEATURES)
-    prices = {"x": 100.0, "y": 100.0, "a": 200.0}
+    sofas = [{"item_id": f"s{k}", "brand": "Other", "category_path": ["Home", "Sofas"], "price": 100.0 * 2 ** (k / 4)}
+             for k in range(9)]  # 100 .. 400: a sofa at 200 sits in the middle of the range
+    catalog = rk.Catalog.from_items([*sofas, {"item_id": "x", "brand": "Harlow", "category": "Lamps", "price": 100.0},
+                                     {"item_id": "y", "brand": "Harlow", "category": "Lamps", "price": 100.0}, item])
+    assert catalog.price_level("Sofas", 200.0) == pytest.approx(0.5, abs=0.1) and catalog.price_level("Lamps", 5) is None
+    none = [0.0] * len(rk.USER_FEATURES)
+    assert rk.user_item_features(item, None, catalog) == none
+    assert rk.user_item_features(item, rk.user_view(None, catalog), catalog) == none
     fan = {"affinity_categories": ["Sofas", "Lamps"], "affinity_weights": [0.9, 0.1],
-           "recent_item_ids": ["a", "x", "y"], "recent_actions": ["purchase", "click", "click"]}
-    other = {"affinity_categories": ["Lamps"], "affinity_weights": [1.0], "recent_item_ids": ["x"],
-             "recent_actions": ["add_to_cart"]}
-    f_fan = dict(zip(rk.USER_FEATURES, rk.user_item_features(item, rk.user_view(fan, prices))))
-    f_other = dict(zip(rk.USER_FEATURES, rk.user_item_features(item, rk.user_view(other, prices))))
+           "recent_item_ids": ["a", "x", "y", "s0"], "recent_actions": ["purchase", "click", "click", "click"]}
+    other = {"affinity_categories": ["Lamps"], "affinity_weights": [1.0], "recent_item_ids": ["s8", "unknown"],
+             "recent_actions": ["add_to_cart", "click"]}
+    f_fan = dict(zip(rk.USER_FEATURES, rk.user_item_features(item, rk.user_view(fan, catalog), catalog)))
+    f_other = dict(zip(rk.USER_FEATURES, rk.user_item_features(item, rk.user_view(other, catalog), catalog)))
     assert f_fan["has_user"] == f_other["has_user"] == 1.0
     assert f_fan["category_affinity"] == pytest.approx(0.9) and f_other["category_affinity"] == 0.0
     assert (f_fan["recently_clicked"], f_fan["recently_carted"], f_fan["recently_purchased"]) == (1.0, 1.0, 1.0)
     assert (f_other["recently_clicked"], f_other["recently_purchased"]) == (0.0, 0.0)
-    assert f_fan["log_price_vs_recent_median"] == pytest.approx(math.log(200 / 100))  # median of 100, 100, 200
+    assert f_fan["log_price_vs_recent_median"] == pytest.approx(math.log(200 / 100))  # median of 200, 100, 100, 100
+    assert f_other["log_price_vs_recent_median"] == pytest.approx(math.log(200 / 400))  # "unknown" has no price
+    # the other shopper bought the dearest sofa: this one is half a category's price range below what they buy
+    assert f_other["price_level_vs_recent"] == pytest.approx(-0.5, abs=0.1)
+    assert f_other["abs_price_level_vs_recent"] == -f_other["price_level_vs_recent"]
+    assert f_fan["brand_share"] == pytest.approx(3 / 4) and f_other["brand_share"] == 0.0
     # the feedback log's mapping form of affinities works too
     mapping = {"category_affinity": {"Sofas": 0.5}, "recent_item_ids": [], "recent_actions": []}
-    assert rk.user_item_features(item, rk.user_view(mapping, prices))[1] == 0.5
+    assert rk.user_item_features(item, rk.user_view(mapping, catalog), catalog)[1] == 0.5
     assert rk.item_features({"purchases_24h": 3, "ctr_24h": None}) == [0.0, 0.0, pytest.approx(math.log(4))]
 
 
@@ -193,6 +203,7 @@ def test_training_artifact_and_reload_give_identical_scores(demo, tmp_path):
     assert all(0 <= v <= 1 for v in metrics["test_auc"].values())
 
     fresh = rk.Ranker(model, tokenizer, "in-memory")
+    fresh.catalog = rk.Catalog.from_items([rd.items[i] for i in rd.item_ids])
     loaded = rk.load_ranker(tmp_path / "v1")
     assert loaded.version == "v1" and len(loaded.items) == len(rd.item_ids)
     s = rd.train_searches
