@@ -398,23 +398,32 @@ def demo(
     events: Annotated[int, typer.Option(min=1)] = 5000,
     rate: Annotated[float, typer.Option(min=0)] = 500,
     seed: int = 7,
+    serve: Annotated[bool, typer.Option(help="End by serving search until Ctrl-C (--no-serve: stop after the "
+                                              "example searches).")] = True,
 ) -> None:
-    """The main job on the embedded stack: stack up, data, topics, features, then a worker
-    processing a live replay while features and vectors change on screen."""
-    from tailbridge.demo import live_replay, print_topic_counts
+    """The main job on the embedded stack: stack up, data, topics, features, a worker processing
+    a live replay while features and vectors change on screen, a ranker trained on the feedback
+    it logged, and the query handler serving the search page."""
+    from tailbridge import demo as live
 
-    console.rule("1/5 stack")
+    settings = get_settings()
+    console.rule("1/7 stack")
     stack_up(as_json=False)
-    console.rule("2/5 demo data")
+    console.rule("2/7 demo data")
     data_synth(items=items, users=users, seed=seed, out=None)
-    console.rule("3/5 topics")
+    console.rule("3/7 topics")
     topics_create()
-    console.rule("4/5 features")
+    console.rule("4/7 features")
     features_apply()
-    console.rule("5/5 live replay through the stream worker")
-    reports = live_replay(get_settings(), _load_demo_data(_default_data_dir()), rate, events, seed, console)
+    console.rule("5/7 live replay through the stream worker")
+    dataset = _load_demo_data(_default_data_dir())
+    reports = live.live_replay(settings, dataset, rate, events, seed, console)
     print_published(reports)
-    print_topic_counts(get_settings(), console)
+    live.print_topic_counts(settings, console)
+    console.rule("6/7 ranker, trained on the feedback log the worker just wrote")
+    live.train_demo_ranker(settings, _default_data_dir(), console)
+    console.rule("7/7 query handler")
+    live.serve(settings, dataset, console, keep_serving=serve)
     console.print("The stack is still running: `tailbridge stack status`, `tailbridge stack down`.")
 
 

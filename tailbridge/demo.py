@@ -154,3 +154,106 @@ def print_topic_counts(settings: Settings, console: Console) -> None:
     for topic, count in counts.items():
         table.add_row(topic, str(count))
     console.print(table)
+
+
+# ------------------------------------------------------------------ the end: serving
+
+DEMO_RANKER_VERSION = "demo"
+DEMO_RANKER_MINUTES = 3.0
+
+
+def train_demo_ranker(settings: Settings, data_dir: Path, console: Console) -> bool:
+    """Train the multi-task ranker on the feedback log the worker just wrote from the replay:
+    the loop stream -> feedback log -> model -> serving, in minutes. False when it cannot."""
+    from models.commands import CommandError, train_ranker
+
+    root = settings.data_dir / "models" / "ranker"
+    if (root / DEMO_RANKER_VERSION).is_dir():
+        console.print(f"ranker {DEMO_RANKER_VERSION!r} already trained ({root / DEMO_RANKER_VERSION}): reusing it")
+        return True
+    try:
+        train_ranker(data_dir, root, DEMO_RANKER_VERSION, feedback_dir(settings), 0, baseline=False, threads=None,
+                     train_overrides={"max_minutes": DEMO_RANKER_MINUTES})
+        return True
+    except CommandError as exc:
+        console.print(f"[yellow]no ranker ({exc}); search serves retrieval order[/]")
+        return False
+
+
+def example_searches(dataset, users: list[str]) -> list[tuple[str, dict]]:
+    """A head query for two shoppers with different tastes, and a long-tail query."""
+    head = max((q for q in dataset.queries if q.stratum == "head"), key=lambda q: q.frequency)
+    tail = next(q for q in dataset.queries if q.stratum == "tail" and dataset.split.get(q.query_id) == "test"
+                and q.form == "need")
+    examples = [(f"head query for {user}", {"query": head.text, "user_id": user, "k": 5, "explain": True})
+                for user in users[:2]]
+    return examples + [("long-tail query (anonymous)", {"query": tail.text, "k": 5, "explain": True})]
+
+
+def two_different_shoppers(settings: Settings) -> list[str]:
+    """Two shoppers with a context whose strongest categories differ (personalisation shows)."""
+    store = feature_store(settings)
+    r = redis.Redis.from_url(resolve_online_store(settings).redis_url)
+    prefix = Keys(settings).user("")
+    users = sorted(key.decode()[len(prefix):] for key in r.scan_iter(prefix + "*", count=2000))[:300]
+    rows = store.get_online_features(features=["user_context:affinity_categories"],
+                                     entity_rows=[{"user_id": u} for u in users]).to_dict()
+    top = {u: cats[0] for u, cats in zip(users, rows["affinity_categories"]) if cats}
+    first = next(iter(top), None)
+    second = next((u for u, c in top.items() if c != top[first]), None) if first else None
+    return [u for u in (first, second) if u]
+
+
+def print_results(console: Console, title: str, request: dict, body: dict) -> None:
+    table = Table(title=f"{title}: {request['query']!r}  ({body['timings_ms']['total']:.0f} ms"
+                        f"{', personalised' if body['personalized'] else ''}"
+                        f"{', degraded: ' + ', '.join(body['degraded']) if body['degraded'] else ''})")
+    for column in ("#", "title", "category", "price", "score", "route"):
+        table.add_column(column, justify="right" if column in ("#", "price", "score") else "left")
+    for hit in body["results"]:
+        table.add_row(str(hit["position"]), hit["title"][:48], hit["category"], f"{hit['price']:.2f}",
+                      f"{hit['score']:.4f}", hit["source"])
+    console.print(table)
+
+
+def serve(settings: Settings, dataset, console: Console, keep_serving: bool) -> None:
+    """Start the query handler (with a worker, so page clicks flow back into features), show
+    three searches, then keep serving until Ctrl-C (or stop, with keep_serving False)."""
+    import httpx
+    import uvicorn
+
+    from serving.app import create_app
+
+    worker = start_worker(settings, {"TAILBRIDGE_FEEDBACK_WINDOW_SECONDS": str(DEMO_FEEDBACK_WINDOW_S)})
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.serve_host, port=settings.serve_port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    url = f"http://{settings.serve_host}:{settings.serve_port}"
+    try:
+        with console.status(f"starting the query handler on {url} ..."):
+            thread.start()
+            deadline = time.monotonic() + 120
+            while not server.started:
+                if not thread.is_alive() or time.monotonic() > deadline:
+                    raise SystemExit(f"the query handler did not start on {url} (port taken?)")
+                time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            console.print(f"readiness: {client.get('/readyz').json()['dependencies']}")
+            for title, request in example_searches(dataset, two_different_shoppers(settings)):
+                response = client.post("/search", json=request)
+                if response.status_code != 200:
+                    console.print(f"[red]{title}: {response.status_code} {response.text}[/]")
+                    continue
+                print_results(console, title, request, response.json())
+        console.print(f"\n[bold]tailbridge is serving at {url}/[/] (search page), API docs at {url}/docs; "
+                      "a worker keeps features fresh.")
+        if keep_serving:
+            console.print("Ctrl-C stops the query handler and the worker; the stack stays up.")
+            thread.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(30)
