@@ -73,19 +73,24 @@ def export_query_tower(model_dir: Path, int8: bool = True) -> list[Path]:
                           opset_version=17, dynamo=False)
     written = [fp32]
     if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        # Only the matrix products (the transformer's cost); embedding lookups stay exact.
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint at WARNING
-        try:
-            quantize_dynamic(str(fp32), str(model_dir / INT8_FILE), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"])
-        finally:
-            root.setLevel(level)
-        written.append(model_dir / INT8_FILE)
+        written.append(quantize(fp32, model_dir / INT8_FILE))
     return written
+
+
+def quantize(fp32: Path, int8: Path) -> Path:
+    """Dynamic int8, per channel, of the matrix products only (the transformer's cost);
+    embedding lookups stay exact."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint at WARNING
+    try:
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"])
+    finally:
+        root.setLevel(level)
+    return int8
 
 
 class OnnxQueryEncoder:
@@ -116,3 +121,87 @@ class OnnxQueryEncoder:
         if not queries:
             return np.zeros((0, self.dim), np.float32)
         return self.session.run(["vectors"], _features(self.featurizer, queries, user_contexts, self.item_vectors))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2 (the off-the-shelf encoder) as ONNX int8, for the query handler
+# --------------------------------------------------------------------------------------------
+
+
+class _MeanPooledMiniLM(nn.Module):
+    """MiniLM as sentence-transformers uses it: mean pooling over real tokens, then L2 norm."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def export_minilm(out_dir: Path) -> Path:
+    """Write all-MiniLM-L6-v2 (from the installed package) as ONNX fp32 and int8 plus its
+    tokenizer into ``out_dir``; returns the int8 file. Takes seconds; done once per data dir.
+    Written beside and renamed into place, so a reader never sees half an export."""
+    import os
+    import shutil
+
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    out_dir = Path(out_dir)
+    building = out_dir.with_name(f"{out_dir.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    hf_logging.disable_progress_bar()
+    path = unified.minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = _MeanPooledMiniLM(AutoModel.from_pretrained(path, local_files_only=True).eval())
+    example = tokenizer(["wireless earbuds under $50", "sofa"], padding=True, return_tensors="pt")
+    fp32 = building / FP32_FILE
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example["input_ids"], example["attention_mask"]), str(fp32),
+                          input_names=["input_ids", "attention_mask"], output_names=["vectors"],
+                          dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
+                                        "attention_mask": {0: "batch", 1: "tokens"}, "vectors": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    tokenizer.save_pretrained(building / "tokenizer")
+    quantize(fp32, building / INT8_FILE)
+    try:
+        building.rename(out_dir)
+    except OSError:  # another process finished first: use its export
+        shutil.rmtree(building, ignore_errors=True)
+    return out_dir / INT8_FILE
+
+
+class OnnxMiniLMEncoder:
+    """all-MiniLM-L6-v2 queries on onnxruntime int8 (~4x faster than torch on one thread; cosine
+    to torch >= 0.99). Not personalised: user contexts are ignored, as by ``MiniLMEncoder``."""
+
+    def __init__(self, model_dir: Path, threads: int = 1, max_length: int = 128):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        from models.encoders import MINILM_VERSION
+
+        model_dir = Path(model_dir)
+        if not (model_dir / INT8_FILE).is_file():
+            export_minilm(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"), local_files_only=True)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_dir / INT8_FILE), options, providers=["CPUExecutionProvider"])
+        self.max_length = max_length
+        self.version = MINILM_VERSION
+        self.dim = self.session.get_outputs()[0].shape[-1]
+
+    def encode_queries(self, queries: Sequence[str],
+                       user_contexts: Sequence[Mapping[str, Any] | None] | None = None) -> np.ndarray:
+        batch = self.tokenizer(list(queries), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="np")
+        feeds = {name: batch[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+        return self.session.run(["vectors"], feeds)[0]

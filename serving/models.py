@@ -4,7 +4,7 @@ The query encoder must match the vectors in the serving Milvus collection, so it
 read from the collection the alias points at (``streams.item_index.serving_version``), never
 configured separately: after ``tailbridge reindex`` moves the alias, the handler follows.
 A trained retriever is served from its ONNX int8 query tower when exported (fastest), else
-with torch; all-MiniLM-L6-v2 with torch. The ranker is ``TAILBRIDGE_RANKER_VERSION``.
+with torch; all-MiniLM-L6-v2 from an ONNX int8 export made on first use. The ranker is ``TAILBRIDGE_RANKER_VERSION``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from models.encoders import MINILM_VERSION, Encoder, MiniLMEncoder, UnifiedEncoder, retriever_dir
+from models.encoders import MINILM_VERSION, Encoder, UnifiedEncoder, retriever_dir
 from tailbridge.settings import Settings
 
 
@@ -32,10 +32,11 @@ def artifact_item_vectors(model_dir: Path):
     return lambda ids: {i: vectors[rows[i]] for i in ids if i in rows}
 
 
-def load_query_encoder(version: str) -> Encoder:
-    if version == MINILM_VERSION:
-        return MiniLMEncoder()
-    from models.export import FP32_FILE, INT8_FILE, OnnxQueryEncoder
+def load_query_encoder(version: str, settings: Settings) -> Encoder:
+    from models.export import FP32_FILE, INT8_FILE, OnnxMiniLMEncoder, OnnxQueryEncoder
+
+    if version == MINILM_VERSION:  # exported on first use: ~4x faster per query than torch on one thread
+        return OnnxMiniLMEncoder(settings.data_dir / "models" / "minilm-l6-v2-onnx")
 
     model_dir = retriever_dir(version)
     if not model_dir.is_dir():

@@ -50,9 +50,8 @@ class ItemIndex:
     Connects lazily (the handler starts, and says it is not ready, while Milvus is down) and
     re-reads the serving version every few seconds so a reindex is followed."""
 
-    def __init__(self, settings: Settings, load_encoder: Callable[[str], Any] = load_query_encoder):
+    def __init__(self, settings: Settings):
         self.settings = settings
-        self._load_encoder = load_encoder
         self._lock = threading.Lock()
         self._client: MilvusClient | None = None
         self._checked = 0.0
@@ -84,7 +83,7 @@ class ItemIndex:
                     raise SearchUnavailable(f"no items indexed yet (no collection behind alias "
                                             f"{alias_name(self.settings)!r}): run `tailbridge worker` and publish the catalog")
                 if version != self.version:
-                    self.encoder, self.version = self._load_encoder(version), version
+                    self.encoder, self.version = load_query_encoder(version, self.settings), version
                 self._checked = time.monotonic()
             return self.encoder, client
 

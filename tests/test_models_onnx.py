@@ -65,3 +65,14 @@ def test_onnx_matches_torch_on_200_queries(artifact):
 def test_missing_export_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no exported query tower"):
         OnnxQueryEncoder(tmp_path)
+
+
+def test_minilm_onnx_int8_queries_match_torch(tmp_path):
+    """The off-the-shelf encoder's ONNX int8 export (what the query handler serves) against torch."""
+    from models.export import OnnxMiniLMEncoder
+
+    queries = [q.text for q in synth.generate(items=200, users=2, seed=1).queries][:200]
+    onnx = OnnxMiniLMEncoder(tmp_path / "minilm")
+    assert OnnxMiniLMEncoder(tmp_path / "minilm").dim == 384  # a second load reuses the export
+    cosine = (load_encoder().encode_queries(queries) * onnx.encode_queries(queries)).sum(axis=1)
+    assert cosine.mean() >= 0.99 and cosine.min() >= 0.98, (cosine.mean(), cosine.min())
