@@ -51,10 +51,12 @@ def load_query_encoder(version: str, settings: Settings) -> Encoder:
 
 
 def load_ranker(settings: Settings) -> Any | None:
-    """The configured ranker, or None ('none', or 'auto' with nothing trained yet)."""
+    """The configured ranker, or None ('none', or 'auto' with nothing trained yet). Bad
+    ``ranker_weights`` fail here, at start-up, rather than on every search."""
     from models import ranker
 
     choice = settings.ranker_version
+    ranker.resolve_weights(ranker.DEFAULT_WEIGHTS, settings.ranker_weights)
     if choice == "none":
         return None
     root = settings.data_dir / "models" / "ranker"
