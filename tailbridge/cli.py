@@ -282,13 +282,17 @@ def serve(
     import torch
     import uvicorn
 
-    from serving.app import create_app
+    from serving.app import build_components, create_app
 
     settings = get_settings()
     torch.set_num_threads(1)  # one request per core beats two threads fighting over each request
     host, port = host or settings.serve_host, port or settings.serve_port
+    try:
+        built = build_components(settings)
+    except (ValueError, FileNotFoundError) as exc:  # an unknown ranker version, bad weights...
+        _fail(str(exc))
     console.print(f"tailbridge query handler on http://{host}:{port}/ (Ctrl-C stops)")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=loglevel)
+    uvicorn.run(create_app(settings, built), host=host, port=port, log_level=loglevel)
 
 
 # ------------------------------------------------------------------ retriever (models/commands.py)
