@@ -353,3 +353,19 @@ def test_fuzzed_requests_never_get_a_5xx(client, method, path, examples):
     check()
     if method == "POST":  # both kinds were really sent
         assert statuses[200] and statuses[400], statuses
+
+
+def test_search_answers_and_counts_dropped_events_when_the_broker_is_down(env):
+    settings, _, _ = env
+    own = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{stack.free_port()}", "serve_event_buffer": 3})
+    with TestClient(create_app(own)) as client:
+        for _ in range(6):
+            started = time.perf_counter()
+            assert search(client, query="lamp", k=3)["results"]
+            assert time.perf_counter() - started < 1.0  # never waits for the broker
+        metrics = client.get("/metrics").text
+        assert 'tailbridge_events_dropped_total{reason="buffer_full"} 3.0' in metrics, metrics
+        assert client.post("/events", json={"action": "click", "user_id": "u", "session_id": "s",
+                                            "item_id": "lamp-1"}).status_code == 503
+        ready = client.get("/readyz").json()
+        assert ready["ready"] is True and ready["dependencies"]["kafka"] != "ok"
