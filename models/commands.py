@@ -193,7 +193,7 @@ def eval_ranker(data: Path, model: str | None, feedback: Path | None, threads: i
                         f"({test['rows']} rows; {test['rows_click']} clicks, {test['rows_add_to_cart']} carts, "
                         f"{test['rows_purchase']} purchases), after the training period")
     table.add_column("system", no_wrap=True)
-    for column in ("AUC click", "AUC cart", "AUC purchase", "purchase nDCG@10", "graded nDCG@10"):
+    for column in ("AUC\nclick", "AUC\ncart", "AUC\npurchase", "purchase\nnDCG@10", "graded\nnDCG@10"):
         table.add_column(column, justify="right", no_wrap=True)
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for name in SYSTEMS:
@@ -209,7 +209,7 @@ def eval_ranker(data: Path, model: str | None, feedback: Path | None, threads: i
     lat = report["latency_ms"]
     console.print(f"score() over {lat['candidates']} cached candidates, 1 thread, {lat['calls']} calls: new query "
                   f"p50 {lat['new_query']['p50']:.2f} ms / p99 {lat['new_query']['p99']:.2f} ms; cached query p50 "
-                  f"{lat['cached_query']['p50']:.2f} / p99 {lat['cached_query']['p99']:.2f} ms; query encode p50 "
-                  f"{lat['query_encode']['p50']:.2f} ms")
+                  f"{lat['cached_query']['p50']:.2f} / p99 {lat['cached_query']['p99']:.2f} ms; query encode "
+                  f"({lat['query_encoder']}) p50 {lat['query_encode']['p50']:.2f} / p99 {lat['query_encode']['p99']:.2f} ms")
     console.print(f"wrote {model_dir / 'eval-ranker.json'}")
     return report
