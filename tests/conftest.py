@@ -10,9 +10,14 @@ it stops.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +47,47 @@ def pytest_report_header(config) -> str:
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment for a subprocess (the CLI, a second client) that must see the same stack."""
     return os.environ | settings.as_env()
+
+
+CLI = str(Path(sys.executable).parent / "tailbridge")
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Worker:
+    """`tailbridge worker` in its own process group, logging to a file."""
+
+    def __init__(self, settings, log_path: Path):
+        self.settings, self.log_path, self.proc = settings, log_path, None
+
+    def start(self) -> None:
+        env = settings_env(self.settings) | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([CLI, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
 
 
 def _container_settings(run: ExitStack, base: dict) -> Settings:

@@ -23,7 +23,7 @@ from streams import item_index
 from streams.events import CatalogUpsert, InteractionEvent, QueryEvent, ServedItem
 from streams.replay import publish
 from streams.topics import TOPICS, create_topics
-from tests.test_streams import Worker, wait_until
+from tests.conftest import Worker, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,7 @@ from streams.behaviour import Keys
 from streams.events import CatalogUpsert, InteractionEvent
 from streams.replay import publish
 from streams.topics import TOPICS, create_topics, make_consumer
-from tests.test_streams import Worker, wait_until
+from tests.conftest import Worker, wait_until
 
 pytestmark = pytest.mark.integration
 

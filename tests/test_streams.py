@@ -4,16 +4,11 @@ and `tailbridge worker` as a separate process, as it runs in production."""
 from __future__ import annotations
 
 import itertools
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import orjson
 import pytest
@@ -29,53 +24,14 @@ from streams.feedback import read_examples
 from streams.replay import publish
 from streams.simulator import catalog_events, simulate
 from streams.topics import TOPICS, create_topics, make_consumer, make_producer
-from tests.conftest import settings_env
+from tests.conftest import Worker, wait_until
 
 pytestmark = pytest.mark.integration
 
-CLI = str(Path(sys.executable).parent / "tailbridge")
 USER_FEATURES = ["recent_item_ids", "recent_actions", "recent_action_times_ms", "affinity_categories",
                  "affinity_weights",
                  "recent_queries", "session_id", "session_queries", "session_clicks", "session_carts",
                  "session_purchases"]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class Worker:
-    """`tailbridge worker` in its own process group, logging to a file."""
-
-    def __init__(self, settings, log_path: Path):
-        self.settings, self.log_path, self.proc = settings, log_path, None
-
-    def start(self) -> None:
-        env = settings_env(self.settings) | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([CLI, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
 
 
 @pytest.fixture(scope="module")
