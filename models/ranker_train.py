@@ -287,11 +287,17 @@ def fit(rd: RankerData, texts: Texts, model_cfg: rk.RankerConfig, cfg: RankerTra
     steps = cfg.epochs * -(-len(train_rows) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.05, 1 - s / max(1, steps)))
     model.train()
+    out_of_time = lambda: deadline is not None and time.monotonic() > deadline  # noqa: E731
     for epoch in range(cfg.epochs):
+        if epoch > 0 and out_of_time():  # the first epoch always completes
+            say(f"{name}: time budget: stage 1 ends after {epoch} epochs")
+            break
         order = np.random.default_rng([cfg.seed, 1, epoch]).permutation(train_rows)
         batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         with bar(f"{name}: stage 1 epoch {epoch + 1}/{cfg.epochs}", len(batches)) as advance:
             for rows in batches:
+                if epoch > 0 and out_of_time():
+                    break
                 rows = torch.from_numpy(rows)
                 q = model.embed(texts.query_pooled[query_of[rows]])
                 p = model.embed(texts.item_pooled[item_of[rows]])
@@ -315,7 +321,7 @@ def fit(rd: RankerData, texts: Texts, model_cfg: rk.RankerConfig, cfg: RankerTra
         rng = np.random.default_rng([cfg.seed, 2])
         with bar(f"{name}: stage 2 (fine-tuning {model_cfg.train_layers} encoder layers)", cfg.finetune_steps) as advance:
             for step in range(cfg.finetune_steps):
-                if deadline is not None and time.monotonic() > deadline:
+                if out_of_time():
                     say(f"{name}: time budget: stage 2 ends after {step} steps")
                     break
                 searches = rng.choice(rd.train_searches, size=min(cfg.finetune_searches, rd.train_searches),

@@ -3,6 +3,7 @@ training (seconds), the artifact, serving scores, evaluation and the CLI's error
 
 import json
 import math
+import time
 from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 
@@ -196,7 +197,13 @@ def test_training_artifact_and_reload_give_identical_scores(demo, tmp_path):
     rd = prepare(demo, demo / "feedback", 0.2, say=lambda _: None)
     texts = cache_texts(rd, TINY, TRAIN, no_bar)
     model, tokenizer, history = fit(rd, texts, TINY, TRAIN, None, lambda _: None, no_bar)
-    assert history["stage2_steps"] == TRAIN.finetune_steps and history["stage1_steps"] > 0
+    steps_per_epoch = -(-len(rd.split_rows("train")) // TRAIN.batch_size)
+    assert history["stage1_steps"] == TRAIN.epochs * steps_per_epoch
+    assert history["stage2_steps"] == TRAIN.finetune_steps
+    said = []
+    _, _, late = fit(rd, texts, TINY, TRAIN, time.monotonic() - 1, said.append, no_bar)  # out of time already
+    assert late["stage1_steps"] == steps_per_epoch and late["stage2_steps"] == 0  # one epoch, always
+    assert any("time budget" in s for s in said)
     metrics = write_artifact(rd, model, tokenizer, tmp_path / "v1", TRAIN, history, 0.1, demo, demo / "feedback",
                              no_bar)
     assert ARTIFACT_FILES <= {p.name for p in (tmp_path / "v1").iterdir()}
