@@ -36,6 +36,7 @@ import bisect
 import json
 import math
 import statistics
+import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -320,21 +321,27 @@ def multitask_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: Sequence[s
 
 
 class LRU:
+    """A bounded mapping that forgets the least recently used entry; safe to share between the
+    query handler's threads."""
+
     def __init__(self, size: int):
         self.size = size
         self.data: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, key):
-        value = self.data.get(key)
-        if value is not None:
-            self.data.move_to_end(key)
-        return value
+        with self.lock:
+            value = self.data.get(key)
+            if value is not None:
+                self.data.move_to_end(key)
+            return value
 
     def put(self, key, value) -> None:
-        self.data[key] = value
-        self.data.move_to_end(key)
-        while len(self.data) > self.size:
-            self.data.popitem(last=False)
+        with self.lock:
+            self.data[key] = value
+            self.data.move_to_end(key)
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self.data)

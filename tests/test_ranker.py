@@ -145,6 +145,15 @@ def test_single_task_loss_reaches_the_click_head_only():
     assert all(model.heads[t].weight.grad.abs().sum() > 0 for t in rk.TASKS)
 
 
+def test_lru_forgets_the_least_recently_used():
+    cache = rk.LRU(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "b" is now the oldest
+    cache.put("c", 3)
+    assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == (1, None, 3, 2)
+
+
 def test_auc():
     assert auc([0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1]) == 1.0
     assert auc([0.4, 0.3, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
