@@ -78,6 +78,10 @@ class RankerTrainConfig:
     test_fraction: float = 0.2  # the latest searches, held out
     stats_window_hours: float = 24.0
     max_minutes: float | None = 10.0  # both models together; stage 2 ends early to finish in time
+    # Method 5's lowest level: random catalog items per training search, labelled nothing. Logged
+    # pages are ~all relevant, so without them the ranker never learns to push down what
+    # retrieval brings in from other categories.
+    random_negatives: int = 4
     encode_batch: int = 256
     export_onnx: bool = True  # the query encoder as ONNX too (what serving runs per search)
     seed: int = 7
@@ -154,6 +158,10 @@ class RankerData:
     stats: np.ndarray  # per row: [ctr_24h, cvr_24h, purchases_24h] at the search
     features: np.ndarray  # per row: models.ranker.FEATURES
     train_searches: int  # searches [0, train_searches) train, the rest test
+    # Random negatives of training searches (not rows of any page): query, item, features.
+    random_query: np.ndarray
+    random_item: np.ndarray
+    random_features: np.ndarray
 
     @property
     def rows(self) -> int:
@@ -169,7 +177,8 @@ class RankerData:
 
 
 def prepare(data_dir: Path, feedback_dir: Path, test_fraction: float = 0.2, window_hours: float = 24.0,
-            test_after: tuple[str, str] | None = None, say: Callable[[str], None] = print) -> RankerData:
+            test_after: tuple[str, str] | None = None, say: Callable[[str], None] = print,
+            random_negatives: int = 0, seed: int = 7) -> RankerData:
     """Rows, features and the split. ``test_after`` = (ISO time, search id) of the last training
     search: the test split is every search after it (evaluation of a trained version)."""
     data = load_dataset(data_dir)
@@ -207,10 +216,18 @@ def prepare(data_dir: Path, feedback_dir: Path, test_fraction: float = 0.2, wind
         train_searches = sum(1 for s in search_ids if (times[s], s) <= after)
     else:
         train_searches = int(round(len(search_ids) * (1 - test_fraction)))
+    query_col = frame["query"].astype(str).map(query_index).to_numpy()
+    negative_search = np.repeat(np.arange(train_searches), random_negatives)
+    negative_item = np.random.default_rng(seed).integers(len(item_ids), size=len(negative_search))
+    no_stats = (PRIOR_CTR, PRIOR_CVR, 0.0)  # an item nobody engaged with, as the stats smooth it
+    negative_feats = np.array([rk.features(candidate(data.items[item_ids[i]], no_stats), views[s], catalog)
+                               for s, i in zip(negative_search, negative_item)], dtype=np.float32)
     return RankerData(
+        random_query=query_col[search_start[negative_search]], random_item=negative_item,
+        random_features=negative_feats.reshape(len(negative_search), len(rk.FEATURES)),
         name=data.name, items=data.items, item_ids=item_ids, query_texts=query_texts, search_ids=search_ids,
         search_times=[times[s] for s in search_ids], contexts=contexts, search_start=search_start,
-        query=frame["query"].astype(str).map(query_index).to_numpy(), item=np.array([item_index[i] for i in items_col]),
+        query=query_col, item=np.array([item_index[i] for i in items_col]),
         position=frame["position"].to_numpy(), level=frame["label"].map(LABEL_LEVEL).to_numpy(), stats=stats,
         features=feats, train_searches=train_searches,
     )
@@ -268,12 +285,15 @@ def fit(rd: RankerData, texts: Texts, model_cfg: rk.RankerConfig, cfg: RankerTra
     train_rows = rd.split_rows("train")
     if len(train_rows) == 0:
         raise RankerTrainingError("no training searches (the feedback log is too small for the split)")
-    feats = torch.from_numpy(rd.features)
+    # Stage-1 rows: every logged row, then the random negatives (indices past rd.rows).
+    feats = torch.from_numpy(np.concatenate([rd.features, rd.random_features]))
+    labels = torch.from_numpy(rk.labels_from_level(np.concatenate([rd.level, np.zeros(len(rd.random_item), int)])))
+    query_of = torch.from_numpy(np.concatenate([rd.query, rd.random_query]))
+    item_of = torch.from_numpy(np.concatenate([rd.item, rd.random_item]))
+    train_rows = np.concatenate([train_rows, rd.rows + np.arange(len(rd.random_item))])
     with torch.no_grad():
         model.feature_mean.copy_(feats[train_rows].mean(0))
         model.feature_std.copy_(feats[train_rows].std(0).clamp(min=1e-3))
-    labels = torch.from_numpy(rk.labels_from_level(rd.level))
-    query_of, item_of = torch.from_numpy(rd.query), torch.from_numpy(rd.item)
     tasks = model_cfg.tasks
     history: dict[str, Any] = {"stage1_steps": 0, "stage2_steps": 0, "losses": {}}
 
@@ -425,7 +445,8 @@ def train(data_dir: Path, feedback_dir: Path, out_root: Path, version: str | Non
     started = time.monotonic()
     model_cfg, cfg = model_cfg or rk.RankerConfig(), cfg or RankerTrainConfig()
     bar = _bar(progress_factory)
-    rd = prepare(Path(data_dir), Path(feedback_dir), cfg.test_fraction, cfg.stats_window_hours, say=say)
+    rd = prepare(Path(data_dir), Path(feedback_dir), cfg.test_fraction, cfg.stats_window_hours, say=say,
+                 random_negatives=cfg.random_negatives, seed=cfg.seed)
     train_rows, test_rows = rd.split_rows("train"), rd.split_rows("test")
     say(f"data: {rd.name}: {len(rd.items)} items; feedback {feedback_dir}: {len(rd.search_ids)} searches, "
         f"{rd.rows} rows; train {rd.train_searches} searches ({len(train_rows)} rows), "

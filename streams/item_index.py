@@ -20,10 +20,13 @@ import orjson
 from pymilvus import DataType, Function, FunctionType, MilvusClient
 
 from infra.stack import MILVUS_GRPC_OPTIONS
+from streams import item_stats
 from tailbridge.settings import Settings
 
 CONTENT_FIELDS = ("title", "description", "brand", "category", "category_path", "price", "attributes")
 STATS_FIELDS = ("ctr_24h", "cvr_24h", "purchases_24h")
+# An item nobody engaged with yet: the smoothed rates' priors, as the stats flush would write them.
+NO_STATS = item_stats.feature_row("", {})
 MAX_TEXT = 4000
 
 
@@ -119,7 +122,7 @@ def rows(items: Sequence[Mapping[str, Any]], vectors: np.ndarray, version: str,
     out = []
     for item, vector in zip(items, vectors, strict=True):
         path = list(item.get("category_path") or [])
-        item_stats = stats.get(item["item_id"], {})
+        item_stats = stats.get(item["item_id"]) or NO_STATS
         out.append({
             "item_id": item["item_id"],
             "vector": vector.astype(np.float32).tolist(),
@@ -131,7 +134,7 @@ def rows(items: Sequence[Mapping[str, Any]], vectors: np.ndarray, version: str,
             "category_path": " > ".join(path)[:1024],
             "price": float(item.get("price") or 0.0),
             "attributes": orjson.dumps(item.get("attributes") or {}).decode()[:2048],
-            **{field: float(item_stats.get(field, 0.0)) for field in STATS_FIELDS},
+            **{field: float(item_stats[field]) for field in STATS_FIELDS},
             "model_version": version,
             "updated_ms": now_ms,
         })
