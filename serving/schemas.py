@@ -54,12 +54,14 @@ class ScoreParts(BaseModel):
     click: float | None = Field(None, description="Ranker's click probability.")
     add_to_cart: float | None = None
     purchase: float | None = None
+    ranker: float | None = Field(None, description="Weighted head probabilities, relative to this search's best.")
+    retrieval_prior: float | None = Field(None, description="Reciprocal-rank prior of the fused order (1 = first).")
 
 
 class SearchHit(BaseModel):
     item_id: str
     position: int
-    score: float = Field(description="Ranker score when a ranker is loaded, else the fused retrieval score.")
+    score: float = Field(description="With a ranker: ranker + retrieval_weight x retrieval_prior; without: the fused score.")
     title: str
     brand: str
     category: str

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     ranker_version: str = Field(
         "auto", description="Ranker under DATA_DIR/models/ranker: a version, a path, 'auto' (newest) or 'none'."
     )
+    serve_retrieval_weight: float = Field(
+        1.0, ge=0, description="Weight of retrieval's fused order beside the ranker in the final score (0: ranker only)."
+    )
     ranker_weights: dict[str, float] | None = Field(
         None, description='Head weights of the final score, JSON, e.g. {"click": 1, "add_to_cart": 2, "purchase": 4}.'
     )

@@ -1,0 +1,92 @@
+"""Does re-ranking keep retrieval's relevance? nDCG@10 on judged test queries when a trained
+ranker re-orders all-MiniLM-L6-v2's top candidates: retrieval order, the ranker alone, and the
+query handler's blend (``serving.search.blend``) at several retrieval weights.
+
+    .venv/bin/python -P bench/ranker_relevance.py --data data/demo5k --ranker data/models/ranker/demo \\
+        [--queries 150] [--candidates 50] [--json out.json]
+
+The ranker learns behaviour from logged pages; this measures what it does to relevance on
+candidates retrieval brings, which include other categories the logged pages rarely show.
+Items carry no behaviour stats (the priors), and no user: the text and catalog part only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from models import ranker as rk
+from models.data.loaders import load_dataset
+from models.encoders import MiniLMEncoder
+from models.metrics import ndcg_at
+from serving.search import blend
+from streams.item_index import NO_STATS, STATS_FIELDS
+
+
+def candidate(item_id: str, item: dict) -> dict:
+    path = item.get("category_path") or []
+    return {"item_id": item_id, "title": item["title"], "brand": item.get("brand", ""),
+            "category": path[-1] if path else "", "category_path": " > ".join(path), "price": item.get("price", 0.0),
+            **{field: NO_STATS[field] for field in STATS_FIELDS}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="BEIR dir with a test split")
+    parser.add_argument("--ranker", type=Path, required=True, help="trained ranker artifact dir")
+    parser.add_argument("--queries", type=int, default=150)
+    parser.add_argument("--candidates", type=int, default=50)
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    data = load_dataset(args.data)
+    judged = data.split("test")
+    qids = sorted(judged)
+    random.Random(1).shuffle(qids)
+    qids = qids[:args.queries]
+    item_ids = sorted(data.items)
+    encoder = MiniLMEncoder()
+    console = Console()
+    with console.status(f"encoding {len(item_ids)} items and {len(qids)} queries with MiniLM..."):
+        scores = encoder.encode_queries([data.queries[q] for q in qids]) @ encoder.encode_items(
+            [data.items[i] for i in item_ids]).T
+    top = np.argsort(-scores, axis=1)[:, :args.candidates]
+    ranker = rk.load_ranker(args.ranker)
+
+    ndcg: dict[str, list[float]] = {"retrieval order": [], "ranker alone": []}
+    for row, qid in enumerate(qids):
+        cands = [candidate(item_ids[j], data.items[item_ids[j]]) for j in top[row]]
+        ndcg["retrieval order"].append(ndcg_at([c["item_id"] for c in cands], judged[qid]))
+        heads = ranker.score(data.queries[qid], cands, None)
+        by_ranker = sorted(range(len(cands)), key=lambda i: -heads[i]["score"])
+        ndcg["ranker alone"].append(ndcg_at([cands[i]["item_id"] for i in by_ranker], judged[qid]))
+        for weight in args.weights:
+            blend(heads, weight)
+            order = sorted(range(len(cands)), key=lambda i: (-heads[i]["final"], i))
+            ndcg.setdefault(f"blend, retrieval weight {weight:g}", []).append(
+                ndcg_at([cands[i]["item_id"] for i in order], judged[qid]))
+
+    table = Table(title=f"nDCG@10 re-ranking MiniLM's top {args.candidates}: {len(qids)} test queries of "
+                        f"{data.name}, ranker {ranker.version}")
+    table.add_column("order")
+    table.add_column("nDCG@10", justify="right")
+    report = {name: float(np.mean(values)) for name, values in ndcg.items()}
+    for name, value in report.items():
+        table.add_row(name, f"{value:.4f}")
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"queries": len(qids), "candidates": args.candidates,
+                                         "ranker": ranker.version, "ndcg@10": report}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
