@@ -345,6 +345,37 @@ def run_with_progress(what: str, seconds: float, coroutine):
     return result["value"]
 
 
+class Settler:
+    """Waits, between phases, until one direct search is about as fast as before the first:
+    an overloaded Milvus Lite keeps working off searches whose clients gave up, and the next
+    phase must not inherit that backlog."""
+
+    def __init__(self, index, vectors: dict[str, np.ndarray], text: str, limit: int):
+        self.index, self.text, self.limit = index, text, limit
+        self.vector = vectors.get(text)
+        if self.vector is None:
+            encoder, _ = index.ready()
+            self.vector = np.asarray(encoder.encode_queries([text], [None])[0], dtype=np.float32)
+        self.baseline_ms = statistics.median(self.probe() for _ in range(5))
+
+    def probe(self) -> float:
+        started = time.perf_counter()
+        try:
+            self.index.search(self.vector[None, :], [self.text], self.limit, "")
+        except Exception:  # noqa: BLE001  still overloaded
+            return float("inf")
+        return (time.perf_counter() - started) * 1000
+
+    def wait(self, max_s: float = 180.0) -> float:
+        started = time.monotonic()
+        with console.status("waiting for Milvus to work off its backlog"):
+            while time.monotonic() - started < max_s:
+                if self.probe() <= 2 * self.baseline_ms + 20:
+                    break
+                time.sleep(1.0)
+        return round(time.monotonic() - started, 1)
+
+
 # ------------------------------------------------------------------ one measurement
 
 
@@ -378,22 +409,40 @@ def analyse_handler(records: list[dict], rate: float) -> dict:
         "retrieve_ms": [round(r["timings"].get("retrieve", float("nan")), 2) for r in ok],
     }
     out["personalized_fraction"] = out["personalized"] / out["with_user"] if out["with_user"] else None
+    out.update(trend(records))
+    failed = sum(out["errors"].values())
+    out["overloaded"] = bool(out.get("overloaded")) or failed > 0.05 * max(len(records), 1)
     return out
+
+
+def trend(records: list[dict]) -> dict:
+    """Open loop, so a rate the system cannot sustain shows as latency that keeps growing through
+    the window (a queue building up) rather than as a lower rate: compare the thirds. (More than
+    5 % errors also counts as overloaded: the deadlines cut the queue short.)"""
+    lat = [r["e2e_ms"] for r in sorted(records, key=lambda r: r["i"]) if "e2e_ms" in r]
+    if len(lat) < 30:
+        return {}
+    third = len(lat) // 3
+    first, last = statistics.median(lat[:third]), statistics.median(lat[-third:])
+    return {"p50_first_third_ms": first, "p50_last_third_ms": last, "overloaded": last > 2 * first + 50}
 
 
 def analyse_direct(records: list[dict], rate: float) -> dict:
     ok = [r for r in records if r.get("status") == 200]
-    return {"target_rate": rate, "requests": len(records), "ok": len(ok),
+    shape = trend(records)
+    shape["overloaded"] = bool(shape.get("overloaded")) or len(records) - len(ok) > 0.05 * max(len(records), 1)
+    return {"target_rate": rate, "requests": len(records), "ok": len(ok), **shape,
             "errors": len(records) - len(ok), "error_examples": [r["error"] for r in records if r.get("error")][:3],
             "sent_per_s": records[0]["_sent_per_s"] if records else None,
             "e2e": summary([r["e2e_ms"] for r in ok]), "dispatch_lag": summary([r["lag_ms"] for r in records]),
             "latencies_ms": [round(r["e2e_ms"], 2) for r in ok]}
 
 
-def measure_rate(args, plan: Plan, index, vectors, limit: int, rate: float, run: int, pids: dict) -> dict:
+def measure_rate(args, plan: Plan, index, vectors, limit: int, rate: float, run: int, pids: dict,
+                 settler: Settler) -> dict:
     count, warm = int(rate * args.duration), int(rate * args.warmup)
     offset = (run * 7919 + int(rate) * 104729) % len(plan.queries)  # each run and rate: other searches
-    result: dict[str, Any] = {"rate": rate}
+    result: dict[str, Any] = {"rate": rate, "settle_before_s": settler.wait()}
     if warm:
         run_with_progress(f"run {run + 1}: warm-up {rate:g}/s", args.warmup,
                           handler_phase(args.url, plan, offset + count, rate, warm, args.k, args.timeout))
@@ -403,6 +452,7 @@ def measure_rate(args, plan: Plan, index, vectors, limit: int, rate: float, run:
     result["handler"] = analyse_handler(records, rate)
     result["handler"]["cpu_cores"] = cpu.stop()
     if not args.no_direct:
+        result["settle_before_direct_s"] = settler.wait()
         with ThreadPoolExecutor(max_workers=64, thread_name_prefix="direct") as pool:
             run_with_progress(f"run {run + 1}: direct warm-up {rate:g}/s", min(args.warmup, 3),
                               direct_phase(index, vectors, plan, offset + count, rate, int(rate * min(args.warmup, 3)),
@@ -416,7 +466,11 @@ def measure_rate(args, plan: Plan, index, vectors, limit: int, rate: float, run:
     console.print(f"  {rate:g}/s: e2e p50 {fmt(h['e2e']['p50_ms'])} p95 {fmt(h['e2e']['p95_ms'])} p99 "
                   f"{fmt(h['e2e']['p99_ms'])} ms; overhead p50 {fmt(h['overhead']['p50_ms'])} ms"
                   + (f"; direct Milvus p50 {fmt(d['e2e']['p50_ms'])} p99 {fmt(d['e2e']['p99_ms'])} ms" if d else "")
-                  + f"; errors {sum(h['errors'].values())}, personalised {h['personalized']}/{h['with_user']}")
+                  + f"; errors {sum(h['errors'].values())}, personalised {h['personalized']}/{h['with_user']}"
+                  + "".join(f"; [red]{name} OVERLOADED[/] (p50 {x.get('p50_first_third_ms', 0):,.0f} ms in the first "
+                            f"third of the window, {x.get('p50_last_third_ms', 0):,.0f} ms in the last; "
+                            f"{x['requests'] - x['ok']} failed)"
+                            for name, x in (("handler", h), ("direct Milvus", d or {})) if x.get("overloaded")))
     return result
 
 
@@ -502,6 +556,17 @@ def print_results(runs: list[dict], rates: list[float], summary_: dict, verdict:
                       f"ok {fmt(block['handler.ok'], 0)} of {fmt(block['handler.requests'], 0)} per run; "
                       f"degraded answers {fmt(block['handler.degraded_requests'], 0)}; personalised "
                       f"{'-' if frac is None else f'{100 * frac:.1f}%'} of requests with a user id")
+        for phase in ("handler", "direct"):
+            over = [i + 1 for i, x in enumerate(rate_blocks(runs, rate)) if get(x, f"{phase}.overloaded")]
+            if over:
+                console.print(f"  [red]{phase} overloaded[/] in run(s) {over}: latency grew through the window or over "
+                              "5 % failed, so these percentiles measure a growing queue (and the window length) and "
+                              "the deadlines, not a steady state")
+        direct50, direct99 = block.get("direct.e2e.p50_ms"), block.get("direct.e2e.p99_ms")
+        e2e50, e2e99 = block.get("handler.e2e.p50_ms"), block.get("handler.e2e.p99_ms")
+        if direct50 is not None and e2e50 is not None:
+            console.print(f"  end to end vs the same searches straight to Milvus: p50 {e2e50:,.1f} vs {direct50:,.1f} ms "
+                          f"(+{e2e50 - direct50:,.1f}), p99 {e2e99:,.1f} vs {direct99:,.1f} ms (+{e2e99 - direct99:,.1f})")
         for i, x in enumerate(rate_blocks(runs, rate)):
             h = x["handler"]
             if h["errors"] or h["degraded"]:
@@ -785,6 +850,8 @@ def measure(args) -> int:
                 for text, vector in zip(chunk, encoder.encode_queries(chunk, [None] * len(chunk))):
                     vectors[text] = np.asarray(vector, dtype=np.float32)
 
+    settler = Settler(index, vectors, plan.queries[0], limit)
+    meta_probe = {"direct_search_alone_ms": round(settler.baseline_ms, 1)}
     port = int(args.url.rsplit(":", 1)[1].split("/")[0]) if args.url.count(":") >= 2 else 80
     pids: dict[str, int | None] = {"app": listening_pid(port), "bench": os.getpid()}
     for n, pid in enumerate(namespace_workers(settings)):
@@ -799,19 +866,22 @@ def measure(args) -> int:
             "loadavg_start": os.getloadavg(), "url": args.url, "readyz": readiness, "users": len(users),
             "users_source": users_source, "rates": rates, "duration_s": args.duration, "warmup_s": args.warmup,
             "k": args.k, "limit_per_route": limit, "mix": mix, "milvus_uri": settings.milvus_uri,
-            "collection": settings.topic_prefix + "_items", "pids": pids, "commit": git_commit()}
+            "collection": settings.topic_prefix + "_items", "pids": pids, "commit": git_commit(), **meta_probe}
     console.print(f"[bold]tailbridge serving benchmark[/]: {args.url}, rates {', '.join(f'{r:g}' for r in rates)}/s, "
                   f"{args.duration:g} s each after {args.warmup:g} s warm-up, {args.runs} run(s); "
                   f"{len(users)} shoppers ({users_source}); candidates per route {limit}; "
                   f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     console.print(f"  readyz: {readiness['dependencies']}")
+    console.print(f"  one search straight to Milvus (dense + BM25), nothing else running from here: "
+                  f"{settler.baseline_ms:.1f} ms")
     console.print(f"  processes for the CPU table: {pids}")
 
     runs = []
     for run in range(args.runs):
         console.rule(f"run {run + 1}/{args.runs}")
-        runs.append({"run": run + 1, "rates": [measure_rate(args, plan, index, vectors, limit, rate, run, pids)
-                                                for rate in rates]})
+        runs.append({"run": run + 1, "rates": [measure_rate(args, plan, index, vectors, limit, rate, run, pids,
+                                                             settler) for rate in rates]})
+    settler.wait()
     summary_ = summarise(runs, rates)
     verdict = verdicts(summary_, rates)
     meta["loadavg_end"] = os.getloadavg()
