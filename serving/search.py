@@ -70,22 +70,35 @@ class ItemIndex:
 
     def ready(self, probe: bool = False) -> tuple[Any, MilvusClient]:
         """(encoder, client) for the serving version; loads the encoder on first use or after a
-        reindex. The version is re-read every few seconds, or now with ``probe`` (readiness)."""
-        with self._lock:
-            client = self._connect()
-            if probe or self.encoder is None or time.monotonic() - self._checked > VERSION_CHECK_SECONDS:
-                try:
-                    version = serving_version(client, self.settings)
-                except Exception as exc:
-                    raise SearchUnavailable(f"Milvus at {self.settings.milvus_uri} did not answer ({exc}); "
-                                            "search needs the item index") from None
-                if version is None:
-                    raise SearchUnavailable(f"no items indexed yet (no collection behind alias "
-                                            f"{alias_name(self.settings)!r}): run `tailbridge worker` and publish the catalog")
-                if version != self.version:
-                    self.encoder, self.version = load_query_encoder(version, self.settings), version
-                self._checked = time.monotonic()
-            return self.encoder, client
+        reindex. The version is re-read every few seconds, or now with ``probe`` (readiness).
+        While one thread re-reads it, the others go on with the current encoder: queueing them
+        behind its Milvus round trips stalled every search whenever Milvus was slow."""
+        if not probe and self.encoder is not None:
+            if time.monotonic() - self._checked <= VERSION_CHECK_SECONDS or not self._lock.acquire(blocking=False):
+                return self.encoder, self._client
+        else:
+            self._lock.acquire()
+        try:
+            return self._refresh(probe)
+        finally:
+            self._lock.release()
+
+    def _refresh(self, probe: bool) -> tuple[Any, MilvusClient]:
+        """ready() with the lock held."""
+        client = self._connect()
+        if probe or self.encoder is None or time.monotonic() - self._checked > VERSION_CHECK_SECONDS:
+            try:
+                version = serving_version(client, self.settings)
+            except Exception as exc:
+                raise SearchUnavailable(f"Milvus at {self.settings.milvus_uri} did not answer ({exc}); "
+                                        "search needs the item index") from None
+            if version is None:
+                raise SearchUnavailable(f"no items indexed yet (no collection behind alias "
+                                        f"{alias_name(self.settings)!r}): run `tailbridge worker` and publish the catalog")
+            if version != self.version:
+                self.encoder, self.version = load_query_encoder(version, self.settings), version
+            self._checked = time.monotonic()
+        return self.encoder, client
 
     def search(self, vectors: np.ndarray, texts: list[str], limit: int,
                expr: str) -> tuple[list[list[dict]], list[list[dict]]]:
