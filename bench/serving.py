@@ -384,7 +384,7 @@ def analyse_handler(records: list[dict], rate: float) -> dict:
     errors = Counter(str(r.get("status")) for r in records if r.get("status") != 200)
     out: dict[str, Any] = {
         "target_rate": rate, "requests": len(records), "ok": len(ok), "errors": dict(errors),
-        "error_examples": [r["error"] for r in records if r.get("error")][:3],
+        "error_examples": list({str(r.get("status")): r["error"] for r in reversed(records) if r.get("error")}.values()),
         "sent_per_s": records[0]["_sent_per_s"] if records else None,
         "e2e": summary([r["e2e_ms"] for r in records if "e2e_ms" in r]),
         "e2e_ok": summary([r["e2e_ms"] for r in ok]),
