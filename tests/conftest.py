@@ -16,7 +16,8 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,46 @@ class Worker:
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
+
+
+@dataclass
+class Namespace:
+    settings: Settings
+    store: object  # feast.FeatureStore
+    redis: object  # redis.Redis of the online store
+    worker: Worker
+    milvus: object  # pymilvus.MilvusClient
+
+
+@contextmanager
+def stream_namespace(stack_settings: Settings, root: Path, name: str, **overrides) -> Iterator[Namespace]:
+    """A test module's own topics, Feast project and data dir on the session's stack, with a
+    `tailbridge worker` for them (not started: the caller chooses when); removes all it made."""
+    import redis
+
+    from feature_repo.store import apply, feature_store
+    from streams import item_index
+    from streams.topics import create_topics
+
+    run_id = uuid.uuid4().hex[:8]
+    settings = stack_settings.model_copy(update={
+        "topic_prefix": f"{name}-{run_id}", "feast_project": f"{name}_{run_id}", "data_dir": root / "data",
+        **overrides})
+    create_topics(settings)
+    store = feature_store(settings)
+    apply(store)
+    r = redis.Redis.from_url(stack.resolve_online_store(settings).redis_url)
+    milvus = item_index.connect(settings)
+    worker = Worker(settings, root / "worker.log")
+    try:
+        yield Namespace(settings, store, r, worker, milvus)
+    finally:
+        worker.stop()
+        store.teardown()
+        for key in r.scan_iter(f"tb:{settings.feast_project}:*", count=1000):
+            r.delete(key)
+        for collection in item_index.live_collections(milvus, settings):
+            milvus.drop_collection(collection)
 
 
 def _container_settings(run: ExitStack, base: dict) -> Settings:

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import shutil
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import redis
 
-from feature_repo.store import apply, feature_store
-from infra.stack import free_port, resolve_online_store
+from infra.stack import free_port
 from streams import item_index
 from streams.events import CatalogUpsert, InteractionEvent, QueryEvent, ServedItem
 from streams.replay import publish
-from streams.topics import TOPICS, create_topics
-from tests.conftest import Worker, wait_until
+from streams.topics import TOPICS
+from tests.conftest import stream_namespace, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -118,55 +115,39 @@ def shopper_events() -> list:
 
 @pytest.fixture(scope="module")
 def page(stack_settings, tmp_path_factory):
-    run_id = uuid.uuid4().hex[:8]
-    root = tmp_path_factory.mktemp("page")
-    settings = stack_settings.model_copy(update={
-        "topic_prefix": f"tbp-{run_id}", "feast_project": f"tbp_{run_id}", "data_dir": root / "data",
-        "worker_batch_seconds": 0.1, "worker_index_seal_seconds": 1.0, "ranker_version": "none",
-        # A loaded CI machine can take longer than the production 50 ms to read a context; the
-        # page's rendering of a personalised answer is under test here, not the deadline.
-        "serve_context_timeout_ms": 3000,
-    })
-    create_topics(settings)
-    store = feature_store(settings)
-    apply(store)
-    r = redis.Redis.from_url(resolve_online_store(settings).redis_url)
-    worker = Worker(settings, root / "worker.log")
-    milvus = item_index.connect(settings)
-    pool = ThreadPoolExecutor(1)
-    server = driver = browser = None
-    try:
-        worker.start()
-        if not missing_browser():  # the page test says what is missing; the others run without
-            browser = pool.submit(start_browser)  # Chromium starts while the worker indexes
-        publish(settings, CATALOG)
-        server = AppServer(settings)
-        server.start()  # the app starts while the worker indexes (it answers 503 until then)
-        wait_until(lambda: item_index.serving_collection(milvus, settings)
-                   and item_index.count(milvus, item_index.alias_name(settings)) == len(CATALOG),
-                   90, "the catalog to be indexed\n" + worker.log_tail())
-        publish(settings, shopper_events())  # after indexing: the worker knows the clicked items' category
-        warm = httpx.post(f"{server.url}/search", json={"query": "warm up"}, timeout=60)  # loads the encoder
-        assert warm.status_code == 200, warm.text
-        wait_until(lambda: (store.get_online_features(features=["user_context:recent_item_ids"],
-                                                      entity_rows=[{"user_id": USER}]).to_dict()
-                            ["recent_item_ids"][0]), 60, f"{USER}'s context in Feast\n" + worker.log_tail())
-        driver = browser.result(timeout=60) if browser is not None else None
-        yield settings, server, driver
-    finally:
-        if driver is None and browser is not None and browser.exception(timeout=60) is None:
-            driver = browser.result()
-        if driver is not None:
-            driver.quit()
-        pool.shutdown(wait=False)
-        if server is not None:
-            server.stop()
-        worker.stop()
-        store.teardown()
-        for key in r.scan_iter(f"tb:{settings.feast_project}:*", count=1000):
-            r.delete(key)
-        for name in item_index.live_collections(milvus, settings):
-            milvus.drop_collection(name)
+    # A loaded CI machine can take longer than the production 50 ms to read a context; the
+    # page's rendering of a personalised answer is under test here, not the deadline.
+    with stream_namespace(stack_settings, tmp_path_factory.mktemp("page"), "tbp", worker_batch_seconds=0.1,
+                          worker_index_seal_seconds=1.0, ranker_version="none", serve_context_timeout_ms=3000) as ns:
+        settings, store, worker, milvus = ns.settings, ns.store, ns.worker, ns.milvus
+        pool = ThreadPoolExecutor(1)
+        server = driver = browser = None
+        try:
+            worker.start()
+            if not missing_browser():  # the page test says what is missing; the others run without
+                browser = pool.submit(start_browser)  # Chromium starts while the worker indexes
+            publish(settings, CATALOG)
+            server = AppServer(settings)
+            server.start()  # the app starts while the worker indexes (it answers 503 until then)
+            wait_until(lambda: item_index.serving_collection(milvus, settings)
+                       and item_index.count(milvus, item_index.alias_name(settings)) == len(CATALOG),
+                       90, "the catalog to be indexed\n" + worker.log_tail())
+            publish(settings, shopper_events())  # after indexing: the worker knows the clicked items' category
+            warm = httpx.post(f"{server.url}/search", json={"query": "warm up"}, timeout=60)  # loads the encoder
+            assert warm.status_code == 200, warm.text
+            wait_until(lambda: (store.get_online_features(features=["user_context:recent_item_ids"],
+                                                          entity_rows=[{"user_id": USER}]).to_dict()
+                                ["recent_item_ids"][0]), 60, f"{USER}'s context in Feast\n" + worker.log_tail())
+            driver = browser.result(timeout=60) if browser is not None else None
+            yield settings, server, driver
+        finally:
+            if driver is None and browser is not None and browser.exception(timeout=60) is None:
+                driver = browser.result()
+            if driver is not None:
+                driver.quit()
+            pool.shutdown(wait=False)
+            if server is not None:
+                server.stop()
 
 
 def test_users_endpoint_lists_the_shopper_with_a_context(page):

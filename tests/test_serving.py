@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
 import orjson
 import pytest
-import redis
 import schemathesis
 from schemathesis import GenerationMode
 from fastapi.testclient import TestClient
@@ -28,8 +26,8 @@ from streams import item_index
 from streams.behaviour import Keys
 from streams.events import CatalogUpsert, InteractionEvent
 from streams.replay import publish
-from streams.topics import TOPICS, create_topics, make_consumer
-from tests.conftest import Worker, wait_until
+from streams.topics import TOPICS, make_consumer
+from tests.conftest import stream_namespace, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -78,31 +76,16 @@ def tiny_ranker(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(stack_settings, tmp_path_factory, tiny_ranker):
-    run_id = uuid.uuid4().hex[:8]
-    root = tmp_path_factory.mktemp("serving")
-    settings = stack_settings.model_copy(update={
-        "topic_prefix": f"tbq-{run_id}", "feast_project": f"tbq_{run_id}", "data_dir": root / "data",
-        "worker_flush_seconds": 0.5, "worker_batch_seconds": 0.1, "worker_index_seal_seconds": 1.0,
-        "ranker_version": str(tiny_ranker),
-    })
-    create_topics(settings)
-    store = feature_store(settings)
-    apply(store)
-    r = redis.Redis.from_url(resolve_online_store(settings).redis_url)
-    worker = Worker(settings, root / "worker.log")
-    worker.start()
-    publish(settings, catalog_events())
-    milvus = item_index.connect(settings)
-    wait_until(lambda: item_index.serving_collection(milvus, settings)
-               and item_index.count(milvus, item_index.alias_name(settings)) == len(CATALOG),
-               120, "the catalog to be indexed\n" + worker.log_tail())
-    yield settings, r, worker
-    worker.stop()
-    store.teardown()
-    for key in r.scan_iter(f"tb:{settings.feast_project}:*", count=1000):
-        r.delete(key)
-    for name in item_index.live_collections(milvus, settings):
-        milvus.drop_collection(name)
+    with stream_namespace(stack_settings, tmp_path_factory.mktemp("serving"), "tbq", worker_flush_seconds=0.5,
+                          worker_batch_seconds=0.1, worker_index_seal_seconds=1.0,
+                          ranker_version=str(tiny_ranker)) as ns:
+        settings, worker, milvus = ns.settings, ns.worker, ns.milvus
+        worker.start()
+        publish(settings, catalog_events())
+        wait_until(lambda: item_index.serving_collection(milvus, settings)
+                   and item_index.count(milvus, item_index.alias_name(settings)) == len(CATALOG),
+                   120, "the catalog to be indexed\n" + worker.log_tail())
+        yield settings, ns.redis, worker
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -14,8 +13,6 @@ import orjson
 import pytest
 import redis
 
-from feature_repo.store import apply, feature_store
-from infra.stack import resolve_online_store
 from models.data import synth
 from streams import item_index, user_context
 from streams.behaviour import Keys, feedback_dir
@@ -23,8 +20,8 @@ from streams.events import CatalogDelete, CatalogUpsert, InteractionEvent, Query
 from streams.feedback import read_examples
 from streams.replay import publish
 from streams.simulator import catalog_events, simulate
-from streams.topics import TOPICS, create_topics, make_consumer, make_producer
-from tests.conftest import Worker, wait_until
+from streams.topics import TOPICS, make_consumer, make_producer
+from tests.conftest import stream_namespace, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -36,26 +33,10 @@ USER_FEATURES = ["recent_item_ids", "recent_actions", "recent_action_times_ms", 
 
 @pytest.fixture(scope="module")
 def env(stack_settings, tmp_path_factory):
-    run_id = uuid.uuid4().hex[:8]
-    root = tmp_path_factory.mktemp("streams")
-    settings = stack_settings.model_copy(update={
-        "topic_prefix": f"tbs-{run_id}", "feast_project": f"tbs_{run_id}", "data_dir": root / "data",
-        "feedback_window_seconds": 2.0, "worker_flush_seconds": 0.5, "worker_batch_seconds": 0.1,
-    })
-    create_topics(settings)
-    store = feature_store(settings)
-    apply(store)
-    r = redis.Redis.from_url(resolve_online_store(settings).redis_url)
-    worker = Worker(settings, root / "worker.log")
-    worker.start()
-    yield settings, store, r, worker
-    worker.stop()
-    store.teardown()
-    for key in r.scan_iter(f"tb:{settings.feast_project}:*", count=1000):
-        r.delete(key)
-    milvus = item_index.connect(settings)
-    for name in item_index.live_collections(milvus, settings):
-        milvus.drop_collection(name)
+    with stream_namespace(stack_settings, tmp_path_factory.mktemp("streams"), "tbs", feedback_window_seconds=2.0,
+                          worker_flush_seconds=0.5, worker_batch_seconds=0.1) as ns:
+        ns.worker.start()
+        yield ns.settings, ns.store, ns.redis, ns.worker
 
 
 def counter(r: redis.Redis, key: str) -> int:
