@@ -24,6 +24,8 @@ SCHEMA_VERSION = 1
 Action = Literal["impression", "click", "add_to_cart", "purchase"]
 RewriteOutcome = Literal["served", "clicked", "added_to_cart", "purchased"]
 NonEmpty = Annotated[str, Field(min_length=1, max_length=512)]
+# Bounds keep every number encodable (orjson refuses integers beyond 64 bits) and plausible.
+MAX_POSITION, MAX_QUANTITY, MAX_PRICE = 10_000, 10_000, 1e9
 
 
 def new_event_id() -> str:
@@ -62,7 +64,7 @@ class ServedItem(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     item_id: NonEmpty
-    position: int = Field(ge=1, description="1-based rank on the result page.")
+    position: int = Field(ge=1, le=MAX_POSITION, description="1-based rank on the result page.")
     score: float | None = None
     source: str | None = Field(None, description="Which retrieval route produced it (dense, bm25, rewrite...).")
 
@@ -91,9 +93,10 @@ class InteractionEvent(_Event):
     session_id: NonEmpty
     query_id: NonEmpty | None = Field(None, description="The search that led here; None outside search.")
     item_id: NonEmpty
-    position: int | None = Field(None, ge=1, description="1-based rank where the item was shown.")
-    price: float | None = Field(None, ge=0, description="Unit price at the time (carts and purchases).")
-    quantity: int = Field(1, ge=1)
+    position: int | None = Field(None, ge=1, le=MAX_POSITION, description="1-based rank where the item was shown.")
+    price: float | None = Field(None, ge=0, le=MAX_PRICE, allow_inf_nan=False,
+                                description="Unit price at the time (carts and purchases).")
+    quantity: int = Field(1, ge=1, le=MAX_QUANTITY)
 
 
 class CatalogUpsert(_Event):
@@ -106,7 +109,7 @@ class CatalogUpsert(_Event):
     description: str = ""
     category_path: list[NonEmpty] = Field(min_length=1)
     brand: str = ""
-    price: float = Field(ge=0)
+    price: float = Field(ge=0, le=MAX_PRICE, allow_inf_nan=False)
     attributes: dict[str, str] = Field(default_factory=dict)
 
 

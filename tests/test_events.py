@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from streams.events import (
     CatalogDelete,
@@ -100,3 +101,13 @@ def test_error_message_is_readable():
 
 def test_normalize_query():
     assert normalize_query("  Ｓofa\tUNDER  $500 ") == "sofa under $500"
+
+
+@pytest.mark.parametrize("field, value", [("quantity", 2**70), ("position", 2**70), ("price", float("inf")),
+                                          ("price", 1e12)])
+def test_numbers_out_of_range_are_refused(field, value):
+    """Found by fuzzing /events: an integer beyond 64 bits validated, then orjson could not encode it."""
+    payload = {"action": "click", "user_id": "u", "session_id": "s", "item_id": "i", field: value}
+    with pytest.raises(ValidationError) as error:
+        InteractionEvent.model_validate(payload)
+    assert [e["loc"] for e in error.value.errors()] == [(field,)]
