@@ -131,6 +131,17 @@ def stream_namespace(stack_settings: Settings, root: Path, name: str, **override
             milvus.drop_collection(collection)
 
 
+def tiny_demo(root: Path, sessions: int) -> Path:
+    """A 150-item demo data set with a feedback log of ``sessions`` simulated sessions, for
+    training models in seconds."""
+    from models.data import synth
+    from models.data.feedback import simulate_feedback, write_feedback
+
+    synth.write(synth.generate(items=150, users=6, seed=5), root)
+    write_feedback(simulate_feedback(root, sessions=sessions, seed=5), root / "feedback")
+    return root
+
+
 def _container_settings(run: ExitStack, base: dict) -> Settings:
     from testcontainers.community.kafka import KafkaContainer
     from testcontainers.community.milvus import MilvusContainer

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from models import ranker as rk
-from models.data import synth
-from models.data.feedback import simulate_feedback, write_feedback
 from models.ranker_train import (RankerTrainConfig, auc, cache_texts, evaluate, fit, point_in_time_stats, prepare,
                                  train, write_artifact)
+from tests.conftest import tiny_demo
 
 torch.set_num_threads(1)
 
@@ -29,10 +28,7 @@ ARTIFACT_FILES = {"config.json", "model.safetensors", "text", "tokenizer", "item
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    synth.write(synth.generate(items=150, users=6, seed=5), root)
-    write_feedback(simulate_feedback(root, sessions=80, seed=5), root / "feedback")
-    return root
+    return tiny_demo(tmp_path_factory.mktemp("demo"), sessions=80)
 
 
 @pytest.fixture(scope="module")

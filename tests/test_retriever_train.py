@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import synth
-from models.data.feedback import read_feedback, simulate_feedback, write_feedback
+from models.data.feedback import read_feedback
 from models.encoders import load_encoder
 from models.evaluate import evaluate
 from models.metrics import ndcg_at
 from models.train import TrainConfig, TrainingError, train
 from models.unified import RetrieverConfig
+from tests.conftest import tiny_demo
 
 torch.set_num_threads(1)
 
@@ -49,10 +49,7 @@ def interrupt_at(bar_prefix: str, step: int):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    synth.write(synth.generate(items=150, users=6, seed=5), root)
-    write_feedback(simulate_feedback(root, sessions=60, seed=5), root / "feedback")
-    return root
+    return tiny_demo(tmp_path_factory.mktemp("demo"), sessions=60)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from streams.behaviour import Keys
 from streams.events import CatalogUpsert, InteractionEvent
 from streams.replay import publish
 from streams.topics import TOPICS, make_consumer
-from tests.conftest import stream_namespace, wait_until
+from tests.conftest import stream_namespace, tiny_demo, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -63,14 +63,10 @@ def catalog_events() -> list[CatalogUpsert]:
 def tiny_ranker(tmp_path_factory):
     """A ranker trained for seconds on a small simulated feedback log: not a good ranker, but
     the real model, artifact and scoring path, with user features that move its scores."""
-    from models.data import synth
-    from models.data.feedback import simulate_feedback, write_feedback
     from models.ranker_train import train
     from tests.test_ranker import TINY, TRAIN
 
-    data = tmp_path_factory.mktemp("ranker-data")
-    synth.write(synth.generate(items=150, users=6, seed=5), data)
-    write_feedback(simulate_feedback(data, sessions=80, seed=5), data / "feedback")
+    data = tiny_demo(tmp_path_factory.mktemp("ranker-data"), sessions=80)
     return train(data, data / "feedback", tmp_path_factory.mktemp("ranker"), "tiny", TINY, TRAIN, say=lambda _: None)
 
 
