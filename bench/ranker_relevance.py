@@ -22,12 +22,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from models import ranker as rk
-from models.data.loaders import load_dataset
-from models.encoders import MiniLMEncoder
-from models.metrics import ndcg_at
-from serving.search import blend
-from streams.item_index import NO_STATS, STATS_FIELDS
+from tailbridge.models.ranking import model as rk
+from tailbridge.models.data.loaders import load_dataset
+from tailbridge.models.retrieval.encoders import MiniLMEncoder
+from tailbridge.models.metrics import ndcg_at
+from tailbridge.serving.search import blend
+from tailbridge.streams.item_index import NO_STATS, STATS_FIELDS
 
 
 def candidate(item_id: str, item: dict) -> dict:

@@ -41,9 +41,9 @@ def main() -> None:
 
     import torch
 
-    from models.data.loaders import load_dataset
-    from models.encoders import MiniLMEncoder, load_encoder
-    from models.export import INT8_FILE, OnnxQueryEncoder, export_query_tower
+    from tailbridge.models.data.loaders import load_dataset
+    from tailbridge.models.retrieval.encoders import MiniLMEncoder, load_encoder
+    from tailbridge.models.retrieval.export import INT8_FILE, OnnxQueryEncoder, export_query_tower
 
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data)

@@ -640,13 +640,13 @@ def cli(*args: str) -> None:
 
 def prepare(args) -> int:
     """Build the demo catalog setup for the measurement on the stack the settings point at."""
-    from feature_repo.store import feature_store
-    from models.data import synth
-    from streams import item_index
-    from streams.behaviour import Keys
-    from streams.replay import publish
-    from streams.simulator import catalog_events, simulate
-    from infra.stack import resolve_online_store
+    from tailbridge.feature_repo.store import feature_store
+    from tailbridge.synthetic import catalog as synth
+    from tailbridge.streams import item_index
+    from tailbridge.streams.behaviour import Keys
+    from tailbridge.synthetic.replay import publish
+    from tailbridge.synthetic.shoppers import catalog_events, simulate
+    from tailbridge.feature_repo.online import resolve_online_store
 
     import itertools
 
@@ -812,8 +812,8 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args) -> int:
     import torch
 
-    from infra import stack
-    from serving.search import ItemIndex
+    from tailbridge.infra import stack
+    from tailbridge.serving.search import ItemIndex
 
     torch.set_num_threads(1)
     rates = [float(x) for x in args.rates.split(",") if x.strip()]

@@ -69,17 +69,17 @@ from rich.progress import (  # noqa: E402
 )
 from rich.table import Table  # noqa: E402
 
-from feature_repo.store import apply as feast_apply  # noqa: E402
-from feature_repo.store import feature_store  # noqa: E402
-from infra import stack  # noqa: E402
-from infra.stack import resolve_online_store  # noqa: E402
-from models.data import synth  # noqa: E402
-from streams import item_index  # noqa: E402
-from streams.behaviour import BehaviourProcessor, Keys  # noqa: E402
-from streams.events import CatalogUpsert, InteractionEvent, decode, encode, utc_now  # noqa: E402
-from streams.replay import publish  # noqa: E402
-from streams.simulator import catalog_events, simulate  # noqa: E402
-from streams.topics import TOPICS, all_topic_names, create_topics  # noqa: E402
+from tailbridge.feature_repo.store import apply as feast_apply  # noqa: E402
+from tailbridge.feature_repo.store import feature_store  # noqa: E402
+from tailbridge.infra import stack  # noqa: E402
+from tailbridge.feature_repo.online import resolve_online_store  # noqa: E402
+from tailbridge.synthetic import catalog as synth  # noqa: E402
+from tailbridge.streams import item_index  # noqa: E402
+from tailbridge.streams.behaviour import BehaviourProcessor, Keys  # noqa: E402
+from tailbridge.streams.events import CatalogUpsert, InteractionEvent, decode, encode, utc_now  # noqa: E402
+from tailbridge.synthetic.replay import publish  # noqa: E402
+from tailbridge.synthetic.shoppers import catalog_events, simulate  # noqa: E402
+from tailbridge.streams.topics import TOPICS, all_topic_names, create_topics  # noqa: E402
 from tailbridge.settings import Settings  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "tailbridge")
@@ -414,7 +414,7 @@ def seed_catalog(ns: Namespace, items: list[synth.Item]) -> None:
     dicts = [{"item_id": it.item_id, "title": it.title, "description": it.description, "brand": it.brand,
               "category_path": list(it.category_path), "price": it.price, "attributes": dict(it.attributes)}
              for it in items]
-    from models.encoders import item_text
+    from tailbridge.vocab import item_text
 
     for start in range(0, len(dicts), 1000):
         chunk = dicts[start:start + 1000]
@@ -873,7 +873,7 @@ def noop_worker_main() -> None:
     Redis, no Feast. What it reaches is the ceiling set by faust + aiokafka + the broker."""
     import faust
 
-    from streams.app import faust_app
+    from tailbridge.streams.app import faust_app
 
     settings = Settings()
     out = open(os.environ[NOOP_OUT], "a", buffering=1)  # noqa: SIM115  open for the process's life
@@ -1006,8 +1006,8 @@ def bench_stages(cfg: Config, base: Settings, workdir: Path, dataset: synth.Synt
     import torch
 
     torch.set_num_threads(1)  # as the worker runs (OMP_NUM_THREADS=1)
-    from models.encoders import load_encoder
-    from streams.indexer import Indexer
+    from tailbridge.models.retrieval.encoders import load_encoder
+    from tailbridge.streams.indexer import Indexer
 
     result: dict[str, Any] = {}
     # -- behaviour: BehaviourProcessor.process on 500-event batches

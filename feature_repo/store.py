@@ -9,7 +9,7 @@ from feast import FeatureStore, RepoConfig
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
 
-from infra.stack import OnlineStore, resolve_online_store, sqlite_path
+from tailbridge.feature_repo.online import OnlineStore, resolve_online_store, sqlite_path
 from tailbridge.settings import Settings
 
 
@@ -59,7 +59,7 @@ def feature_store(settings: Settings, online: OnlineStore | None = None) -> Feat
 
 def apply(store: FeatureStore) -> list[str]:
     """Register entities and views and create their online tables; idempotent."""
-    from feature_repo.definitions import ENTITIES, FEATURE_VIEWS
+    from tailbridge.feature_repo.definitions import ENTITIES, FEATURE_VIEWS
 
     store.apply([*ENTITIES, *FEATURE_VIEWS])
     return [view.name for view in FEATURE_VIEWS]

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 import orjson
 
+from tailbridge.feature_repo.online import resolve_online_store, sqlite_path, stack_state_file
 from tailbridge.settings import Settings
 
 Mode = Literal["embedded", "external", "sqlite", "down"]
@@ -46,14 +47,6 @@ class ComponentStatus:
     healthy: bool
     pid: int | None = None
     detail: str = ""
-
-
-@dataclass(frozen=True)
-class OnlineStore:
-    """Where Feast's online store lives: a Redis URL, or SQLite under the state dir."""
-
-    kind: Literal["redis", "sqlite"]
-    redis_url: str | None = None
 
 
 # ---------------------------------------------------------------- addresses and probes
@@ -128,17 +121,12 @@ def redis_ready(url: str) -> bool:
         client.close()
 
 
-# pymilvus pings every 10 s even when idle, and a gRPC server on default settings (Milvus Lite)
-# answers "too many pings" with GOAWAY, breaking the connection. pymilvus shares one connection
-# per address in a process, created with the options of whichever client came first: every
-# client in this project passes these.
-MILVUS_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
-
-
 def milvus_ready(settings: Settings) -> bool:
     if not port_open(*milvus_address(settings)):
         return False
     from pymilvus import MilvusClient
+
+    from tailbridge.streams.item_index import MILVUS_GRPC_OPTIONS
 
     try:
         client = MilvusClient(uri=settings.milvus_uri, timeout=3, grpc_options=MILVUS_GRPC_OPTIONS)
@@ -164,17 +152,13 @@ def log_file(settings: Settings, name: str) -> Path:
     return settings.state_dir / "logs" / f"{name}.log"
 
 
-def _state_file(settings: Settings) -> Path:
-    return settings.state_dir / "stack.json"
-
-
 def _read_state(settings: Settings) -> dict:
-    path = _state_file(settings)
+    path = stack_state_file(settings)
     return orjson.loads(path.read_bytes()) if path.exists() else {}
 
 
 def _write_state(settings: Settings, state: dict) -> None:
-    path = _state_file(settings)
+    path = stack_state_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
 
@@ -329,6 +313,8 @@ def _load_collections(settings: Settings) -> int:
     until load): load what the data dir holds."""
     from pymilvus import MilvusClient
 
+    from tailbridge.streams.item_index import MILVUS_GRPC_OPTIONS
+
     client = MilvusClient(uri=settings.milvus_uri, timeout=60, grpc_options=MILVUS_GRPC_OPTIONS)
     names = client.list_collections()
     for name in names:
@@ -370,24 +356,6 @@ def _record_redis(settings: Settings, mode: Mode, url: str | None) -> None:
     state["redis"] = {"mode": mode, "url": url, "configured_url": settings.redis_url,
                       "configured_online_store": settings.online_store}
     _write_state(settings, state)
-
-
-def sqlite_path(settings: Settings) -> Path:
-    return settings.state_dir / "feast" / "online.db"
-
-
-def resolve_online_store(settings: Settings) -> OnlineStore:
-    """The online store every process should use: what `stack up` chose for these settings,
-    else what the settings say (an external deployment never runs `stack up`)."""
-    recorded = _read_state(settings).get("redis", {})
-    if (recorded.get("configured_url") == settings.redis_url
-            and recorded.get("configured_online_store") == settings.online_store):
-        if recorded["mode"] == "sqlite":
-            return OnlineStore("sqlite")
-        return OnlineStore("redis", recorded["url"])
-    if settings.online_store == "sqlite":
-        return OnlineStore("sqlite")
-    return OnlineStore("redis", settings.redis_url)
 
 
 _STARTERS = {"kafka": _start_kafka, "redis": _start_redis, "milvus": _start_milvus}

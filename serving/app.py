@@ -27,14 +27,14 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from serving.context import FeastContextReader, RedisRewriteStore
-from serving.metrics import Metrics
-from serving.models import load_ranker
-from serving.publisher import EventPublisher
-from serving.schemas import EventAccepted, Readiness, SearchRequest, SearchResponse
-from serving.search import ItemIndex, SearchService, SearchUnavailable
-from streams.behaviour import Keys
-from streams.events import InteractionEvent
+from tailbridge.serving.context import FeastContextReader, RedisRewriteStore
+from tailbridge.serving.metrics import Metrics
+from tailbridge.serving.models import load_ranker
+from tailbridge.serving.publisher import EventPublisher
+from tailbridge.serving.schemas import EventAccepted, Readiness, SearchRequest, SearchResponse
+from tailbridge.serving.search import ItemIndex, SearchService, SearchUnavailable
+from tailbridge.streams.behaviour import Keys
+from tailbridge.streams.events import InteractionEvent
 from tailbridge.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Components:
 
 
 def build_components(settings: Settings) -> Components:
-    from infra.stack import resolve_online_store
+    from tailbridge.feature_repo.online import resolve_online_store
 
     metrics = Metrics()
     publisher = EventPublisher(settings, metrics)

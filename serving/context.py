@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import redis
 
-from feature_repo.definitions import user_context
+from tailbridge.feature_repo.definitions import user_context
 from tailbridge.settings import Settings
 
 # `features`, not `schema`: Feast's apply() adds the entity column (user_id) to the view's schema
@@ -23,7 +23,7 @@ class FeastContextReader:
     not per request (``import feast`` alone costs seconds)."""
 
     def __init__(self, settings: Settings):
-        from feature_repo.store import feature_store
+        from tailbridge.feature_repo.store import feature_store
 
         self._store = feature_store(settings)
         self._store.refresh_registry()
@@ -38,7 +38,7 @@ class FeastContextReader:
 
 
 class RewriteStore(Protocol):
-    """Rewrites for a normalised query (``streams.events.normalize_query``), best first."""
+    """Rewrites for a normalised query (``tailbridge.vocab.normalize_query``), best first."""
 
     version: str
 

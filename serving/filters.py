@@ -10,7 +10,7 @@ them, and one code path for every deployment is worth more than the difference.
 
 from __future__ import annotations
 
-from serving.schemas import SearchFilters
+from tailbridge.serving.schemas import SearchFilters
 
 
 def string_literal(value: str) -> str:

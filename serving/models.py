@@ -15,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from models.encoders import MINILM_VERSION, Encoder, UnifiedEncoder, retriever_dir
+from tailbridge.models.retrieval.encoders import MINILM_VERSION, Encoder, UnifiedEncoder, retriever_dir
 from tailbridge.settings import Settings
 
 
 def artifact_item_vectors(model_dir: Path):
     """The item vectors a retriever artifact ships (its training catalog), as a lookup for the
     query tower's user context (recent items are named by id)."""
-    from models.unified import ITEM_IDS_FILE, ITEM_VECTORS_FILE
+    from tailbridge.models.retrieval.model import ITEM_IDS_FILE, ITEM_VECTORS_FILE
 
     ids_file, vectors_file = model_dir / ITEM_IDS_FILE, model_dir / ITEM_VECTORS_FILE
     if not (ids_file.is_file() and vectors_file.is_file()):
@@ -33,7 +33,7 @@ def artifact_item_vectors(model_dir: Path):
 
 
 def load_query_encoder(version: str, settings: Settings) -> Encoder:
-    from models.export import FP32_FILE, INT8_FILE, OnnxMiniLMEncoder, OnnxQueryEncoder
+    from tailbridge.models.retrieval.export import FP32_FILE, INT8_FILE, OnnxMiniLMEncoder, OnnxQueryEncoder
 
     if version == MINILM_VERSION:  # exported on first use: ~4x faster per query than torch on one thread
         return OnnxMiniLMEncoder(settings.data_dir / "models" / "minilm-l6-v2-onnx")
@@ -53,7 +53,7 @@ def load_query_encoder(version: str, settings: Settings) -> Encoder:
 def load_ranker(settings: Settings) -> Any | None:
     """The configured ranker, or None ('none', or 'auto' with nothing trained yet). Bad
     ``ranker_weights`` fail here, at start-up, rather than on every search."""
-    from models import ranker
+    from tailbridge.models.ranking import model as ranker
 
     choice = settings.ranker_version
     ranker.resolve_weights(ranker.DEFAULT_WEIGHTS, settings.ranker_weights)

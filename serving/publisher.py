@@ -14,9 +14,9 @@ import time
 
 from kafka.errors import KafkaError
 
-from serving.metrics import Metrics
-from streams.events import _Event, encode
-from streams.topics import make_producer, spec_for
+from tailbridge.serving.metrics import Metrics
+from tailbridge.streams.events import _Event, encode
+from tailbridge.streams.topics import make_producer, spec_for
 from tailbridge.settings import Settings
 
 log = logging.getLogger(__name__)

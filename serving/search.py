@@ -21,17 +21,18 @@ from typing import Any
 import numpy as np
 from pymilvus import MilvusClient
 
-from infra.stack import MILVUS_GRPC_OPTIONS
-from serving.context import RewriteStore
-from serving.filters import compile_filters
-from serving.guard import Guarded
-from serving.metrics import Metrics
-from serving.models import load_query_encoder
-from serving.publisher import EventPublisher
-from serving.schemas import ScoreParts, SearchHit, SearchRequest, SearchResponse
-from streams.events import QueryEvent, ServedItem, normalize_query
-from streams.feedback import REWRITE_SOURCE_PREFIX
-from streams.item_index import STATS_FIELDS, alias_name, serving_version
+from tailbridge.streams.item_index import MILVUS_GRPC_OPTIONS
+from tailbridge.serving.context import RewriteStore
+from tailbridge.serving.filters import compile_filters
+from tailbridge.serving.guard import Guarded
+from tailbridge.serving.metrics import Metrics
+from tailbridge.serving.models import load_query_encoder
+from tailbridge.serving.publisher import EventPublisher
+from tailbridge.serving.schemas import ScoreParts, SearchHit, SearchRequest, SearchResponse
+from tailbridge.streams.events import QueryEvent, ServedItem
+from tailbridge.vocab import normalize_query
+from tailbridge.streams.feedback import REWRITE_SOURCE_PREFIX
+from tailbridge.streams.item_index import STATS_FIELDS, alias_name, serving_version
 from tailbridge.settings import Settings
 
 OUTPUT_FIELDS = ["item_id", "title", "brand", "category", "category_path", "price", *STATS_FIELDS]

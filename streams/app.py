@@ -22,14 +22,14 @@ from typing import TypeVar
 import faust
 import redis
 
-from feature_repo.store import feature_store
-from infra.stack import resolve_online_store
-from streams.behaviour import BehaviourProcessor
-from streams.events import EventValidationError, decode
-from streams.indexer import Indexer
-from streams.item_index import connect as connect_milvus
-from streams.item_index import live_collections
-from streams.topics import CONSUMER_HEARTBEAT_MS, CONSUMER_SESSION_TIMEOUT_MS, TOPICS
+from tailbridge.feature_repo.store import feature_store
+from tailbridge.feature_repo.online import resolve_online_store
+from tailbridge.streams.behaviour import BehaviourProcessor
+from tailbridge.streams.events import EventValidationError, decode
+from tailbridge.streams.indexer import Indexer
+from tailbridge.streams.item_index import connect as connect_milvus
+from tailbridge.streams.item_index import live_collections
+from tailbridge.streams.topics import CONSUMER_HEARTBEAT_MS, CONSUMER_SESSION_TIMEOUT_MS, TOPICS
 from tailbridge.settings import Settings
 
 log = logging.getLogger("tailbridge.worker")

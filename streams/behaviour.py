@@ -22,8 +22,8 @@ import pandas as pd
 import redis
 from feast import FeatureStore
 
-from streams import feedback, item_index, item_stats, user_context
-from streams.events import InteractionEvent, QueryEvent
+from tailbridge.streams import feedback, item_index, item_stats, user_context
+from tailbridge.streams.events import InteractionEvent, QueryEvent
 from tailbridge.settings import Settings
 
 FEEDBACK_LEASE_MS = 60_000

@@ -10,8 +10,6 @@ raises :class:`EventValidationError` naming each bad field and why.
 
 from __future__ import annotations
 
-import re
-import unicodedata
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal, Union
@@ -34,14 +32,6 @@ def new_event_id() -> str:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-_SPACES = re.compile(r"\s+")
-
-
-def normalize_query(text: str) -> str:
-    """The key a query is counted and looked up by: NFKC, lower case, single spaces."""
-    return _SPACES.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
 
 
 class _Event(BaseModel):

@@ -24,8 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-LABELS = ("shown_unclicked", "clicked", "added_to_cart", "purchased")  # ascending
-LABEL_OF_ACTION = {"click": "clicked", "add_to_cart": "added_to_cart", "purchase": "purchased"}
+from tailbridge.vocab import LABEL_OF_ACTION, LABELS
+
 QUERY_FIELD = "__query"
 REWRITE_SOURCE_PREFIX = "rewrite:"
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import redis
 from pymilvus import MilvusClient
 
-from models.encoders import Encoder, item_text, load_encoder
-from streams import item_index, item_stats
-from streams.behaviour import Keys
-from streams.events import CatalogDelete, CatalogUpsert
+from tailbridge.models.retrieval.encoders import Encoder, load_encoder
+from tailbridge.vocab import item_text
+from tailbridge.streams import item_index, item_stats
+from tailbridge.streams.behaviour import Keys
+from tailbridge.streams.events import CatalogDelete, CatalogUpsert
 from tailbridge.settings import Settings
 
 LIVE_REFRESH_S = 2.0  # how soon a collection created by `reindex` starts receiving writes

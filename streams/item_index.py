@@ -19,8 +19,7 @@ import numpy as np
 import orjson
 from pymilvus import DataType, Function, FunctionType, MilvusClient
 
-from infra.stack import MILVUS_GRPC_OPTIONS
-from streams import item_stats
+from tailbridge.streams import item_stats
 from tailbridge.settings import Settings
 
 CONTENT_FIELDS = ("title", "description", "brand", "category", "category_path", "price", "attributes")
@@ -28,6 +27,12 @@ STATS_FIELDS = ("ctr_24h", "cvr_24h", "purchases_24h")
 # An item nobody engaged with yet: the smoothed rates' priors, as the stats flush would write them.
 NO_STATS = item_stats.feature_row("", {})
 MAX_TEXT = 4000
+
+# pymilvus pings every 10 s even when idle, and a gRPC server on default settings (Milvus Lite)
+# answers "too many pings" with GOAWAY, breaking the connection. pymilvus shares one connection
+# per address in a process, created with the options of whichever client came first: every
+# client in this project passes these.
+MILVUS_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
 
 
 def _slug(text: str) -> str:

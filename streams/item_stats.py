@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from tailbridge.vocab import PRIOR_CTR, PRIOR_CTR_WEIGHT, PRIOR_CVR, PRIOR_CVR_WEIGHT
+
 ACTIONS = {"impression": "impressions", "click": "clicks", "add_to_cart": "carts", "purchase": "purchases"}
 WINDOWS = {"1h": (60_000, 60), "24h": (3_600_000, 24)}  # window -> (bucket width ms, buckets)
-PRIOR_CTR, PRIOR_CTR_WEIGHT = 0.05, 20.0
-PRIOR_CVR, PRIOR_CVR_WEIGHT = 0.05, 10.0
 COUNTER_TTL_S = 26 * 3600  # a little longer than the longest window
 LAST_EVENT_FIELD = "last_ms"
 

@@ -13,7 +13,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from streams.events import (
+from tailbridge.streams.events import (
     SCHEMA_VERSION,
     CatalogDelete,
     CatalogUpsert,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from streams.events import InteractionEvent, QueryEvent, normalize_query
+from tailbridge.streams.events import InteractionEvent, QueryEvent
+from tailbridge.vocab import normalize_query
 
 MAX_RECENT_ITEMS = 50
 MAX_RECENT_QUERIES = 10

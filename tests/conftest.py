@@ -1,7 +1,7 @@
 """Shared fixtures: one real stack per test session.
 
 With a Docker engine, Kafka (KRaft), Redis and Milvus run in testcontainers; without one
-(this project's own machines and CI) the embedded stack is started by `infra.stack.up`, in
+(this project's own machines and CI) the embedded stack is started by `tailbridge.infra.stack.up`, in
 a temporary state dir and on free ports so it never touches a developer's running stack.
 Either way the tests get a ``Settings`` pointing at real servers; what the fixture started,
 it stops.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from infra import stack
+from tailbridge.infra import stack
 from tailbridge.settings import Settings
 
 
@@ -106,9 +106,9 @@ def stream_namespace(stack_settings: Settings, root: Path, name: str, **override
     `tailbridge worker` for them (not started: the caller chooses when); removes all it made."""
     import redis
 
-    from feature_repo.store import apply, feature_store
-    from streams import item_index
-    from streams.topics import create_topics
+    from tailbridge.feature_repo.store import apply, feature_store
+    from tailbridge.streams import item_index
+    from tailbridge.streams.topics import create_topics
 
     run_id = uuid.uuid4().hex[:8]
     settings = stack_settings.model_copy(update={
@@ -134,8 +134,8 @@ def stream_namespace(stack_settings: Settings, root: Path, name: str, **override
 def tiny_demo(root: Path, sessions: int) -> Path:
     """A 150-item demo data set with a feedback log of ``sessions`` simulated sessions, for
     training models in seconds."""
-    from models.data import synth
-    from models.data.feedback import simulate_feedback, write_feedback
+    from tailbridge.synthetic import catalog as synth
+    from tailbridge.models.data.feedback import simulate_feedback, write_feedback
 
     synth.write(synth.generate(items=150, users=6, seed=5), root)
     write_feedback(simulate_feedback(root, sessions=sessions, seed=5), root / "feedback")

@@ -2,9 +2,9 @@
 
 import pytest
 
-from streams.events import decode
-from streams.replay import publish
-from streams.topics import TOPICS, all_topic_names, count_messages, create_topics, make_consumer
+from tailbridge.streams.events import decode
+from tailbridge.synthetic.replay import publish
+from tailbridge.streams.topics import TOPICS, all_topic_names, count_messages, create_topics, make_consumer
 from tests.test_events import sample_events
 
 pytestmark = pytest.mark.integration

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from models.data.beir import load_beir
-from streams.events import decode
-from streams.topics import TOPICS, count_messages, create_topics, make_consumer
+from tailbridge.models.data.beir import load_beir
+from tailbridge.streams.events import decode
+from tailbridge.streams.topics import TOPICS, count_messages, create_topics, make_consumer
 from tests.conftest import settings_env
 
 pytestmark = pytest.mark.integration

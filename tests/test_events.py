@@ -6,7 +6,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from streams.events import (
+from tailbridge.streams.events import (
     CatalogDelete,
     CatalogUpsert,
     EventValidationError,
@@ -16,9 +16,9 @@ from streams.events import (
     ServedItem,
     decode,
     encode,
-    normalize_query,
 )
-from streams.topics import TOPICS, spec_for
+from tailbridge.streams.topics import TOPICS, spec_for
+from tailbridge.vocab import normalize_query
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 

@@ -5,9 +5,9 @@ from datetime import UTC, datetime, timedelta
 import pandas as pd
 import pytest
 
-from feature_repo.definitions import FEATURE_VIEWS
-from feature_repo.store import apply, feature_store, redis_connection_string
-from infra.stack import OnlineStore, resolve_online_store
+from tailbridge.feature_repo.definitions import FEATURE_VIEWS
+from tailbridge.feature_repo.store import apply, feature_store, redis_connection_string
+from tailbridge.feature_repo.online import OnlineStore, resolve_online_store
 
 pytestmark = pytest.mark.integration
 

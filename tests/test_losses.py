@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import masked_contrastive_loss, multi_grained_loss, roar_loss
-from models.losses.roar import consecutive_grade_pairs
+from tailbridge.models.retrieval.losses import masked_contrastive_loss, multi_grained_loss, roar_loss
+from tailbridge.models.retrieval.losses.roar import consecutive_grade_pairs
 
 torch.set_num_threads(1)
 T = 0.05  # the default temperature: the ROAR margin tests use it

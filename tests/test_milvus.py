@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pymilvus import DataType, MilvusClient
 
-from infra.stack import MILVUS_GRPC_OPTIONS
+from tailbridge.streams.item_index import MILVUS_GRPC_OPTIONS
 from tests.conftest import settings_env
 
 pytestmark = pytest.mark.integration

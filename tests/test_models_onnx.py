@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from models import unified
-from models.data import synth
-from models.encoders import load_encoder
-from models.export import OnnxQueryEncoder, export_query_tower
-from models.unified import RetrieverConfig
+from tailbridge.models.retrieval import model as unified
+from tailbridge.synthetic import catalog as synth
+from tailbridge.models.retrieval.encoders import load_encoder
+from tailbridge.models.retrieval.export import OnnxQueryEncoder, export_query_tower
+from tailbridge.models.retrieval.model import RetrieverConfig
+from tailbridge.vocab import normalize_query
 
 torch.set_num_threads(1)
 
@@ -22,7 +23,7 @@ def artifact(tmp_path_factory):
               "category_path": it.category_path, "brand": it.brand, "price": it.price, "attributes": it.attributes}
              for it in dataset.items]
     cfg = RetrieverConfig(semantic_dim=64, lexical_dim=32, behaviour_dim=16, term_buckets=1 << 14, graph_rank=8)
-    model, fz = unified.build(cfg, {unified.query_key(q): i for i, q in enumerate(queries[:50])},
+    model, fz = unified.build(cfg, {normalize_query(q): i for i, q in enumerate(queries[:50])},
                               {it["item_id"]: i for i, it in enumerate(items[:60])})
     with torch.no_grad():  # an untrained model has zero user weights and graph tables: give them values
         for p in (model.user.items.weight, model.user.categories.weight, model.query_tower.graph.table):
@@ -69,7 +70,7 @@ def test_missing_export_is_a_clear_error(tmp_path):
 
 def test_minilm_onnx_int8_queries_match_torch(tmp_path):
     """The off-the-shelf encoder's ONNX int8 export (what the query handler serves) against torch."""
-    from models.export import OnnxMiniLMEncoder
+    from tailbridge.models.retrieval.export import OnnxMiniLMEncoder
 
     queries = [q.text for q in synth.generate(items=200, users=2, seed=1).queries][:200]
     onnx = OnnxMiniLMEncoder(tmp_path / "minilm")

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from models import unified
-from models.encoders import UnifiedEncoder, load_encoder
-from models.losses import masked_contrastive_loss
-from models.unified import RetrieverConfig
+from tailbridge.models.retrieval import model as unified
+from tailbridge.models.retrieval.encoders import UnifiedEncoder, load_encoder
+from tailbridge.models.retrieval.losses import masked_contrastive_loss
+from tailbridge.models.retrieval.model import RetrieverConfig
 
 torch.set_num_threads(1)
 

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from models import ranker as rk
-from models.ranker_train import (RankerTrainConfig, auc, cache_texts, evaluate, fit, point_in_time_stats, prepare,
+from tailbridge.models.ranking import model as rk
+from tailbridge.models.ranking.train import (RankerTrainConfig, auc, cache_texts, evaluate, fit, point_in_time_stats, prepare,
                                  train, write_artifact)
 from tests.conftest import tiny_demo
 

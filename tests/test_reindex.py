@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import redis
 
-from infra.stack import resolve_online_store
-from models.encoders import MiniLMEncoder
-from streams import item_index
-from streams.events import CatalogUpsert
-from streams.indexer import Indexer, reindex
+from tailbridge.feature_repo.online import resolve_online_store
+from tailbridge.models.retrieval.encoders import MiniLMEncoder
+from tailbridge.streams import item_index
+from tailbridge.streams.events import CatalogUpsert
+from tailbridge.streams.indexer import Indexer, reindex
 
 pytestmark = pytest.mark.integration
 

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from models.data import synth
-from models.data.loaders import DatasetError, load_dataset, strata_from_frequency
+from tailbridge.synthetic import catalog as synth
+from tailbridge.models.data.loaders import DatasetError, load_dataset, strata_from_frequency
 
 ITEM_KEYS = {"item_id", "title", "description", "category_path", "brand", "price", "attributes"}
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.data.feedback import read_feedback
-from models.encoders import load_encoder
-from models.evaluate import evaluate
-from models.metrics import ndcg_at
-from models.train import TrainConfig, TrainingError, train
-from models.unified import RetrieverConfig
+from tailbridge.models.data.feedback import read_feedback
+from tailbridge.models.retrieval.encoders import load_encoder
+from tailbridge.models.retrieval.evaluate import evaluate
+from tailbridge.models.metrics import ndcg_at
+from tailbridge.models.retrieval.train import TrainConfig, TrainingError, train
+from tailbridge.models.retrieval.model import RetrieverConfig
 from tests.conftest import tiny_demo
 
 torch.set_num_threads(1)
@@ -134,7 +134,7 @@ def test_evaluation_report_chart_and_trec_runs(demo, trained, tmp_path):
 
 
 def test_evaluation_errors_are_clear(demo):
-    from models.data.loaders import DatasetError
+    from tailbridge.models.data.loaders import DatasetError
 
     with pytest.raises(DatasetError, match="no split 'valid'"):
         evaluate(demo, "valid", say=lambda _: None)

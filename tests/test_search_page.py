@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from infra.stack import free_port
-from streams import item_index
-from streams.events import CatalogUpsert, InteractionEvent, QueryEvent, ServedItem
-from streams.replay import publish
-from streams.topics import TOPICS
+from tailbridge.infra.stack import free_port
+from tailbridge.streams import item_index
+from tailbridge.streams.events import CatalogUpsert, InteractionEvent, QueryEvent, ServedItem
+from tailbridge.synthetic.replay import publish
+from tailbridge.streams.topics import TOPICS
 from tests.conftest import stream_namespace, wait_until
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,7 @@ class AppServer:
     def __init__(self, settings):
         import uvicorn
 
-        from serving.app import create_app
+        from tailbridge.serving.app import create_app
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -17,16 +17,16 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from hypothesis import settings as hypothesis_settings
 
-from feature_repo.store import apply, feature_store
-from infra import stack
-from infra.stack import resolve_online_store
-from serving.app import create_app
-from serving.context import RedisRewriteStore
-from streams import item_index
-from streams.behaviour import Keys
-from streams.events import CatalogUpsert, InteractionEvent
-from streams.replay import publish
-from streams.topics import TOPICS, make_consumer
+from tailbridge.feature_repo.store import apply, feature_store
+from tailbridge.infra import stack
+from tailbridge.feature_repo.online import resolve_online_store
+from tailbridge.serving.app import create_app
+from tailbridge.serving.context import RedisRewriteStore
+from tailbridge.streams import item_index
+from tailbridge.streams.behaviour import Keys
+from tailbridge.streams.events import CatalogUpsert, InteractionEvent
+from tailbridge.synthetic.replay import publish
+from tailbridge.streams.topics import TOPICS, make_consumer
 from tests.conftest import stream_namespace, tiny_demo, wait_until
 
 pytestmark = pytest.mark.integration
@@ -63,7 +63,7 @@ def catalog_events() -> list[CatalogUpsert]:
 def tiny_ranker(tmp_path_factory):
     """A ranker trained for seconds on a small simulated feedback log: not a good ranker, but
     the real model, artifact and scoring path, with user features that move its scores."""
-    from models.ranker_train import train
+    from tailbridge.models.ranking.train import train
     from tests.test_ranker import TINY, TRAIN
 
     data = tiny_demo(tmp_path_factory.mktemp("ranker-data"), sessions=80)
@@ -289,7 +289,7 @@ def test_search_answers_without_user_context_when_redis_is_down(env, own_redis):
 
 def test_search_is_503_with_a_clear_message_when_milvus_is_down(env, tmp_path):
     settings, r, _ = env
-    from streams.indexer import Indexer
+    from tailbridge.streams.indexer import Indexer
 
     own = settings.model_copy(update={"state_dir": tmp_path / "state",
                                       "milvus_uri": f"http://127.0.0.1:{stack.free_port()}"})

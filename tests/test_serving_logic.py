@@ -5,9 +5,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from milvus_lite.search.filter.tokens import TokenKind, tokenize
 
-from serving.filters import compile_filters, string_literal
-from serving.schemas import SearchFilters
-from serving.search import RRF_K, blend, fuse
+from tailbridge.serving.filters import compile_filters, string_literal
+from tailbridge.serving.schemas import SearchFilters
+from tailbridge.serving.search import RRF_K, blend, fuse
 
 
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=60))

@@ -1,4 +1,4 @@
-"""Shopper-session simulation (streams.simulator): valid, ordered, behaviourally plausible events."""
+"""Shopper-session simulation (synthetic.shoppers): valid, ordered, behaviourally plausible events."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from models.data import synth
-from streams.events import CatalogUpsert, InteractionEvent, QueryEvent, decode, encode, normalize_query
-from streams.simulator import catalog_events, simulate
+from tailbridge.synthetic import catalog as synth
+from tailbridge.streams.events import CatalogUpsert, InteractionEvent, QueryEvent, decode, encode
+from tailbridge.vocab import normalize_query
+from tailbridge.synthetic.shoppers import catalog_events, simulate
 
 SESSIONS = 600
 

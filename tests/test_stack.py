@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infra import stack
+from tailbridge.infra import stack
 from tailbridge.settings import Settings
 from tests.conftest import BACKEND, settings_env
 
@@ -106,7 +106,7 @@ def test_only_loopback_addresses_count_as_ours_to_start():
 
 def test_milvus_collections_are_searchable_after_a_restart(own_stack):
     """Milvus Lite reopens its collections released; `stack up` loads them again."""
-    from streams import item_index
+    from tailbridge.streams import item_index
 
     stack.up(own_stack)
     client = item_index.connect(own_stack)

@@ -13,14 +13,14 @@ import orjson
 import pytest
 import redis
 
-from models.data import synth
-from streams import item_index, user_context
-from streams.behaviour import Keys, feedback_dir
-from streams.events import CatalogDelete, CatalogUpsert, InteractionEvent, QueryEvent, ServedItem
-from streams.feedback import read_examples
-from streams.replay import publish
-from streams.simulator import catalog_events, simulate
-from streams.topics import TOPICS, make_consumer, make_producer
+from tailbridge.synthetic import catalog as synth
+from tailbridge.streams import item_index, user_context
+from tailbridge.streams.behaviour import Keys, feedback_dir
+from tailbridge.streams.events import CatalogDelete, CatalogUpsert, InteractionEvent, QueryEvent, ServedItem
+from tailbridge.streams.feedback import read_examples
+from tailbridge.synthetic.replay import publish
+from tailbridge.synthetic.shoppers import catalog_events, simulate
+from tailbridge.streams.topics import TOPICS, make_consumer, make_producer
 from tests.conftest import stream_namespace, wait_until
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""The demo data generator (models.data.synth) and the BEIR loader (models.data.beir)."""
+"""The demo data generator (synthetic.catalog) and the BEIR loader (models.data.beir)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from models.data import synth
-from models.data.beir import BeirFormatError, load_beir
-from streams.events import normalize_query
+from tailbridge.synthetic import catalog as synth
+from tailbridge.models.data.beir import BeirFormatError, load_beir
+from tailbridge.vocab import normalize_query
 
 ITEMS, USERS, SEED = 800, 50, 11
 FILES = ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv", "users.jsonl", "manifest.json")

@@ -34,9 +34,10 @@ from typing import Any
 
 import pandas as pd
 
+from tailbridge.vocab import LABEL_LEVEL
+
 FEEDBACK_COLUMNS = {"query_id": "string", "query": "string", "user_id": "string", "session_id": "string",
                     "item_id": "string", "position": "int", "label": "string", "event_time": "timestamp"}
-LABEL_LEVEL = {"shown_unclicked": 1, "clicked": 2, "added_to_cart": 3, "purchased": 4}  # 0 is "random"
 LABEL_ACTION = {"clicked": "click", "added_to_cart": "add_to_cart", "purchased": "purchase"}
 ACTION_LABEL = {action: label for label, action in LABEL_ACTION.items()}
 ACTION_WEIGHT = {"click": 1.0, "add_to_cart": 3.0, "purchase": 5.0}  # as the stream worker weighs affinity
@@ -140,11 +141,11 @@ def context_at(frame: pd.DataFrame, user_id: str, item_category: Mapping[str, st
 
 
 def simulate_feedback(data_dir: Path, sessions: int, seed: int = 7) -> pd.DataFrame:
-    """A feedback log for demo data: simulated sessions (streams.simulator) over the training
+    """A feedback log for demo data: simulated sessions (synthetic.shoppers) over the training
     queries only, joined into labelled rows. Deterministic for a seed (synthetic clock)."""
-    from models.data import synth
-    from streams.events import InteractionEvent, QueryEvent
-    from streams.simulator import simulate
+    from tailbridge.synthetic import catalog as synth
+    from tailbridge.streams.events import InteractionEvent, QueryEvent
+    from tailbridge.synthetic.shoppers import simulate
 
     dataset = synth.load(Path(data_dir))
     # The simulator only issues queries that have judgements: keep the training ones.

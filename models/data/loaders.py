@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.data.beir import BeirFormatError, load_beir
+from tailbridge.models.data.beir import BeirFormatError, load_beir
 
 STRATA = ("head", "torso", "tail")
 ESCI_GRADES = {"E": 3, "S": 2, "C": 1, "I": 0}

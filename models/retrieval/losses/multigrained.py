@@ -12,7 +12,7 @@ large ("random" items) sits below them all. Two objectives see the same similari
 
 The similarities these losses act on are the retriever's *post-fused* scores: the towers give a
 weighted sum of per-granularity cosine similarities (semantic, lexical, behavioural), see
-``models.unified``, so both losses also learn how to weigh the granularities.
+``models.retrieval.model``, so both losses also learn how to weigh the granularities.
 
 Shapes:
     scores        [B, G]  similarities of each query to its group items (padded)

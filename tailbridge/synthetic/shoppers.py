@@ -1,6 +1,6 @@
 """Shopper sessions simulated from the demo data: the event stream a search frontend would emit.
 
-Pure (no Kafka): ``simulate`` yields validated pydantic events that ``streams.replay.publish``
+Pure (no Kafka): ``simulate`` yields validated pydantic events that ``synthetic.replay.publish``
 can send. A pool of ``concurrent_sessions`` sessions is active at once and one of them is
 advanced per step, so users' events interleave as they do on a real site. Each session is
 one persona issuing 1-4 searches (picked by query frequency and the persona's department /
@@ -26,8 +26,8 @@ from itertools import accumulate
 
 import orjson
 
-from models.data.synth import PRODUCT_TYPES, Item, Persona, SynthDataset, SynthQuery, price_position
-from streams.events import CatalogUpsert, InteractionEvent, QueryEvent, ServedItem, _Event, utc_now
+from tailbridge.synthetic.catalog import PRODUCT_TYPES, Item, Persona, SynthDataset, SynthQuery, price_position
+from tailbridge.streams.events import CatalogUpsert, InteractionEvent, QueryEvent, ServedItem, _Event, utc_now
 
 RANKER_VERSION = "simulated-noisy-v1"
 # Click model parameters: P(click) = examination(position) * attractiveness(grade, fit).

@@ -7,7 +7,7 @@ engagements (clicked 1, added to cart 2, purchased 3; a shown-but-unclicked item
 The embedding is spectral: the top singular vectors of the degree-normalised biadjacency
 ``D_q^-1/2 A D_i^-1/2`` (the bipartite form of spectral clustering / LightGCN's propagation),
 row-normalised. Items bought for the same queries land close together; a new query or item has
-no row and the model uses its learned "unknown" vector instead (``models.unified.GraphEmbedding``).
+no row and the model uses its learned "unknown" vector instead (``GraphEmbedding`` in ``models/retrieval/model.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-FEEDBACK_EDGE_WEIGHT = {"clicked": 1.0, "added_to_cart": 2.0, "purchased": 3.0}
+from tailbridge.vocab import ENGAGEMENT, normalize_query
 
 
 def interaction_edges(
@@ -25,18 +25,16 @@ def interaction_edges(
     feedback_searches: Mapping[str, Mapping] | None = None,
 ) -> dict[tuple[str, str], float]:
     """(query key, item id) -> weight, from graded judgements and logged searches."""
-    from models.unified import query_key
-
     edges: dict[tuple[str, str], float] = {}
     for qid, judged in judgements.items():
-        key = query_key(query_text[qid])
+        key = normalize_query(query_text[qid])
         for item_id, grade in judged.items():
             if grade > 0:
                 edges[(key, item_id)] = edges.get((key, item_id), 0.0) + float(grade)
     for search in (feedback_searches or {}).values():
-        key = query_key(search["query"])
+        key = normalize_query(search["query"])
         for item_id, label in search["items"].items():
-            weight = FEEDBACK_EDGE_WEIGHT.get(label, 0.0)
+            weight = float(ENGAGEMENT.get(label, 0))
             if weight:
                 edges[(key, item_id)] = edges.get((key, item_id), 0.0) + weight
     return edges

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from models.data.beir import BeirFormatError, load_beir
-from streams.events import normalize_query
+from tailbridge.models.data.beir import BeirFormatError, load_beir
+from tailbridge.vocab import normalize_query
 
 GENERATOR_VERSION = 1
 GRADES = {"exact": 3, "substitute": 2, "complement": 1, "irrelevant": 0}
@@ -1276,7 +1276,7 @@ def write(dataset: SynthDataset, out_dir: Path) -> dict[str, Path]:
     by_split = {sp: {s: sum(1 for q in dataset.queries if q.stratum == s and dataset.split.get(q.query_id) == sp)
                      for s in STRATA} for sp in ("train", "test")}
     manifest = {
-        "generator": "tailbridge.models.data.synth", "version": GENERATOR_VERSION, "seed": dataset.seed,
+        "generator": "tailbridge.synthetic.catalog", "version": GENERATOR_VERSION, "seed": dataset.seed,
         "format": "beir",
         "counts": {"items": len(dataset.items), "users": len(dataset.users), "queries": len(dataset.queries),
                    "types": len({it.type for it in dataset.items}),

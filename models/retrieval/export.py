@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import unified
-from models.unified import Batch, TextInput, UnifiedRetriever, UserInput
+from tailbridge.models.retrieval import model as unified
+from tailbridge.models.retrieval.model import Batch, TextInput, UnifiedRetriever, UserInput
 
 INPUTS = ("input_ids", "attention_mask", "term_ids", "graph_rows", "item_vectors", "item_mask", "actions",
           "category_ids", "category_weights")
@@ -186,7 +186,7 @@ class OnnxMiniLMEncoder:
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
-        from models.encoders import MINILM_VERSION
+        from tailbridge.models.retrieval.encoders import MINILM_VERSION
 
         model_dir = Path(model_dir)
         if not (model_dir / INT8_FILE).is_file():

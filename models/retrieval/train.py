@@ -6,14 +6,14 @@
 2. Behaviour (optional): the feedback log (``models.data.feedback``) -- searches with their
    labelled pages and the shopper's context at the time. Searches for dev or test query texts
    are dropped, so nothing about held-out queries is learned from the log.
-3. Graph: spectral embedding of the training judgements + logged engagements (``models.graph``).
+3. Graph: spectral embedding of the training judgements + logged engagements (``models.retrieval.graph``).
 4. Stage 1, contrastive: each query against its positive, the batch's other positives and hard
    negatives mined from the current model's top results (re-mined every epoch), with the
    false-negative margin mask. Stage 2, graded: ROAR over each query's judged group plus the
    multi-grained loss (behaviour levels against random catalog items), with a lighter stage-1
    term so retrieval does not drift.
 5. Artifact: ``<out>/`` holds weights, configs, tokenizer, graph index, the catalog's vectors,
-   ``metrics.json``, ``MODEL_CARD.md`` and the query tower as ONNX (``models.export``). A checkpoint under ``<out>/checkpoint/`` is written
+   ``metrics.json``, ``MODEL_CARD.md`` and the query tower as ONNX (``models.retrieval.export``). A checkpoint under ``<out>/checkpoint/`` is written
    every few minutes and after every epoch; running the same command again resumes from it.
 
 CPU budget (what is traded): only the top MiniLM layers train, and the frozen lower layers'
@@ -37,13 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import unified
-from models.data.feedback import LABEL_LEVEL, read_feedback, searches_with_context
-from models.data.loaders import RetrievalData, load_dataset
-from models.graph import interaction_edges, spectral_embedding
-from models.losses import masked_contrastive_loss, multi_grained_loss, roar_loss
-from models.metrics import ndcg_at, recall_at
-from models.unified import Batch, RetrieverConfig, TextInput, UnifiedRetriever, query_key
+from tailbridge.models.retrieval import model as unified
+from tailbridge.models.data.feedback import read_feedback, searches_with_context
+from tailbridge.models.data.loaders import RetrievalData, load_dataset
+from tailbridge.models.retrieval.graph import interaction_edges, spectral_embedding
+from tailbridge.models.retrieval.losses import masked_contrastive_loss, multi_grained_loss, roar_loss
+from tailbridge.models.metrics import ndcg_at, recall_at
+from tailbridge.models.retrieval.model import Batch, RetrieverConfig, TextInput, UnifiedRetriever
+from tailbridge.vocab import LABEL_LEVEL, normalize_query
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -122,14 +123,14 @@ def prepare(data: RetrievalData, cfg: TrainConfig, feedback_dir: Path | None, sa
     if cfg.max_train_queries is not None and len(train) > cfg.max_train_queries:
         keep = np.random.default_rng(cfg.seed).choice(sorted(train), cfg.max_train_queries, replace=False)
         train = {q: train[q] for q in sorted(keep)}
-    held_out = {query_key(data.queries[q]) for split in data.qrels if split != "train" for q in data.qrels[split]
-                if q in data.queries} | {query_key(data.queries[q]) for q in dev}
+    held_out = {normalize_query(data.queries[q]) for split in data.qrels if split != "train" for q in data.qrels[split]
+                if q in data.queries} | {normalize_query(data.queries[q]) for q in dev}
 
     searches: dict[str, dict[str, Any]] = {}
     if feedback_dir is not None:
         frame = read_feedback(feedback_dir)
         frame = frame[frame["item_id"].isin(data.items.keys())]
-        frame = frame[~frame["query"].map(query_key).isin(held_out)]
+        frame = frame[~frame["query"].map(normalize_query).isin(held_out)]
         categories = {i: it["category_path"][-1] for i, it in data.items.items() if it["category_path"]}
         searches = searches_with_context(frame, categories)
         say(f"feedback: {len(searches)} logged searches ({len(frame)} rows) from {feedback_dir}")
@@ -137,10 +138,10 @@ def prepare(data: RetrievalData, cfg: TrainConfig, feedback_dir: Path | None, sa
     by_key: dict[str, Example] = {}
     for qid, judged in sorted(train.items()):
         text = data.queries[qid]
-        ex = by_key.setdefault(query_key(text), Example(query_key(text), text, {}))
+        ex = by_key.setdefault(normalize_query(text), Example(normalize_query(text), text, {}))
         ex.judged.update(judged)
     for sid, search in searches.items():
-        key = query_key(search["query"])
+        key = normalize_query(search["query"])
         ex = by_key.setdefault(key, Example(key, search["query"], {}))
         ex.searches.append(sid)
     examples = [ex for ex in by_key.values() if _has_positive(ex, searches)]
@@ -644,7 +645,7 @@ def write_artifact(trainer: Trainer, out_dir: Path, data_dir: Path, feedback_dir
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "MODEL_CARD.md").write_text(model_card(out_dir.name, trainer, metrics))
     if trainer.cfg.export_onnx:
-        from models.export import export_query_tower
+        from tailbridge.models.retrieval.export import export_query_tower
 
         export_query_tower(out_dir, int8=True)
     checkpoint = trainer.checkpoint_path()

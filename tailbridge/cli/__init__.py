@@ -74,7 +74,7 @@ def _print_statuses(statuses, title: str, as_json: bool) -> None:
 @stack_app.command("up")
 def stack_up(as_json: JsonOption = False) -> None:
     """Start the embedded components that are not already answering (idempotent)."""
-    from infra import stack
+    from tailbridge.infra import stack
 
     settings = get_settings()
     try:
@@ -90,7 +90,7 @@ def stack_up(as_json: JsonOption = False) -> None:
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop only what `stack up` started (idempotent)."""
-    from infra import stack
+    from tailbridge.infra import stack
 
     stopped = stack.down(get_settings())
     console.print("\n".join(f"stopped {s.name} (pid {s.pid})" for s in stopped) or "nothing to stop")
@@ -99,7 +99,7 @@ def stack_down() -> None:
 @stack_app.command("status")
 def stack_status(as_json: JsonOption = False) -> None:
     """Each component, its address and whether it is embedded or external. Exit 1 if one is down."""
-    from infra import stack
+    from tailbridge.infra import stack
 
     statuses = stack.status(get_settings())
     _print_statuses(statuses, "stack status", as_json)
@@ -115,7 +115,7 @@ def topics_create() -> None:
     """Create every topic and its dead-letter topic (idempotent)."""
     from kafka.errors import KafkaError
 
-    from streams.topics import create_topics
+    from tailbridge.streams.topics import create_topics
 
     settings = get_settings()
     try:
@@ -129,7 +129,7 @@ def topics_create() -> None:
 @topics_app.command("list")
 def topics_list() -> None:
     """The topic registry: name, key and what each topic carries."""
-    from streams.topics import TOPICS
+    from tailbridge.streams.topics import TOPICS
 
     settings = get_settings()
     table = Table(title="topics")
@@ -146,8 +146,8 @@ def features_apply() -> None:
     """Register the Feast entities and feature views and create the online tables."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from feature_repo.store import apply, feature_store
-    from infra.stack import resolve_online_store
+    from tailbridge.feature_repo.store import apply, feature_store
+    from tailbridge.feature_repo.online import resolve_online_store
 
     settings = get_settings()
     online = resolve_online_store(settings)
@@ -171,7 +171,7 @@ def data_synth(
     out: Annotated[Optional[Path], typer.Option(help="Output dir [default: DATA_DIR/demo].")] = None,
 ) -> None:
     """Generate a catalog, queries with a vocabulary gap, graded labels and personas (BEIR format)."""
-    from models.data import synth
+    from tailbridge.synthetic import catalog as synth
 
     out = out or _default_data_dir()
     with console.status(f"generating {items} items, {users} users..."):
@@ -183,7 +183,7 @@ def data_synth(
 
 
 def _load_demo_data(data: Path):
-    from models.data import synth
+    from tailbridge.synthetic import catalog as synth
 
     if not (data / "manifest.json").exists():
         _fail(f"no demo data in {data}: run `tailbridge data synth` first")
@@ -204,7 +204,7 @@ def print_published(reports) -> None:
 
 
 def _replay(data: Path, rate: float, events: int, seed: int, catalog: bool) -> None:
-    from streams.replay import replay_dataset
+    from tailbridge.synthetic.replay import replay_dataset
 
     dataset = _load_demo_data(data)
     with _progress() as progress:
@@ -237,7 +237,7 @@ def worker(loglevel: Annotated[str, typer.Option(help="faust log level.")] = "wa
     Start several side by side to share the partitions; Ctrl-C or SIGTERM stops one cleanly."""
     import faust
 
-    from streams.app import create_app
+    from tailbridge.streams.app import create_app
 
     app_ = create_app(get_settings())
     faust.Worker(app_, loglevel=loglevel, quiet=True).execute_from_commandline()
@@ -250,9 +250,9 @@ def reindex(
 ) -> None:
     """Re-encode the catalog with another encoder version beside the serving one, then switch
     serving over (alias move, no gap). Running workers index new catalog events into both."""
-    from models.encoders import load_encoder
-    from streams.indexer import reindex as build
-    from streams.item_index import connect
+    from tailbridge.models.retrieval.encoders import load_encoder
+    from tailbridge.streams.indexer import reindex as build
+    from tailbridge.streams.item_index import connect
 
     settings = get_settings()
     try:
@@ -282,7 +282,7 @@ def serve(
     import torch
     import uvicorn
 
-    from serving.app import build_components, create_app
+    from tailbridge.serving.app import build_components, create_app
 
     settings = get_settings()
     torch.set_num_threads(1)  # one request per core beats two threads fighting over each request
@@ -315,7 +315,7 @@ def train_retriever(
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")] = None,
 ) -> None:
     """Train the unified retriever (resumable: run the same command again after an interruption)."""
-    from models.commands import CommandError, train_retriever as run
+    from tailbridge.cli.training import CommandError, train_retriever as run
 
     overrides = {"stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs, "batch_size": batch_size,
                  "max_train_queries": max_train_queries, "max_minutes": max_minutes}
@@ -337,8 +337,8 @@ def eval_retriever(
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,
 ) -> None:
     """BM25, MiniLM, hybrid RRF and the trained retriever (with and without user context)."""
-    from models.commands import CommandError, eval_retriever as run
-    from models.encoders import retriever_dir
+    from tailbridge.cli.training import CommandError, eval_retriever as run
+    from tailbridge.models.retrieval.encoders import retriever_dir
 
     default_out = retriever_dir(model) if model else get_settings().data_dir / "eval" / data.name
     try:
@@ -365,7 +365,7 @@ def train_ranker(
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")] = None,
 ) -> None:
     """Train the multi-task ranker (click, add-to-cart, purchase heads) and the click-only baseline."""
-    from models.commands import CommandError, train_ranker as run
+    from tailbridge.cli.training import CommandError, train_ranker as run
 
     overrides = {"epochs": epochs, "finetune_steps": finetune_steps, "max_minutes": max_minutes}
     try:
@@ -384,7 +384,7 @@ def eval_ranker(
 ) -> None:
     """AUC per head and nDCG@10 per served page on the searches after the training period:
     multi-task vs the click-only model vs the logged order; and score() latency."""
-    from models.commands import CommandError, eval_ranker as run
+    from tailbridge.cli.training import CommandError, eval_ranker as run
 
     try:
         run(data, model, feedback, threads)
@@ -408,7 +408,7 @@ def demo(
     """The main job on the embedded stack: stack up, data, topics, features, a worker processing
     a live replay while features and vectors change on screen, a ranker trained on the feedback
     it logged, and the query handler serving the search page."""
-    from tailbridge import demo as live
+    from tailbridge.cli import demo as live
 
     settings = get_settings()
     console.rule("1/7 stack")

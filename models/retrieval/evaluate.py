@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from models.data.loaders import STRATA, RetrievalData, load_dataset
-from models.metrics import grade_order_accuracy, mrr_at, ndcg_at, recall_at
+from tailbridge.models.data.loaders import STRATA, RetrievalData, load_dataset
+from tailbridge.models.metrics import grade_order_accuracy, mrr_at, ndcg_at, recall_at
 
 TOP_K = 100
 RRF_K = 60
@@ -100,7 +100,7 @@ def bm25_scorer(items: Sequence[Mapping[str, Any]], queries: Sequence[str]) -> C
     import bm25s
     import Stemmer
 
-    from models.encoders import item_text
+    from tailbridge.vocab import item_text
 
     stemmer = Stemmer.Stemmer("english")
     index = bm25s.BM25()
@@ -122,22 +122,22 @@ def dense_scorer(item_vectors: np.ndarray, query_vectors: np.ndarray) -> Callabl
 def eval_contexts(data_dir: Path, data: RetrievalData, qids: Sequence[str], feedback_dir: Path | None
                   ) -> tuple[dict[str, dict[str, Any]], str]:
     """User context per query id (only for queries that get one) and how they were made."""
-    from models.data.feedback import context_at, read_feedback
-    from models.unified import query_key
+    from tailbridge.models.data.feedback import context_at, read_feedback
+    from tailbridge.vocab import normalize_query
 
     if feedback_dir is None or not (feedback_dir / "examples").is_dir():
         return {}, "no feedback log: no user contexts"
     log = read_feedback(feedback_dir)
     log = log[log["item_id"].isin(data.items.keys())]
-    held_out = {query_key(data.queries[q]) for split, judged in data.qrels.items() if split != "train"
+    held_out = {normalize_query(data.queries[q]) for split, judged in data.qrels.items() if split != "train"
                 for q in judged if q in data.queries}
-    keys = log["query"].map(query_key)
+    keys = log["query"].map(normalize_query)
     history, issued = log[~keys.isin(held_out)], log[keys.isin(held_out)]
     categories = {i: it["category_path"][-1] for i, it in data.items.items() if it["category_path"]}
     contexts: dict[str, dict[str, Any]] = {}
-    first_search = issued.groupby(issued["query"].map(query_key))[["user_id", "event_time"]].first()
+    first_search = issued.groupby(issued["query"].map(normalize_query))[["user_id", "event_time"]].first()
     for qid in qids:
-        key = query_key(data.queries[qid])
+        key = normalize_query(data.queries[qid])
         if key in first_search.index:
             user, when = first_search.loc[key]
             ctx = context_at(history, str(user), categories, when)
@@ -160,7 +160,7 @@ def _demo_issuers(data_dir: Path, qids: Sequence[str]) -> dict[str, str]:
     (users.jsonl, and the query's product type from the generator's query metadata)."""
     import orjson
 
-    from models.data.synth import PRODUCT_TYPES
+    from tailbridge.synthetic.catalog import PRODUCT_TYPES
 
     users_path, queries_path = data_dir / "users.jsonl", data_dir / "queries.jsonl"
     if not qids or not users_path.exists() or not (data_dir / "manifest.json").exists():
@@ -258,7 +258,7 @@ def evaluate(data_dir: Path, split: str = "test", model: str | None = None, run_
     ``out_dir`` (and TREC runs to ``run_dir``); return the report."""
     from contextlib import nullcontext
 
-    from models.encoders import MiniLMEncoder, load_encoder
+    from tailbridge.models.retrieval.encoders import MiniLMEncoder, load_encoder
 
     bar = progress_factory or (lambda label, total: nullcontext(lambda n=1: None))
     data_dir = Path(data_dir)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from kafka.errors import KafkaError
 
-from streams.events import _Event, encode
-from streams.topics import make_producer, spec_for
+from tailbridge.streams.events import _Event, encode
+from tailbridge.streams.topics import make_producer, spec_for
 from tailbridge.settings import Settings
 
 
@@ -74,7 +74,7 @@ def replay_dataset(settings: Settings, dataset, rate: float, events: int, seed: 
                    on_behaviour: Callable[[_Event], None] = lambda e: None) -> list[PublishReport]:
     """The demo catalog as upserts (at full speed), then ``events`` simulated behaviour events
     (queries, impressions, clicks, carts, purchases) at ``rate`` per second."""
-    from streams.simulator import catalog_events, simulate
+    from tailbridge.synthetic.shoppers import catalog_events, simulate
 
     reports = [publish(settings, catalog_events(dataset), on_sent=on_catalog)] if catalog else []
     behaviour = itertools.islice(simulate(dataset, seed=seed), events)

