@@ -1,4 +1,4 @@
-"""The multi-task product ranker (MISSION.md, method 2), read top to bottom.
+"""The multi-task product ranker (method 2 of docs/DESIGN.md), read top to bottom.
 
     query ───────────── MiniLM (first `layers` layers) ─ mean pool ─ shared projection ─ q ─┐
     product text ────── the same weights ──────────────────────────────────────────────── p ─┤

@@ -1,4 +1,4 @@
-"""The unified embedding retriever (MISSION.md, methods 3-5), read top to bottom.
+"""The unified embedding retriever (methods 3-5 of docs/DESIGN.md), read top to bottom.
 
     query ─┬─ text  : MiniLM, top layers fine-tuned, mean pooled ─ Linear ──(+ user)─ semantic block
            ├─ terms : hashed word / bigram / char-trigram ids, IDF-weighted ─ Linear ─ lexical block

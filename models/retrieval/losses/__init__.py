@@ -1,4 +1,4 @@
-"""Training objectives of the unified retriever, one small module each (see MISSION.md, methods 4 and 5).
+"""Training objectives of the unified retriever, one small module each (methods 4 and 5 of docs/DESIGN.md).
 
 All of them take similarity scores or L2-normalised embeddings as plain tensors, so they can
 be tested on hand-built numbers and reused by any dual encoder.
