@@ -6,8 +6,10 @@ import math
 import re
 import statistics
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tailbridge.synthetic import catalog as synth
@@ -251,6 +253,39 @@ def test_tail_vocabulary_maps_consistently_to_types(dataset):
             assert owner.setdefault(phrase, t.key) == t.key, phrase
     tail_forms = Counter(q.form for q in dataset.queries if q.stratum == "tail")
     assert tail_forms["need"] > tail_forms["synonym"] > 0
+
+
+# --- the taxonomy file ---------------------------------------------------------------------
+
+def test_taxonomy_file_shares_value_sets_by_name():
+    sofa, chair = synth.PRODUCT_TYPES["sofa"], synth.PRODUCT_TYPES["accent_chair"]
+    colors = {a.name: a.values for a in sofa.attributes}["color"]
+    assert colors is {a.name: a.values for a in chair.attributes}["color"]
+    assert colors[0] == synth.AttrValue("Navy", ("navy", "navy blue"), ("in dark blue", "in a deep blue"))
+    assert len(synth.PRODUCT_TYPES) == 65 and len(synth.DEPARTMENTS) == 11
+
+
+def _taxonomy_raw() -> dict:
+    return orjson.loads((resources.files("tailbridge.synthetic") / synth.TAXONOMY_FILE).read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (lambda d: d["types"][0]["attributes"][1].update(values="no_such_set"), "'sofa', attribute 'material'"),
+        (lambda d: d["types"][0]["substitutes"].append("hovercraft"), "'sofa': substitutes/complements"),
+        (lambda d: d["types"][0]["attributes"][0].update(placement="middle"), "placement 'middle'"),
+        (lambda d: d["types"].append(dict(d["types"][0])), "'sofa' appears twice"),
+        (lambda d: d["brands"].pop("Furniture"), "department 'Furniture' has no brands"),
+        (lambda d: d["types"][0].pop("nouns"), "malformed (KeyError: 'nouns')"),
+    ],
+)
+def test_taxonomy_errors_say_where(break_it, message):
+    doc = _taxonomy_raw()
+    assert synth.read_taxonomy(orjson.dumps(doc)).types == synth.PRODUCT_TYPES
+    break_it(doc)
+    with pytest.raises(synth.TaxonomyError, match=re.escape(message)):
+        synth.read_taxonomy(orjson.dumps(doc))
 
 
 # --- the BEIR loader on its own ------------------------------------------------------------

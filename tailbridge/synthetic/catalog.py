@@ -1,11 +1,14 @@
-"""Synthetic e-commerce catalog and search queries with a real vocabulary gap (the demo data).
+"""Generate the demo data: a synthetic e-commerce catalog, search queries with a real
+vocabulary gap, graded judgements and shopper personas, written in BEIR layout (and read back).
 
 Design, in short:
-- A hand-written taxonomy of 65 product types in 11 departments. Each type has the nouns
+- A hand-written taxonomy of 65 product types in 11 departments, kept as data in
+  ``taxonomy.json`` beside this module (format: :func:`read_taxonomy`). Each type has the nouns
   its titles use, query-only synonyms (couch for sofa), colloquial "need" phrasings that
   never share words with its titles ("somewhere comfy to plop down in the living room"),
   attributes whose values have a title form, a torso query form and a colloquial tail form
-  ("Navy" / "navy" / "in dark blue"), a price range, substitute and complement types.
+  ("Navy" / "navy" / "in dark blue"), a price range, substitute and complement types. Each
+  department has brands in budget / mid / premium tiers.
 - Items are brand + attribute + noun titles; ~30% have no description (title-only catalogs).
 - Queries come in three strata. head: the bare noun or a synonym; torso: noun + attribute /
   brand / price in title words; tail: a need phrasing or synonym plus colloquial constraints,
@@ -29,6 +32,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +48,15 @@ MAX_SUBSTITUTES, MAX_COMPLEMENTS, MAX_IRRELEVANT = 30, 15, 10
 TEST_FRACTION = 0.2
 
 # --------------------------------------------------------------------------------------------
-# Taxonomy
+# Taxonomy (the data lives in taxonomy.json beside this module)
 # --------------------------------------------------------------------------------------------
+
+TAXONOMY_FILE = "taxonomy.json"
+PLACEMENTS = ("prefix", "suffix", "hidden")
+
+
+class TaxonomyError(ValueError):
+    """taxonomy.json cannot be read or is inconsistent; the message says where."""
 
 
 @dataclass(frozen=True)
@@ -80,723 +91,69 @@ class ProductType:
         return self.category_path[0]
 
 
-def _vals(*specs: str) -> tuple[AttrValue, ...]:
-    # "Title|torso form;torso form|tail clause;tail clause"
-    out = []
-    for spec in specs:
-        title, torso, tail = spec.split("|")
-        out.append(AttrValue(title, tuple(filter(None, torso.split(";"))), tuple(filter(None, tail.split(";")))))
-    return tuple(out)
+@dataclass(frozen=True)
+class Taxonomy:
+    types: dict[str, ProductType]  # in file order
+    brands: dict[str, tuple[tuple[str, str], ...]]  # department -> (name, tier); tier: budget / mid / premium
+    boilerplate: tuple[str, ...]  # closing sentences of item descriptions
 
 
-def _a(name: str, placement: str, values: tuple[AttrValue, ...]) -> Attribute:
-    return Attribute(name, placement, values)
+def read_taxonomy(raw: bytes) -> Taxonomy:
+    """Parse taxonomy.json: ``value_sets`` (name -> attribute values several types share),
+    ``types`` (an attribute's ``values`` is a list, or the name of a value set), ``brands``
+    (department -> [{name, tier}]) and ``boilerplate``. An attribute value is {title, torso,
+    tail}, as in :class:`AttrValue`. Order is part of the data: the generator draws by
+    position, so reordering entries changes what a seed generates."""
+    try:
+        doc = orjson.loads(raw)
+        sets = {name: _attr_values(specs) for name, specs in doc["value_sets"].items()}
+        types: dict[str, ProductType] = {}
+        for t in doc["types"]:
+            attributes = []
+            for a in t["attributes"]:
+                values = a["values"]
+                if isinstance(values, str) and values not in sets:
+                    raise TaxonomyError(f"type {t['key']!r}, attribute {a['name']!r}: no value set {values!r}")
+                if a["placement"] not in PLACEMENTS:
+                    raise TaxonomyError(f"type {t['key']!r}, attribute {a['name']!r}: placement "
+                                        f"{a['placement']!r} is not one of {', '.join(PLACEMENTS)}")
+                attributes.append(Attribute(a["name"], a["placement"],
+                                            sets[values] if isinstance(values, str) else _attr_values(values)))
+            if t["key"] in types:
+                raise TaxonomyError(f"type {t['key']!r} appears twice")
+            lo, hi = t["price_range"]
+            types[t["key"]] = ProductType(t["key"], tuple(t["category_path"]), tuple(t["nouns"]),
+                                          tuple(t["synonyms"]), tuple(t["needs"]), tuple(attributes), (lo, hi),
+                                          tuple(t["substitutes"]), tuple(t["complements"]), t["blurb"])
+        brands = {dept: tuple((b["name"], b["tier"]) for b in listed) for dept, listed in doc["brands"].items()}
+        boilerplate = tuple(doc["boilerplate"])
+    except TaxonomyError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:  # ValueError: orjson's decode error, a bad price_range
+        raise TaxonomyError(f"{TAXONOMY_FILE}: malformed ({type(exc).__name__}: {exc})") from None
+    for t in types.values():
+        unknown = [k for k in (*t.substitutes, *t.complements) if k not in types]
+        if unknown:
+            raise TaxonomyError(f"type {t.key!r}: substitutes/complements name unknown types {unknown}")
+        if not brands.get(t.department):
+            raise TaxonomyError(f"type {t.key!r}: department {t.department!r} has no brands")
+    tiers = {tier for listed in brands.values() for _, tier in listed}
+    if not tiers <= _TIER_BETA.keys():
+        raise TaxonomyError(f"brand tiers {sorted(tiers - _TIER_BETA.keys())} are not {', '.join(_TIER_BETA)}")
+    return Taxonomy(types, brands, boilerplate)
 
 
-FURN_COLORS = _vals(
-    "Navy|navy;navy blue|in dark blue;in a deep blue",
-    "Charcoal|charcoal|in dark gray;in a smoky gray",
-    "Ivory|ivory|in off white;in a creamy white",
-    "Sage|sage;sage green|in muted green;in a soft green",
-    "Rust|rust|in burnt orange;in terracotta",
-    "Blush|blush|in pale pink;in light pink",
-)
-UPHOLSTERY = _vals(
-    "Velvet|velvet|in soft plush material;thats fuzzy and soft",
-    "Top-Grain Leather|leather;top grain leather|in real hide;that wipes down easily",
-    "Performance Fabric|performance fabric|that survives spills and kids;that wont stain",
-    "Linen Blend|linen|in a breathable natural weave;with a natural woven look",
-)
-WOOD = _vals(
-    "Walnut|walnut|in dark wood;with a dark wood look",
-    "Natural Oak|oak;natural oak|in light wood;with a pale wood look",
-    "Espresso|espresso|in very dark brown;almost black wood",
-    "Alabaster|alabaster|in painted white;in bright white",
-)
-TECH_COLORS = _vals(
-    "Midnight|midnight|in black;all black one",
-    "Starlight|starlight|in white;in pearly white",
-    "Graphite|graphite|in dark gray;in space gray",
-    "Coral|coral|in pinkish orange;in salmon color",
-    "Glacier|glacier|in light blue;in icy blue",
-)
-APPAREL_COLORS = _vals(
-    "Heather Grey|heather grey|in light gray;in marled gray",
-    "Burgundy|burgundy|in wine red;in dark red",
-    "Olive|olive|in army green;in khaki green",
-    "Cobalt|cobalt|in bright blue;in electric blue",
-    "Onyx|onyx|in black;in pitch black",
-    "Mustard|mustard|in yellow;in golden yellow",
-)
-HOME_COLORS = _vals(
-    "Slate|slate|in blue gray;in stormy gray",
-    "Oatmeal|oatmeal|in beige;in sandy beige",
-    "Forest|forest;forest green|in dark green;in pine green",
-    "Dusty Rose|dusty rose|in muted pink;in faded pink",
-    "Indigo|indigo|in dark navy;in very dark blue",
-)
-GENDER = _vals(
-    "Men's|mens;men's|for my husband;for my boyfriend;for a guy",
-    "Women's|womens;women's|for my wife;for my girlfriend;for a lady",
-)
-APPAREL_SIZES = _vals(
-    "Size S|small|in a small;that fits petite",
-    "Size M|medium|in a medium;average build",
-    "Size L|large|in a large;for a big build",
-    "Size XL|xl;extra large|in an extra large;for a tall heavy guy",
-)
-SHOE_SIZES = _vals(
-    "Size 7|size 7|that fits a seven;in a seven",
-    "Size 8|size 8|that fits an eight;in an eight",
-    "Size 9|size 9|that fits a nine;in a nine",
-    "Size 10|size 10|that fits a ten;in a ten",
-    "Size 11|size 11|that fits an eleven;in an eleven",
-)
-DOG_SIZES = _vals(
-    "Small|small|for a chihuahua;for a pup under 20 pounds;for my yorkie",
-    "Medium|medium|for a beagle;for a 40 pound pup;for my corgi",
-    "Large|large|for a golden retriever;for a 70 lb lab;for a big pup",
-    "XL|xl;extra large|for a great dane;for a 120 pound mastiff;for a giant breed",
-)
-BABY_AGES = _vals(
-    "6M+|6 month;6m|for my 6 month old;for a baby just starting solids",
-    "12M+|12 month;12m|for my one year old;for a 1 yr old",
-    "18M+|18 month;18m|for my 18 month old;for an older toddler",
-)
-KID_AGES = _vals(
-    "Ages 1-3|ages 1-3|for my toddler;for a 2 year old",
-    "Ages 3-5|ages 3-5;preschool|for a 4 year old;for a preschooler",
-    "Ages 6-12|ages 6-12|for an 8 year old;for a grade schooler",
-    "Ages 12+|ages 12+;teen|for a teenager;for a 14 year old",
-)
-PIPE_SIZES = _vals(
-    '1/2 in.|1/2 inch;1/2"|half inch;one half inch',
-    '3/4 in.|3/4 inch;3/4"|three quarter inch;three quarters of an inch',
-    "1 in.|1 inch|one inch wide;a full inch",
-    "1-1/4 in.|1-1/4 inch;1 1/4 inch|inch and a quarter;one and a quarter inch",
-)
-NOISE_CANCELLING = "Noise Cancelling|noise cancelling;anc|that block out the subway;that shut out the world"
-PACKS = _vals("2-Pack|2 pack|two of them;a pair", "4-Pack|4 pack|four of them;a bunch of them")
+def _attr_values(specs: list[dict]) -> tuple[AttrValue, ...]:
+    return tuple(AttrValue(v["title"], tuple(v["torso"]), tuple(v["tail"])) for v in specs)
 
 
-def _t(key, path, nouns, synonyms, needs, attrs, price, subs=(), comps=(), blurb=""):
-    return ProductType(key, tuple(path), tuple(nouns), tuple(synonyms), tuple(needs), tuple(attrs), price,
-                       tuple(subs), tuple(comps), blurb)
-
-
-_TYPES = [
-    # --- Furniture ---------------------------------------------------------------------
-    _t("sofa", ["Furniture", "Living Room", "Sofas"], ["Sofa"], ["couch", "settee", "davenport"],
-       ["somewhere comfy to plop down in the living room", "place to crash and binge shows",
-        "where the whole family can veg out and watch tv", "something to lounge on in my den",
-        "comfy spot for guests to hang out"],
-       [_a("seats", "prefix", _vals("2-Seater|2 seater|for two people;that fits two",
-                                    "3-Seater|3 seater|for three people;that fits 3 ppl",
-                                    "4-Seater|4 seater|for a family of four;that fits four adults")),
-        _a("material", "prefix", UPHOLSTERY), _a("color", "suffix", FURN_COLORS)],
-       (349, 2499), ["sectional", "accent_chair"], ["coffee_table", "area_rug", "side_table"],
-       "Kiln-dried hardwood frame with pocketed coil cushions and removable covers."),
-    _t("sectional", ["Furniture", "Living Room", "Sectionals"], ["Sectional", "Modular Sectional"],
-       ["l shaped couch", "corner couch", "u shaped couch"],
-       ["huge seating that wraps around the corner of the room", "something the whole family can pile onto for movie night",
-        "big enough to nap on with the dog", "configurable lounging for a big basement"],
-       [_a("orientation", "prefix", _vals("Left-Facing|left facing|with the long part on the left",
-                                          "Right-Facing|right facing|with the long part on the right")),
-        _a("material", "prefix", UPHOLSTERY), _a("color", "suffix", FURN_COLORS)],
-       (899, 3999), ["sofa"], ["coffee_table", "area_rug"],
-       "Reversible chaise module, high-resilience foam and a hardwood frame."),
-    _t("accent_chair", ["Furniture", "Living Room", "Accent Chairs"], ["Accent Chair", "Armchair"],
-       ["wingback", "occasional chair", "tub chair"],
-       ["cozy spot to read in the corner", "somewhere for one person to curl up with a book",
-        "extra seating for a nook by the window", "comfy single seat for the bedroom"],
-       [_a("material", "prefix", UPHOLSTERY), _a("color", "suffix", FURN_COLORS)],
-       (149, 899), ["sofa"], ["side_table", "bookcase"],
-       "Tapered solid legs, sinuous spring base and a curved back."),
-    _t("coffee_table", ["Furniture", "Living Room", "Coffee Tables"], ["Coffee Table", "Cocktail Table"],
-       ["centre table", "lounge table"],
-       ["something to put drinks on in front of the couch", "spot to rest my feet and mugs in the living room",
-        "low surface for remotes and magazines", "place for board games in front of the sofa"],
-       [_a("shape", "prefix", _vals("Round|round|thats circular;with no corners",
-                                    "Rectangular|rectangular|thats long and narrow;with straight edges",
-                                    "Oval|oval|thats egg shaped;with rounded ends")),
-        _a("finish", "suffix", WOOD)],
-       (79, 899), ["side_table"], ["sofa", "area_rug"],
-       "Solid wood top with a lower shelf for storage; assembly in under 20 minutes."),
-    _t("side_table", ["Furniture", "Living Room", "End Tables"], ["End Table", "Side Table"],
-       ["nightstand", "lamp stand"],
-       ["little spot next to the armchair for my tea", "somewhere to put a lamp beside the couch",
-        "small surface next to the bed for my phone", "tiny stand to hold a drink by the recliner"],
-       [_a("finish", "suffix", WOOD)],
-       (39, 399), ["coffee_table"], ["accent_chair", "sofa"],
-       "Compact footprint with a drawer and an open shelf."),
-    _t("bookcase", ["Furniture", "Office", "Bookcases"], ["Bookcase", "Bookshelf"],
-       ["book shelves", "shelving unit", "etagere"],
-       ["somewhere to put all my paperbacks", "place to display novels and plants against a wall",
-        "tall storage for my records and trinkets", "organize my personal library"],
-       [_a("tiers", "prefix", _vals("3-Tier|3 tier|with three levels;thats waist high",
-                                    "5-Tier|5 tier|with five levels;thats tall",
-                                    "6-Tier|6 tier|with six levels;that goes almost to the ceiling")),
-        _a("finish", "suffix", WOOD)],
-       (59, 599), ["tv_stand"], ["accent_chair"],
-       "Adjustable shelves, anti-tip hardware included."),
-    _t("tv_stand", ["Furniture", "Living Room", "TV Stands"], ["TV Stand", "Media Console"],
-       ["entertainment center", "television cabinet", "credenza"],
-       ["something to put the television on", "hide the cable box and game consoles under the screen",
-        "long low cabinet under a 65 inch screen", "keep the remotes and controllers organized"],
-       [_a("width", "prefix", _vals('48"|48 inch|about four feet wide;for a small screen',
-                                    '60"|60 inch|about five feet wide;for a mid size screen',
-                                    '70"|70 inch|about six feet wide;for a huge screen')),
-        _a("finish", "suffix", WOOD)],
-       (99, 999), ["bookcase"], ["hdmi_cable", "area_rug"],
-       "Cable management cutouts and adjustable interior shelving."),
-    _t("bed_frame", ["Furniture", "Bedroom", "Beds"], ["Platform Bed Frame", "Upholstered Bed"],
-       ["bedstead", "bed base", "headboard"],
-       ["something to hold my mattress off the floor", "base to put the mattress on with no box spring",
-        "bedroom upgrade so im not sleeping on the floor"],
-       [_a("bed_size", "prefix", _vals("Twin|twin|single size;for one kid",
-                                       "Full|full|double size;for a double mattress",
-                                       "Queen|queen|60 by 80 inch;standard size for couples",
-                                       "King|king|76 by 80 inch;extra wide for two grownups")),
-        _a("color", "suffix", FURN_COLORS)],
-       (149, 1799), [], ["mattress"],
-       "Wood slat support system; no box spring required."),
-    _t("mattress", ["Furniture", "Bedroom", "Mattresses"], ["Hybrid Mattress", "Memory Foam Mattress"],
-       ["bed in a box", "sleep pad"],
-       ["stop waking up with a sore back", "something better to sleep on than my old lumpy one",
-        "sleep cooler at night", "good nights rest for a side sleeper"],
-       [_a("bed_size", "prefix", _vals("Twin|twin|single size;for one kid",
-                                       "Full|full|double size;for a double bed",
-                                       "Queen|queen|60 by 80 inch;standard size for couples",
-                                       "King|king|76 by 80 inch;extra wide for two grownups")),
-        _a("firmness", "prefix", _vals("Medium-Firm|medium firm|not too hard not too soft;with some give",
-                                       "Firm|firm|really supportive;that doesnt sag",
-                                       "Plush|plush|thats soft like a cloud;that you sink into"))],
-       (199, 1999), [], ["bed_frame"],
-       "Gel-infused foam layers over individually wrapped coils; 100-night trial."),
-    # --- Kitchen -----------------------------------------------------------------------
-    _t("chef_knife", ["Kitchen", "Cutlery", "Chef Knives"], ["Chef's Knife", "Chef Knife"],
-       ["cooks knife", "gyuto", "kitchen blade"],
-       ["something sharp for chopping onions", "dice veggies quickly", "cutter for slicing meat and herbs",
-        "slice tomatoes without squishing them"],
-       [_a("blade", "prefix", _vals('6"|6 inch|six inch;small one',
-                                    '8"|8 inch|eight inch;standard length',
-                                    '10"|10 inch|ten inch;long one')),
-        _a("steel", "prefix", _vals("German Steel|german steel|that stays sharp forever;thats heavy and durable",
-                                    "Damascus|damascus|with that wavy pattern;with a rippled pattern"))],
-       (19, 249), [], ["cutting_board"],
-       "Full-tang forged blade, ergonomic handle, hand-sharpened to 15 degrees."),
-    _t("cutting_board", ["Kitchen", "Prep", "Cutting Boards"], ["Cutting Board"],
-       ["chopping block", "chopping board", "butcher block"],
-       ["surface to chop veggies on that wont dull my blade", "something to slice bread on",
-        "thing to carve the roast on", "protect my counters while dicing"],
-       [_a("material", "prefix", _vals("Bamboo|bamboo|from grass wood;eco friendly",
-                                       "Acacia|acacia|in a rich hardwood;wooden and pretty",
-                                       "BPA-Free Polypropylene|plastic|that goes in the dishwasher;non wood")),
-        _a("size", "suffix", _vals("Small|small|for a little apartment;that fits in a drawer",
-                                   "Large|large|for prepping big meals;huge one"))],
-       (12, 119), [], ["chef_knife"],
-       "Juice groove and non-slip feet; reversible."),
-    _t("skillet", ["Kitchen", "Cookware", "Skillets"], ["Cast Iron Skillet"],
-       ["frying pan", "fry pan", "griddle pan"],
-       ["heavy pan to sear steak", "something to make cornbread in the oven and on the stove",
-        "cookware that lasts forever and can go camping", "get a good crust on burgers"],
-       [_a("diameter", "prefix", _vals('8"|8 inch|eight inch;small',
-                                       '10"|10 inch|ten inch;medium sized',
-                                       '12"|12 inch|twelve inch;family sized'))],
-       (15, 149), ["nonstick_pan"], ["chef_knife"],
-       "Pre-seasoned with vegetable oil; oven safe to 500F."),
-    _t("nonstick_pan", ["Kitchen", "Cookware", "Nonstick Pans"], ["Ceramic Nonstick Pan", "Nonstick Frypan"],
-       ["teflon pan", "egg pan", "omelette pan"],
-       ["make eggs without them sticking", "easy to clean cookware for flipping pancakes",
-        "cook crepes that slide right off"],
-       [_a("diameter", "prefix", _vals('8"|8 inch|eight inch;small',
-                                       '10"|10 inch|ten inch;medium sized',
-                                       '12"|12 inch|twelve inch;family sized')),
-        _a("color", "suffix", HOME_COLORS)],
-       (19, 129), ["skillet"], ["cutting_board"],
-       "PFAS-free coating, induction-ready base, stay-cool handle."),
-    _t("french_press", ["Kitchen", "Coffee", "French Presses"], ["French Press"],
-       ["coffee plunger", "cafetiere", "press pot"],
-       ["make coffee without a machine or filters", "brew coffee for two without electricity",
-        "old school way to steep coffee grounds", "strong rich coffee while camping"],
-       [_a("capacity", "prefix", _vals("12 oz|12 oz|single cup;for one",
-                                       "34 oz|34 oz|for four cups;for the family")),
-        _a("material", "prefix", _vals("Borosilicate Glass|glass|see through;that you can see into",
-                                       "Stainless Steel|stainless steel;steel|unbreakable;that wont shatter"))],
-       (15, 79), ["coffee_maker"], ["food_storage"],
-       "Four-level filtration screen for a clean, full-bodied cup."),
-    _t("coffee_maker", ["Kitchen", "Coffee", "Coffee Makers"], ["Drip Coffee Maker", "Programmable Coffeemaker"],
-       ["coffee machine", "coffee brewer", "mr coffee"],
-       ["something that has java ready when my alarm goes off", "brew a big carafe for the office",
-        "hot joe in the morning without effort", "make a full pot for the whole household"],
-       [_a("cups", "prefix", _vals("5-Cup|5 cup|for one or two people;small",
-                                   "12-Cup|12 cup|for a crowd;large")),
-        _a("color", "suffix", TECH_COLORS)],
-       (29, 249), ["french_press"], ["food_storage"],
-       "24-hour programmable timer, auto shut-off and a thermal carafe."),
-    _t("blender", ["Kitchen", "Small Appliances", "Blenders"], ["Blender", "Countertop Blender"],
-       ["smoothie maker", "liquidizer", "nutribullet"],
-       ["make smoothies and protein shakes", "crush ice for frozen margaritas", "puree soup and baby food",
-        "whip up green juice in the morning"],
-       [_a("power", "prefix", _vals("700W|700w;700 watt|not too loud;basic everyday",
-                                    "1000W|1000w;1000 watt|strong enough for frozen fruit;pretty strong",
-                                    "1500W|1500w;1500 watt|really powerful;pro grade")),
-        _a("color", "suffix", TECH_COLORS)],
-       (29, 449), [], ["food_storage"],
-       "Stainless steel blades and a BPA-free pitcher with pulse control."),
-    _t("food_storage", ["Kitchen", "Storage", "Food Storage"], ["Food Storage Containers", "Storage Container Set"],
-       ["tupperware", "leftover boxes", "meal prep boxes"],
-       ["keep leftovers fresh in the fridge", "pack lunches for the week", "stuff to freeze soup in",
-        "something airtight for cereal and flour"],
-       [_a("pieces", "prefix", _vals("10-Piece|10 piece|ten of them;just a few",
-                                     "24-Piece|24 piece|two dozen;a whole bunch")),
-        _a("material", "prefix", _vals("Glass|glass|see through and oven safe;that can go in the oven",
-                                       "BPA-Free Plastic|plastic|lightweight and unbreakable;that wont shatter"))],
-       (15, 69), [], ["blender", "coffee_maker"],
-       "Snap-lock lids, stackable, microwave and dishwasher safe."),
-    # --- Pets --------------------------------------------------------------------------
-    _t("dog_bed", ["Pets", "Dogs", "Dog Beds"], ["Orthopedic Dog Bed", "Bolster Dog Bed"],
-       ["dog mattress", "pet cushion", "doggy bed"],
-       ["somewhere for my pup to sleep", "comfy spot for an old lab with bad hips",
-        "place for the puppy to nap in his crate", "cozy thing for my pooch to snooze on"],
-       [_a("size", "prefix", DOG_SIZES), _a("color", "suffix", HOME_COLORS)],
-       (25, 199), [], ["dog_harness"],
-       "Egg-crate foam base, removable machine-washable cover."),
-    _t("dog_harness", ["Pets", "Dogs", "Harnesses"], ["No-Pull Dog Harness", "Dog Harness"],
-       ["walking vest", "dog vest", "puppy harness"],
-       ["stop my pup from pulling on walks", "something to clip the leash to that wont choke my pooch",
-        "keep my escape artist from slipping out on strolls"],
-       [_a("size", "prefix", DOG_SIZES), _a("color", "suffix", APPAREL_COLORS)],
-       (15, 69), [], ["dog_bed"],
-       "Front and back clip points, reflective stitching, padded chest plate."),
-    _t("cat_tree", ["Pets", "Cats", "Cat Trees"], ["Cat Tree", "Cat Tower"],
-       ["cat condo", "kitty gym", "scratching post"],
-       ["something for my kitty to climb on", "keep my kitten from shredding the couch",
-        "vertical playground for indoor felines", "perch by the window for my feline"],
-       [_a("height", "prefix", _vals('36"|36 inch|about three feet;small one',
-                                     '60"|60 inch|about five feet;medium one',
-                                     '72"|72 inch|floor to almost ceiling;really tall one')),
-        _a("color", "suffix", HOME_COLORS)],
-       (39, 299), [], ["litter_box", "pet_fountain"],
-       "Sisal-wrapped posts, plush condo and hammock."),
-    _t("pet_deterrent_mat", ["Pets", "Training", "Deterrents"], ["Pet Deterrent Mat", "Scat Mat"],
-       ["spike mat", "animal repellent mat"],
-       ["something to keep the cat off the counter", "stop the dog getting on the couch when im out",
-        "train my animals to stay off the furniture", "keep kitty out of the garden beds",
-        "stop my puppy jumping on the bed"],
-       [_a("length", "prefix", _vals("4 ft|4 ft;4 foot|four feet long;short one",
-                                     "6 ft|6 ft;6 foot|six feet long;long one"))],
-       (15, 59), [], ["cat_tree"],
-       "Flexible plastic spikes discourage access; cut to size."),
-    _t("litter_box", ["Pets", "Cats", "Litter Boxes"], ["Litter Box", "Hooded Litter Pan"],
-       ["kitty toilet", "cat potty", "litter tray"],
-       ["where my cat does its business", "somewhere for the kitten to pee indoors",
-        "bathroom for an indoor kitty that hides the smell"],
-       [_a("style", "prefix", _vals("Covered|covered|with a lid;that hides the mess",
-                                    "Open-Top|open top|without a lid;simple low",
-                                    "Self-Cleaning|self cleaning|that scoops itself;so i never have to scoop"))],
-       (15, 599), [], ["cat_tree", "pet_fountain"],
-       "Odor-control carbon filter and high sides to limit scatter."),
-    _t("pet_fountain", ["Pets", "Cats", "Fountains"], ["Pet Fountain", "Circulating Pet Fountain"],
-       ["cat water bowl", "drinking fountain"],
-       ["keep my cats water fresh and moving", "get my cat to drink more", "running water dispenser for the dog"],
-       [_a("capacity", "prefix", _vals("2L|2l;2 liter|small one;for one kitty",
-                                       "3L|3l;3 liter|big one;for several animals")),
-        _a("color", "suffix", TECH_COLORS)],
-       (19, 89), [], ["litter_box"],
-       "Ultra-quiet pump and a triple filtration system."),
-    _t("pet_feeder", ["Pets", "Feeding", "Automatic Feeders"], ["Automatic Pet Feeder"],
-       ["timed feeder", "kibble dispenser", "food dispenser"],
-       ["feed the cat while im at work", "dispense kibble on a schedule when i travel",
-        "make sure the dog eats on time when im away"],
-       [_a("connectivity", "prefix", _vals("Wi-Fi|wifi;wi-fi|that i can control from my phone;app controlled",
-                                           "Programmable|programmable|with no app needed;that works without internet"))],
-       (29, 199), [], ["pet_fountain"],
-       "Portion control up to six meals a day with a voice recorder."),
-    # --- Baby & Toddler ----------------------------------------------------------------
-    _t("sippy_cup", ["Baby & Toddler", "Feeding", "Sippy Cups"], ["Sippy Cup", "Transition Cup"],
-       ["spill proof cup", "trainer cup", "straw cup"],
-       ["something for my little one to drink from without spilling", "something that wont leak when the baby throws it",
-        "help my kiddo move off the bottle", "mess free drinking for a toddler"],
-       [_a("age", "suffix", BABY_AGES), _a("pack", "prefix", PACKS),
-        _a("material", "prefix", _vals("Silicone|silicone|soft and squishy;that bends",
-                                       "Stainless|stainless|metal;that keeps milk cold"))],
-       (6, 29), [], ["high_chair"],
-       "Leak-proof valve, easy-grip handles, top-rack dishwasher safe."),
-    _t("baby_gate", ["Baby & Toddler", "Safety", "Baby Gates"], ["Baby Gate", "Safety Gate"],
-       ["stair guard", "doorway barrier", "child gate"],
-       ["keep the crawler from falling down the stairs", "block off the kitchen from my toddler",
-        "stop the little one getting into the hallway"],
-       [_a("mount", "prefix", _vals("Pressure-Mounted|pressure mounted|that doesnt need screws;no drilling",
-                                    "Hardware-Mounted|hardware mounted|that screws into the wall;for the top of the stairs")),
-        _a("width", "suffix", _vals("29-38 in.|29-38 inch|for a normal doorway;regular width",
-                                    "38-48 in.|38-48 inch|for a wide opening;extra wide"))],
-       (25, 149), [], ["high_chair"],
-       "One-hand walk-through door with auto-close."),
-    _t("high_chair", ["Baby & Toddler", "Feeding", "High Chairs"], ["High Chair", "Convertible High Chair"],
-       ["feeding chair", "booster seat"],
-       ["somewhere for the baby to sit at dinner", "seat for my 8 month old to eat solids",
-        "let the little one join us at the table for meals"],
-       [_a("color", "suffix", HOME_COLORS)],
-       (39, 299), [], ["sippy_cup"],
-       "Five-point harness, removable tray and wipe-clean seat pad."),
-    _t("stroller", ["Baby & Toddler", "Travel", "Strollers"], ["Stroller"],
-       ["pram", "pushchair", "buggy"],
-       ["push the baby around the neighborhood", "wheels for taking the newborn on walks",
-        "something to push my toddler at the mall"],
-       [_a("style", "prefix", _vals("Lightweight|lightweight|that folds small for flights;easy to carry",
-                                    "Jogging|jogging|for running with the baby;for trails",
-                                    "Full-Size|full size|with lots of storage underneath;sturdy")),
-        _a("color", "suffix", HOME_COLORS)],
-       (79, 899), [], ["baby_monitor"],
-       "One-hand fold, all-wheel suspension and a UPF 50+ canopy."),
-    _t("baby_monitor", ["Baby & Toddler", "Nursery", "Baby Monitors"], ["Video Baby Monitor", "Baby Monitor"],
-       ["nursery camera", "baby cam", "crib camera"],
-       ["watch the little one sleep from another room", "see and hear the nursery at night",
-        "keep an eye on the newborn while i cook"],
-       [_a("connectivity", "prefix", _vals("Wi-Fi|wifi;wi-fi|that i can check from my phone;app controlled",
-                                           "Non-Wi-Fi|non wifi|with no internet;that cant be hacked"))],
-       (29, 299), [], ["stroller"],
-       "Night vision, two-way talk and room temperature alerts."),
-    # --- Hardware & Plumbing -----------------------------------------------------------
-    _t("pvc_elbow", ["Hardware & Plumbing", "Pipe Fittings", "Elbows"], ["PVC 90-Degree Elbow", "PVC Elbow Fitting"],
-       ["pipe elbow", "pipe bend", "sprinkler fitting"],
-       ["piece to make a pipe turn a corner", "connector to bend plastic pipe ninety degrees",
-        "join two white pipes at a right angle", "make the sprinkler line go around a corner"],
-       [_a("size", "prefix", PIPE_SIZES),
-        _a("connection", "suffix", _vals("Slip x Slip|slip|that you glue on both ends;push in and glue",
-                                         "Slip x FPT|threaded;fpt|with threads on one side;that screws on one end"))],
-       (1, 19), [], ["ptfe_tape"],
-       "Schedule 40, NSF certified for potable water."),
-    _t("ptfe_tape", ["Hardware & Plumbing", "Plumbing", "Sealants"], ["PTFE Thread Seal Tape"],
-       ["teflon tape", "plumbers tape", "white tape for pipes"],
-       ["stop a leak where the shower head screws on", "wrap the threads so pipe joints dont drip",
-        "fix a dripping faucet connection"],
-       [_a("width", "prefix", _vals('1/2" x 520"|1/2 inch|narrow roll;standard roll',
-                                    '3/4" x 260"|3/4 inch|wide roll;fat roll'))],
-       (1, 12), [], ["pvc_elbow"],
-       "Gas-line rated, high density, stays put on fittings."),
-    _t("drain_auger", ["Hardware & Plumbing", "Plumbing", "Augers"], ["Drain Auger", "Plumbing Auger"],
-       ["drain snake", "plumbers snake", "clog remover"],
-       ["get hair out of a clogged shower", "fix a slow bathtub without chemicals",
-        "pull gunk out of the sink pipe", "clear a backed up tub"],
-       [_a("length", "prefix", _vals("25 ft|25 ft;25 foot|twenty five feet;short one",
-                                     "50 ft|50 ft;50 foot|fifty feet;long one"))],
-       (8, 119), ["plunger"], [],
-       "Steel cable with a spring tip and a locking drum."),
-    _t("plunger", ["Hardware & Plumbing", "Plumbing", "Plungers"], ["Toilet Plunger", "Flange Plunger"],
-       ["plumbers helper", "unclogger"],
-       ["the loo is backed up", "fix a clogged commode fast", "loo wont flush and water is rising"],
-       [_a("handle", "suffix", _vals("Wood Handle|wood handle|classic;old fashioned",
-                                     "With Caddy|with caddy|that hides in a holder;with a stand"))],
-       (7, 39), ["drain_auger"], [],
-       "Heavy-duty rubber cup that seals on any bowl."),
-    _t("cordless_drill", ["Hardware & Plumbing", "Power Tools", "Drills"], ["Cordless Drill/Driver", "Cordless Drill"],
-       ["power drill", "battery drill", "screw gun"],
-       ["make holes in the wall to hang shelves", "put together flat pack furniture faster",
-        "drive screws into a deck", "mount curtain rods myself"],
-       [_a("voltage", "prefix", _vals("12V|12v;12 volt|compact and light;small one",
-                                      "20V|20v;20 volt|heavy duty;strong one")),
-        _a("kit", "suffix", _vals("Tool Only|tool only|bare unit;without the charger",
-                                  "Battery Kit|kit;with battery|that comes ready to go;charger included"))],
-       (49, 299), [], ["wall_anchors"],
-       "Brushless motor, two-speed gearbox and LED work light."),
-    _t("wall_anchors", ["Hardware & Plumbing", "Fasteners", "Anchors"], ["Drywall Anchors", "Hollow Wall Anchor Kit"],
-       ["wall plugs", "molly bolts", "toggle bolts"],
-       ["hang a heavy mirror on sheetrock", "make screws hold in plasterboard",
-        "mount a shelf without finding a stud"],
-       [_a("rating", "prefix", _vals("25 lb|25 lb|for light frames;light stuff",
-                                     "50 lb|50 lb|for a big mirror;medium heavy",
-                                     "100 lb|100 lb|for really heavy things;a tv mount"))],
-       (4, 29), [], ["cordless_drill"],
-       "Self-drilling zinc anchors, screws included."),
-    # --- Electronics -------------------------------------------------------------------
-    _t("earbuds", ["Electronics", "Audio", "Earbuds"], ["Wireless Earbuds", "True Wireless Earbuds"],
-       ["bluetooth headphones", "earphones", "airpods"],
-       ["listen to podcasts on the run without cords", "take calls hands free",
-        "tiny things to play music that fit in my pocket", "music at the gym without tangled wires"],
-       [_a("noise_control", "prefix", _vals(NOISE_CANCELLING, "Open-Ear|open ear|that let me hear traffic;so i stay aware")),
-        _a("color", "suffix", TECH_COLORS)],
-       (19, 299), ["headphones"], ["usb_c_charger", "power_bank"],
-       "Bluetooth 5.3, 30-hour total battery with the case, IPX5."),
-    _t("headphones", ["Electronics", "Audio", "Headphones"], ["Over-Ear Headphones"],
-       ["cans", "headset", "studio monitors"],
-       ["block out the engine drone on a long flight", "big comfy things to listen to music at my desk",
-        "quiet the office chatter while i work"],
-       [_a("noise_control", "prefix", _vals(NOISE_CANCELLING, "Studio|studio|for mixing beats;flat sound for producers")),
-        _a("color", "suffix", TECH_COLORS)],
-       (39, 449), ["earbuds"], ["usb_c_charger"],
-       "40 mm drivers, memory-foam cushions, 40-hour battery."),
-    _t("usb_c_charger", ["Electronics", "Power", "Chargers"], ["USB-C Wall Charger", "GaN Fast Charger"],
-       ["phone charger", "power adapter", "charging brick"],
-       ["juice up my phone quickly overnight", "top up my laptop and phone from one plug",
-        "replace the thing that plugs into the outlet for my iphone"],
-       [_a("watts", "prefix", _vals("20W|20w;20 watt|just for a phone;basic",
-                                    "65W|65w;65 watt|strong enough for a laptop;for a macbook",
-                                    "100W|100w;100 watt|that can power everything at once;maximum speed"))],
-       (9, 79), ["power_bank"], ["earbuds", "hdmi_cable"],
-       "Gallium nitride design, foldable prongs, universal compatibility."),
-    _t("power_bank", ["Electronics", "Power", "Power Banks"], ["Portable Power Bank", "Power Bank"],
-       ["portable charger", "battery pack", "external battery"],
-       ["keep my phone alive at a festival", "recharge devices on a camping trip with no outlets",
-        "dont run out of juice on a long travel day"],
-       [_a("capacity", "prefix", _vals("10000mAh|10000mah|slim one;fits in a pocket",
-                                       "20000mAh|20000mah|that lasts all weekend;that charges a phone four times")),
-        _a("color", "suffix", TECH_COLORS)],
-       (15, 119), ["usb_c_charger"], ["earbuds"],
-       "Pass-through charging and an LED level indicator."),
-    _t("hdmi_cable", ["Electronics", "Cables", "HDMI Cables"], ["High Speed HDMI Cable", "HDMI 2.1 Cable"],
-       ["tv cord", "video cable", "display cord"],
-       ["connect my laptop to the tv", "hook the ps5 up to a monitor", "get 4k from the console to the screen"],
-       [_a("length", "prefix", _vals("3 ft|3 ft;3 foot|three feet;short",
-                                     "6 ft|6 ft;6 foot|six feet;medium length",
-                                     "10 ft|10 ft;10 foot|ten feet;long"))],
-       (5, 39), [], ["tv_stand", "usb_c_charger"],
-       "48Gbps bandwidth, gold-plated connectors, braided jacket."),
-    _t("smart_plug", ["Electronics", "Smart Home", "Smart Plugs"], ["Smart Plug", "Wi-Fi Smart Outlet"],
-       ["wifi switch", "alexa outlet", "timer socket"],
-       ["turn lamps on and off from my phone", "put the coffee pot on a schedule",
-        "control a fan by voice", "make my christmas lights come on automatically"],
-       [_a("pack", "prefix", PACKS)],
-       (9, 49), [], ["usb_c_charger"],
-       "Works with major voice assistants; energy monitoring; no hub required."),
-    # --- Outdoor & Garden --------------------------------------------------------------
-    _t("garden_hose", ["Outdoor & Garden", "Watering", "Hoses"], ["Expandable Garden Hose", "Garden Hose"],
-       ["water hose", "hosepipe"],
-       ["water the flower beds from the spigot", "wash the car in the driveway",
-        "reach the back of the yard to water plants"],
-       [_a("length", "prefix", _vals("25 ft|25 ft;25 foot|twenty five feet;short one",
-                                     "50 ft|50 ft;50 foot|fifty feet;medium length",
-                                     "100 ft|100 ft;100 foot|a hundred feet;really long"))],
-       (19, 119), [], ["hose_nozzle"],
-       "Kink-free latex core, solid brass fittings."),
-    _t("hose_nozzle", ["Outdoor & Garden", "Watering", "Nozzles"], ["Hose Nozzle", "Spray Nozzle"],
-       ["sprayer head", "water wand", "spray gun"],
-       ["gentle shower setting for seedlings", "jet setting to blast mud off the patio",
-        "thing on the end to control the water pressure"],
-       [_a("patterns", "prefix", _vals("7-Pattern|7 pattern|with a few settings;simple",
-                                       "10-Pattern|10 pattern|with lots of settings;versatile"))],
-       (6, 39), [], ["garden_hose"],
-       "Zinc body, thumb-control flow and a rubberized grip."),
-    _t("raised_bed", ["Outdoor & Garden", "Planters", "Raised Beds"], ["Raised Garden Bed", "Elevated Planter Box"],
-       ["veggie planter", "garden box", "grow bed"],
-       ["grow tomatoes without digging up the lawn", "planting spot so i dont have to bend down",
-        "grow herbs and lettuce on the patio"],
-       [_a("material", "prefix", _vals("Cedar|cedar|wooden that wont rot;natural wood",
-                                       "Galvanized Steel|galvanized;metal|metal that wont rust;metal one"))],
-       (39, 399), [], ["pruning_shears", "garden_hose"],
-       "Open-bottom design for drainage; tool-free assembly."),
-    _t("bird_feeder", ["Outdoor & Garden", "Wildlife", "Bird Feeders"], ["Bird Feeder", "Hanging Bird Feeder"],
-       ["seed feeder", "finch feeder", "suet cage"],
-       ["attract cardinals and finches to my yard", "watch songbirds from the kitchen",
-        "feed wild sparrows without critters stealing it"],
-       [_a("style", "prefix", _vals("Tube|tube|long narrow one;cylinder",
-                                    "Window|window|that sticks on glass;suction cup",
-                                    "Squirrel-Proof|squirrel proof|that squirrels cant raid;weight activated"))],
-       (12, 119), [], [],
-       "Metal perches and a weatherproof seed port."),
-    _t("patio_umbrella", ["Outdoor & Garden", "Patio", "Umbrellas"], ["Patio Umbrella", "Market Umbrella"],
-       ["parasol", "sun shade", "deck shade"],
-       ["shade over the outdoor dining table", "keep the sun off us on the deck", "stay cool by the pool"],
-       [_a("size", "prefix", _vals("7.5 ft|7.5 ft|small one;for a bistro set",
-                                   "9 ft|9 ft|medium one;standard size",
-                                   "11 ft|11 ft|huge one;for a big table")),
-        _a("color", "suffix", HOME_COLORS)],
-       (39, 499), [], ["solar_lights"],
-       "Fade-resistant canopy with push-button tilt and crank lift."),
-    _t("solar_lights", ["Outdoor & Garden", "Lighting", "Path Lights"], ["Solar Path Lights", "Solar Pathway Lights"],
-       ["garden lamps", "walkway lamps", "stake lights"],
-       ["light up the walkway at night without wiring", "make the backyard glow after dark with no outlet",
-        "mark the driveway edges in the dark"],
-       [_a("pack", "prefix", _vals("6-Pack|6 pack|six of them;half a dozen",
-                                   "12-Pack|12 pack|twelve of them;a dozen")),
-        _a("tone", "suffix", _vals("Warm White|warm white|with a cozy yellow glow;soft yellow",
-                                   "Cool White|cool white|bright bluish;crisp and bright"))],
-       (15, 89), [], ["patio_umbrella"],
-       "Auto on at dusk, IP65 weatherproof, 8 hours per charge."),
-    _t("pruning_shears", ["Outdoor & Garden", "Tools", "Pruners"], ["Bypass Pruning Shears", "Bypass Pruner"],
-       ["secateurs", "garden clippers", "hand snips"],
-       ["trim the rose bushes", "cut back dead branches on shrubs", "snip herbs and deadhead flowers"],
-       [_a("grip", "suffix", _vals("Standard Grip|standard grip|normal handles;regular",
-                                   "Ergonomic Grip|ergonomic grip|easy on arthritic hands;for weak hands"))],
-       (9, 69), [], ["raised_bed"],
-       "SK5 steel blade, safety lock and sap groove."),
-    # --- Apparel -----------------------------------------------------------------------
-    _t("rain_jacket", ["Apparel", "Outerwear", "Rain Jackets"], ["Waterproof Rain Jacket", "Rain Shell"],
-       ["raincoat", "windbreaker", "anorak"],
-       ["stay dry walking the dog in a downpour", "something to wear in seattle weather",
-        "packable layer for wet hikes"],
-       [_a("gender", "prefix", GENDER), _a("color", "suffix", APPAREL_COLORS), _a("size", "suffix", APPAREL_SIZES)],
-       (39, 349), [], ["hiking_boots", "beanie"],
-       "Seam-sealed 2.5-layer fabric, pit zips, adjustable hood."),
-    _t("hiking_boots", ["Apparel", "Footwear", "Hiking Boots"], ["Waterproof Hiking Boots", "Hiking Boot"],
-       ["trail boots", "trekking shoes", "mountain shoes"],
-       ["footwear for rocky mountain trails", "something sturdy to wear on a backpacking trip",
-        "ankle support on steep climbs"],
-       [_a("gender", "prefix", GENDER), _a("size", "suffix", SHOE_SIZES)],
-       (59, 249), ["running_shoes"], ["wool_socks", "rain_jacket"],
-       "Vibram outsole, waterproof membrane and a cushioned midsole."),
-    _t("running_shoes", ["Apparel", "Footwear", "Running Shoes"], ["Running Shoes", "Road Running Shoe"],
-       ["sneakers", "trainers", "joggers"],
-       ["start training for a 5k", "comfy kicks for marathon practice", "cushioned footwear for pounding the pavement"],
-       [_a("gender", "prefix", GENDER), _a("color", "suffix", APPAREL_COLORS), _a("size", "suffix", SHOE_SIZES)],
-       (49, 219), ["hiking_boots"], ["wool_socks"],
-       "Responsive foam midsole and a breathable engineered mesh upper."),
-    _t("wool_socks", ["Apparel", "Socks", "Wool Socks"], ["Merino Wool Socks", "Merino Crew Socks"],
-       ["thermal socks", "boot socks", "warm socks"],
-       ["keep my feet warm in winter", "stop blisters on long walks", "toasty feet for ski trips"],
-       [_a("gender", "prefix", GENDER), _a("pack", "prefix", _vals("3-Pack|3 pack|three pairs;a few pairs",
-                                                                   "6-Pack|6 pack|six pairs;a bunch of pairs"))],
-       (12, 59), [], ["hiking_boots", "running_shoes"],
-       "Cushioned sole, reinforced heel and toe, odor resistant."),
-    _t("beanie", ["Apparel", "Accessories", "Hats"], ["Knit Beanie", "Cuffed Beanie"],
-       ["toque", "winter hat", "knit cap"],
-       ["keep my ears warm when it snows", "something cozy for my head on cold mornings",
-        "stop losing heat on frosty runs"],
-       [_a("color", "suffix", APPAREL_COLORS)],
-       (9, 45), [], ["rain_jacket"],
-       "Soft rib knit with a fold-over cuff; one size."),
-    # --- Beauty ------------------------------------------------------------------------
-    _t("hair_dryer", ["Beauty", "Hair Tools", "Hair Dryers"], ["Ionic Hair Dryer", "Hair Dryer"],
-       ["blow dryer", "blowdryer", "hairdryer"],
-       ["dry my thick mane fast", "salon blowout at home", "tame frizz after showering"],
-       [_a("power", "prefix", _vals("1875W|1875w|really strong;fast",
-                                    "1200W|1200w;travel|compact for trips;small for travel")),
-        _a("color", "suffix", TECH_COLORS)],
-       (19, 399), [], [],
-       "Ceramic heating, three heat settings, cool shot and a concentrator."),
-    _t("moisturizer", ["Beauty", "Skincare", "Moisturizers"], ["Daily Face Moisturizer", "Hydrating Face Cream"],
-       ["face lotion", "moisturiser", "day cream"],
-       ["fix dry flaky cheeks", "something for tightness after cleansing",
-        "hydration for a combination complexion in winter"],
-       [_a("skin_type", "prefix", _vals("Oil-Free|oil free|that wont make me break out;for acne prone",
-                                        "Sensitive Skin|sensitive|for a reactive complexion;that wont irritate",
-                                        "Rich|rich|extra thick for very parched cheeks;heavy duty"))],
-       (8, 79), ["sunscreen"], [],
-       "Hyaluronic acid and ceramides; non-comedogenic."),
-    _t("sunscreen", ["Beauty", "Skincare", "Sunscreen"], ["Mineral Sunscreen", "Sunscreen Lotion"],
-       ["sunblock", "suncream", "sun cream"],
-       ["keep from burning at the beach", "protect the family at the pool", "sun protection on a hike"],
-       [_a("spf", "prefix", _vals("SPF 30|spf 30|everyday protection;medium protection",
-                                  "SPF 50|spf 50|maximum protection;high protection")),
-        _a("audience", "prefix", _vals("Kids|kids|for little ones;for my children",
-                                       "Sport|sport|that stays on when i sweat;water resistant"))],
-       (6, 39), ["moisturizer"], [],
-       "Zinc oxide broad spectrum, reef friendly, 80 minutes water resistant."),
-    _t("electric_toothbrush", ["Beauty", "Oral Care", "Electric Toothbrushes"], ["Electric Toothbrush", "Sonic Toothbrush"],
-       ["power toothbrush", "sonicare", "rechargeable brush"],
-       ["clean my teeth better than a manual one", "dentist said i need to brush better",
-        "get rid of plaque and coffee stains"],
-       [_a("audience", "prefix", _vals("Kids|kids|for little ones;for my children",
-                                       "Adult|adult|for grownups;for me"))],
-       (19, 249), [], [],
-       "Two-minute timer with 30-second pacer and pressure sensor."),
-    # --- Toys --------------------------------------------------------------------------
-    _t("building_blocks", ["Toys", "Construction", "Building Sets"], ["Building Blocks Set", "Construction Bricks Set"],
-       ["lego", "legos", "stacking bricks"],
-       ["something my kid can build castles with", "creative toy for a rainy day indoors",
-        "screen free activity that makes them think"],
-       [_a("age", "prefix", KID_AGES), _a("pieces", "suffix", _vals("100 Pieces|100 piece|small starter kit;starter",
-                                                                    "500 Pieces|500 piece|huge bucket;big bucket"))],
-       (14, 149), [], ["jigsaw_puzzle"],
-       "Compatible with major brands; storage bin included."),
-    _t("jigsaw_puzzle", ["Toys", "Games", "Puzzles"], ["Jigsaw Puzzle"],
-       ["picture puzzle", "puzzles for adults"],
-       ["something to do with grandma on a rainy afternoon", "a challenge to put together over the holidays",
-        "quiet activity to assemble on the dining table"],
-       [_a("pieces", "prefix", _vals("500-Piece|500 piece|easy;a quick one",
-                                     "1000-Piece|1000 piece|challenging;that takes a weekend",
-                                     "2000-Piece|2000 piece|really hard one;that takes weeks"))],
-       (9, 39), [], ["building_blocks"],
-       "Premium blue-board stock, anti-glare finish and a poster."),
-    _t("balance_bike", ["Toys", "Ride-Ons", "Balance Bikes"], ["Balance Bike", "Kids Balance Bike"],
-       ["push bike", "no pedal bike", "strider"],
-       ["teach my 2 year old to ride without training wheels", "first ride on toy for a little one",
-        "help my kiddo learn to pedal later"],
-       [_a("color", "suffix", APPAREL_COLORS)],
-       (39, 199), [], [],
-       "Adjustable seat, puncture-proof tires, lightweight frame."),
-    _t("plush_toy", ["Toys", "Stuffed Animals", "Plush"], ["Plush Stuffed Animal", "Stuffed Animal"],
-       ["teddy", "cuddly toy", "stuffie"],
-       ["something soft for the baby to snuggle at night", "gift for a kid who loves critters to hug",
-        "huggable friend for bedtime"],
-       [_a("animal", "prefix", _vals("Bear|bear|brown grizzly;like a grizzly",
-                                     "Bunny|bunny|rabbit;with floppy ears",
-                                     "Dinosaur|dinosaur|t rex;with a long tail and scales"))],
-       (8, 49), [], [],
-       "Surface washable, embroidered eyes, safe for all ages."),
-    # --- Home --------------------------------------------------------------------------
-    _t("blackout_curtains", ["Home", "Window", "Curtains"], ["Blackout Curtains", "Room Darkening Curtain Panels"],
-       ["drapes", "window coverings", "blinds"],
-       ["keep the bedroom dark for day sleeping", "stop the streetlight shining in at night",
-        "help the baby nap in the afternoon"],
-       [_a("length", "prefix", _vals('63"|63 inch|short ones;for a small window',
-                                     '84"|84 inch|standard length;normal length',
-                                     '95"|95 inch|long ones;floor length')),
-        _a("color", "suffix", HOME_COLORS)],
-       (19, 119), [], ["area_rug"],
-       "Triple-weave fabric blocks 99% of light; thermal insulated."),
-    _t("area_rug", ["Home", "Rugs", "Area Rugs"], ["Area Rug"],
-       ["carpet", "floor covering", "runner"],
-       ["something soft underfoot in the living room", "cover up ugly hardwood floors",
-        "make the room feel warmer on bare feet"],
-       [_a("size", "prefix", _vals("5x7|5x7|five by seven;medium",
-                                   "8x10|8x10|eight by ten;big")),
-        _a("color", "suffix", HOME_COLORS)],
-       (39, 899), [], ["sofa", "coffee_table"],
-       "Low-pile, stain-resistant polypropylene with a non-shed weave."),
-    _t("shower_caddy", ["Home", "Bath", "Shower Storage"], ["Shower Caddy"],
-       ["bath organizer", "shampoo shelf", "tub rack"],
-       ["keep shampoo and soap off the tub ledge", "hang bottles from the showerhead",
-        "organize toiletries in a tiny bathroom"],
-       [_a("mount", "prefix", _vals("Hanging|hanging|over the head;that hangs",
-                                    "Corner|corner|that wedges between two walls;tucked in the angle"))],
-       (9, 59), [], ["weighted_blanket"],
-       "Rust-proof aluminum with drainage holes."),
-    _t("weighted_blanket", ["Home", "Bedding", "Blankets"], ["Weighted Blanket"],
-       ["heavy blanket", "gravity blanket", "anxiety blanket"],
-       ["help me sleep when anxious", "calm feeling at night for restless sleepers",
-        "deep pressure for my kid with sensory issues"],
-       [_a("weight", "prefix", _vals("12 lb|12 lb|for a kid;light one",
-                                     "15 lb|15 lb|for a small adult;medium one",
-                                     "20 lb|20 lb|for a bigger person;heavy one")),
-        _a("color", "suffix", HOME_COLORS)],
-       (34, 199), [], [],
-       "Glass bead fill in quilted pockets; removable cover."),
-]
-PRODUCT_TYPES: dict[str, ProductType] = {t.key: t for t in _TYPES}
-DEPARTMENTS: tuple[str, ...] = tuple(dict.fromkeys(t.department for t in _TYPES))
-
-# (name, tier): tier sets where an item sits inside its type's price range.
-BRANDS: dict[str, tuple[tuple[str, str], ...]] = {
-    "Furniture": (("Harlow", "mid"), ("Oakridge", "premium"), ("Nestwell", "budget"), ("Ardent Home", "premium"),
-                  ("Cove & Co", "mid"), ("Brixby", "budget"), ("Linden Lane", "mid"), ("Mavera", "premium")),
-    "Kitchen": (("Ironhearth", "mid"), ("Culina", "premium"), ("Kitchbright", "budget"), ("Sable & Salt", "premium"),
-                ("Everpan", "mid"), ("Mazzo", "budget"), ("Copperleaf", "premium"), ("Dashwood", "mid")),
-    "Pets": (("Pawsome", "budget"), ("Barkley", "mid"), ("Whisker & Co", "mid"), ("Furbridge", "premium"),
-             ("Tailwise", "mid"), ("Kibblekind", "budget"), ("Hound & Hearth", "premium")),
-    "Baby & Toddler": (("Littlenest", "mid"), ("Bumblebee", "budget"), ("Cradlewise", "premium"),
-                       ("Tot Trail", "mid"), ("Peapod", "budget"), ("Wonderbud", "premium")),
-    "Hardware & Plumbing": (("ProFlow", "mid"), ("Trutorque", "premium"), ("Hexbolt", "budget"),
-                            ("Pipemaster", "mid"), ("Brassline", "premium"), ("Ridgeway", "mid"), ("Fixwell", "budget")),
-    "Electronics": (("Voltra", "mid"), ("Sonique", "premium"), ("Ampere", "budget"), ("Lumio", "mid"),
-                    ("Nexacore", "premium"), ("Byteline", "budget"), ("Wavecrest", "mid")),
-    "Outdoor & Garden": (("Greenthumb", "budget"), ("Terraform", "mid"), ("Sunhaven", "premium"), ("Yardly", "mid"),
-                         ("Fernwood", "mid"), ("Solstice", "premium"), ("Tuffline", "budget")),
-    "Apparel": (("Northpeak", "premium"), ("Trailmark", "mid"), ("Urban Thread", "budget"), ("Alpine Fox", "premium"),
-                ("Driftwood", "mid"), ("Stride Lab", "mid"), ("Cotton & Co", "budget")),
-    "Beauty": (("Lumiere", "premium"), ("Glowbar", "mid"), ("Purely", "budget"), ("Silkwave", "mid"),
-               ("Dermaleaf", "premium"), ("Bloom Bay", "budget")),
-    "Toys": (("Brickly", "mid"), ("Tinytown", "budget"), ("Wonderworks", "premium"), ("Playfort", "mid"),
-             ("Pinecone Play", "mid"), ("Cuddle Cub", "budget")),
-    "Home": (("Hearthside", "mid"), ("Dreamweave", "premium"), ("Nightfall", "mid"), ("Cozyloom", "budget"),
-             ("Tidybath", "budget"), ("Stonewash", "premium")),
-}
+# Where an item's price sits in its type's range, by brand tier (beta distribution parameters).
 _TIER_BETA = {"budget": (1.6, 4.5), "mid": (3.0, 3.0), "premium": (4.5, 1.6)}
-BOILERPLATE = (
-    "Backed by a 1-year limited warranty.", "Ships in one box.", "Free returns within 30 days.",
-    "Designed in-house and tested for durability.", "Customer favorite.", "Imported.",
-)
+TAXONOMY = read_taxonomy((resources.files(__package__) / TAXONOMY_FILE).read_bytes())
+PRODUCT_TYPES: dict[str, ProductType] = TAXONOMY.types
+DEPARTMENTS: tuple[str, ...] = tuple(dict.fromkeys(t.department for t in PRODUCT_TYPES.values()))
+BRANDS = TAXONOMY.brands
+BOILERPLATE = TAXONOMY.boilerplate
 
 # Tail-query surface noise: openers/suffixes carry no type information; abbreviations and typos
 # are applied word by word, so the same concept appears in many surface forms across the split.
@@ -1117,7 +474,7 @@ def _value(attr: Attribute, title: str) -> AttrValue:
 def _make_qrels(items: list[Item], queries: list[SynthQuery], nrng: np.random.Generator) -> dict[str, dict[str, int]]:
     # Vectorised matching: one int code per (attribute, value), -1 where the type lacks it.
     codes: dict[tuple[str, str], int] = {}
-    attr_names = sorted({a.name for t in _TYPES for a in t.attributes})
+    attr_names = sorted({a.name for t in PRODUCT_TYPES.values() for a in t.attributes})
     acode = {name: np.full(len(items), -1, dtype=np.int32) for name in attr_names}
     brands = sorted({it.brand for it in items})
     bcode = {b: i for i, b in enumerate(brands)}
