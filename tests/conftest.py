@@ -135,7 +135,8 @@ def tiny_demo(root: Path, sessions: int) -> Path:
     """A 150-item demo data set with a feedback log of ``sessions`` simulated sessions, for
     training models in seconds."""
     from tailbridge.synthetic import catalog as synth
-    from tailbridge.models.data.feedback import simulate_feedback, write_feedback
+    from tailbridge.models.data.feedback import write_feedback
+    from tailbridge.synthetic.feedback import simulate_feedback
 
     synth.write(synth.generate(items=150, users=6, seed=5), root)
     write_feedback(simulate_feedback(root, sessions=sessions, seed=5), root / "feedback")

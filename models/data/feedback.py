@@ -21,14 +21,13 @@ log for behaviour levels (the multi-grained loss), for graph edges, and for the 
 shopper had when searching (their earlier clicks, carts and purchases, newest first, and
 category affinities) -- the same fields as the Feast ``user_context`` view.
 
-``simulate_feedback`` writes such a log for the demo data from the session simulator, over the
-training queries only, so that no test judgement reaches training or a user context.
+For demo data, ``tailbridge.synthetic.feedback`` simulates such a log from shopper sessions over
+the training queries only, so that no test judgement reaches training or a user context.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -138,39 +137,3 @@ def context_at(frame: pd.DataFrame, user_id: str, item_category: Mapping[str, st
     recent = engaged[::-1][:RECENT_ITEMS]
     return {"recent_item_ids": [i for i, _ in recent], "recent_actions": [a for _, a in recent],
             "category_affinity": {c: v / total for c, v in affinity.items()}}
-
-
-def simulate_feedback(data_dir: Path, sessions: int, seed: int = 7) -> pd.DataFrame:
-    """A feedback log for demo data: simulated sessions (synthetic.shoppers) over the training
-    queries only, joined into labelled rows. Deterministic for a seed (synthetic clock)."""
-    from tailbridge.synthetic import catalog as synth
-    from tailbridge.streams.events import InteractionEvent, QueryEvent
-    from tailbridge.synthetic.shoppers import simulate
-
-    dataset = synth.load(Path(data_dir))
-    # The simulator only issues queries that have judgements: keep the training ones.
-    dataset.qrels = {q: j for q, j in dataset.qrels.items() if dataset.split.get(q) == "train"}
-    start = datetime(2024, 1, 1, tzinfo=UTC)
-    tick = iter(range(1 << 62))
-    clock = lambda: start + timedelta(seconds=next(tick))  # noqa: E731 - one event per simulated second
-    served: dict[str, dict[str, Any]] = {}
-    best: dict[tuple[str, str], int] = {}
-    for event in simulate(dataset, seed=seed, sessions=sessions, clock=clock):
-        if isinstance(event, QueryEvent):
-            served[event.query_id] = {"event": event}
-        elif isinstance(event, InteractionEvent) and event.query_id in served and event.action != "impression":
-            label = ACTION_LABEL[event.action]
-            key = (event.query_id, event.item_id)
-            best[key] = max(best.get(key, 0), LABEL_LEVEL[label])
-    level_label = {v: k for k, v in LABEL_LEVEL.items()}
-    rows = []
-    for qid, entry in served.items():
-        q = entry["event"]
-        for s in q.served:
-            rows.append({"query_id": qid, "query": q.query, "user_id": q.user_id, "session_id": q.session_id,
-                         "item_id": s.item_id, "position": s.position,
-                         "label": level_label[best.get((qid, s.item_id), LABEL_LEVEL["shown_unclicked"])],
-                         "event_time": q.event_time})
-    frame = pd.DataFrame(rows, columns=list(FEEDBACK_COLUMNS))
-    frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
-    return frame

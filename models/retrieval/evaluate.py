@@ -156,27 +156,32 @@ def eval_contexts(data_dir: Path, data: RetrievalData, qids: Sequence[str], feed
 
 
 def _demo_issuers(data_dir: Path, qids: Sequence[str]) -> dict[str, str]:
-    """Demo data only: who asks each query, drawn like the simulator picks queries for personas
-    (users.jsonl, and the query's product type from the generator's query metadata)."""
+    """Demo data only: who asks each query, drawn like the simulator picks queries for personas.
+    Everything comes from the data set's own files: the personas (users.jsonl), each query's
+    product type (the generator's query metadata) and each type's department (the first
+    category of its items, from the catalog's metadata)."""
     import orjson
 
-    from tailbridge.synthetic.catalog import PRODUCT_TYPES
-
-    users_path, queries_path = data_dir / "users.jsonl", data_dir / "queries.jsonl"
-    if not qids or not users_path.exists() or not (data_dir / "manifest.json").exists():
+    if not qids or not (data_dir / "users.jsonl").exists() or not (data_dir / "manifest.json").exists():
         return {}
-    users = [orjson.loads(line) for line in users_path.read_bytes().splitlines() if line.strip()]
-    types = {}
-    for line in queries_path.read_bytes().splitlines():
-        if line.strip():
-            q = orjson.loads(line)
-            types[str(q["_id"])] = (q.get("metadata") or {}).get("type")
+
+    def records(name: str) -> list[dict]:
+        return [orjson.loads(line) for line in (data_dir / name).read_bytes().splitlines() if line.strip()]
+
+    users = records("users.jsonl")
+    types = {str(q["_id"]): (q.get("metadata") or {}).get("type") for q in records("queries.jsonl")}
+    departments: dict[str, str] = {}
+    for item in records("corpus.jsonl"):
+        meta = item.get("metadata") or {}
+        if meta.get("type") and meta.get("category_path"):
+            departments.setdefault(meta["type"], meta["category_path"][0])
     out = {}
     for qid in qids:
-        ptype = PRODUCT_TYPES.get(types.get(qid) or "")
-        if ptype is None or not users:
+        ptype = types.get(qid)
+        department = departments.get(ptype) if ptype else None
+        if department is None or not users:
             continue
-        weights = np.array([u["department_weights"].get(ptype.department, 0.0) + u["type_weights"].get(ptype.key, 0.0)
+        weights = np.array([u["department_weights"].get(department, 0.0) + u["type_weights"].get(ptype, 0.0)
                             for u in users])
         if weights.sum() <= 0:
             continue

@@ -51,7 +51,8 @@ def _known_errors() -> tuple[type[Exception], ...]:
 def simulate_feedback_log(data: Path, sessions: int) -> Path:
     """``--simulate-feedback N``: write a feedback log for demo data to ``DATA/feedback`` from N
     simulated shopper sessions over the training queries (kept if one is already there)."""
-    from tailbridge.models.data.feedback import simulate_feedback, write_feedback
+    from tailbridge.models.data.feedback import write_feedback
+    from tailbridge.synthetic.feedback import simulate_feedback
 
     target = data / "feedback"
     if (target / "examples").is_dir():

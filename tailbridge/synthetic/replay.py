@@ -1,4 +1,6 @@
-"""Publish events to their Kafka topics at a steady rate, counting what the broker acknowledged."""
+"""Replay, the last step of the demo data: publish events to their Kafka topics at a steady
+rate, counting what the broker acknowledged; ``replay_dataset`` sends a demo data set's catalog,
+then its simulated shopper sessions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shopper sessions simulated from the demo data: the event stream a search frontend would emit.
+"""Simulate shopper sessions over the demo data: the event stream a search frontend would emit.
 
 Pure (no Kafka): ``simulate`` yields validated pydantic events that ``synthetic.replay.publish``
 can send. A pool of ``concurrent_sessions`` sessions is active at once and one of them is
