@@ -90,3 +90,8 @@ class EventAccepted(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     dependencies: dict[str, str] = Field(description="Dependency -> 'ok' or what is wrong with it.")
+
+
+class UserList(BaseModel):
+    user_ids: list[str] = Field(description="Shoppers whose user_context row is not empty now, sorted.")
+    source: str = Field(description="Where the candidates came from, and how many were looked at.")

@@ -282,7 +282,8 @@ def serve(
     import torch
     import uvicorn
 
-    from tailbridge.serving.app import build_components, create_app
+    from tailbridge.serving.app import create_app
+    from tailbridge.serving.dependencies import build_components
 
     settings = get_settings()
     torch.set_num_threads(1)  # one request per core beats two threads fighting over each request

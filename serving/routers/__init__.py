@@ -1,0 +1,1 @@
+"""The query handler's routes, one router per concern; ``serving.app`` includes them all."""
