@@ -12,9 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
+from tailbridge.models.ranking import features as ft
 from tailbridge.models.ranking import model as rk
-from tailbridge.models.ranking.train import (RankerTrainConfig, auc, cache_texts, evaluate, fit, point_in_time_stats, prepare,
-                                 train, write_artifact)
+from tailbridge.models.ranking.dataset import point_in_time_stats, prepare
+from tailbridge.models.ranking.evaluation import auc, evaluate
+from tailbridge.models.ranking.training import RankerTrainConfig, cache_texts, fit, train, write_artifact
 from tests.conftest import tiny_demo
 
 torch.set_num_threads(1)
@@ -54,21 +56,21 @@ def catalog_candidates(demo, n=12):
 
 def test_user_item_features():
     item = {"item_id": "a", "title": "Harlow Sofa", "brand": "Harlow", "category_path": "Home > Sofas", "price": 200.0}
-    assert rk.leaf_category(item) == "Sofas" and rk.product_text(item) == "Harlow Sofa. Harlow. Sofas"
+    assert ft.leaf_category(item) == "Sofas" and rk.product_text(item) == "Harlow Sofa. Harlow. Sofas"
     sofas = [{"item_id": f"s{k}", "brand": "Other", "category_path": ["Home", "Sofas"], "price": 100.0 * 2 ** (k / 4)}
              for k in range(9)]  # 100 .. 400: a sofa at 200 sits in the middle of the range
-    catalog = rk.Catalog.from_items([*sofas, {"item_id": "x", "brand": "Harlow", "category": "Lamps", "price": 100.0},
+    catalog = ft.Catalog.from_items([*sofas, {"item_id": "x", "brand": "Harlow", "category": "Lamps", "price": 100.0},
                                      {"item_id": "y", "brand": "Harlow", "category": "Lamps", "price": 100.0}, item])
     assert catalog.price_level("Sofas", 200.0) == pytest.approx(0.5, abs=0.1) and catalog.price_level("Lamps", 5) is None
-    none = [0.0] * len(rk.USER_FEATURES)
-    assert rk.user_item_features(item, None, catalog) == none
-    assert rk.user_item_features(item, rk.user_view(None, catalog), catalog) == none
+    none = [0.0] * len(ft.USER_FEATURES)
+    assert ft.user_item_features(item, None, catalog) == none
+    assert ft.user_item_features(item, ft.user_view(None, catalog), catalog) == none
     fan = {"affinity_categories": ["Sofas", "Lamps"], "affinity_weights": [0.9, 0.1],
            "recent_item_ids": ["a", "x", "y", "s0"], "recent_actions": ["purchase", "click", "click", "click"]}
     other = {"affinity_categories": ["Lamps"], "affinity_weights": [1.0], "recent_item_ids": ["s8", "unknown"],
              "recent_actions": ["add_to_cart", "click"]}
-    f_fan = dict(zip(rk.USER_FEATURES, rk.user_item_features(item, rk.user_view(fan, catalog), catalog)))
-    f_other = dict(zip(rk.USER_FEATURES, rk.user_item_features(item, rk.user_view(other, catalog), catalog)))
+    f_fan = dict(zip(ft.USER_FEATURES, ft.user_item_features(item, ft.user_view(fan, catalog), catalog)))
+    f_other = dict(zip(ft.USER_FEATURES, ft.user_item_features(item, ft.user_view(other, catalog), catalog)))
     assert f_fan["has_user"] == f_other["has_user"] == 1.0
     assert f_fan["category_affinity"] == pytest.approx(0.9) and f_other["category_affinity"] == 0.0
     assert (f_fan["recently_clicked"], f_fan["recently_carted"], f_fan["recently_purchased"]) == (1.0, 1.0, 1.0)
@@ -81,8 +83,8 @@ def test_user_item_features():
     assert f_fan["brand_share"] == pytest.approx(3 / 4) and f_other["brand_share"] == 0.0
     # the feedback log's mapping form of affinities works too
     mapping = {"category_affinity": {"Sofas": 0.5}, "recent_item_ids": [], "recent_actions": []}
-    assert rk.user_item_features(item, rk.user_view(mapping, catalog), catalog)[1] == 0.5
-    assert rk.item_features({"purchases_24h": 3, "ctr_24h": None}) == [0.0, 0.0, pytest.approx(math.log(4))]
+    assert ft.user_item_features(item, ft.user_view(mapping, catalog), catalog)[1] == 0.5
+    assert ft.item_features({"purchases_24h": 3, "ctr_24h": None}) == [0.0, 0.0, pytest.approx(math.log(4))]
 
 
 def test_weights_are_validated():
@@ -124,7 +126,7 @@ def test_single_task_loss_reaches_the_click_head_only():
     torch.manual_seed(0)
     model = rk.RankerModel(TINY, rk.truncated_bert(1))
     q, p = torch.randn(8, TINY.dim), torch.randn(8, TINY.dim)
-    feats = torch.randn(8, len(rk.FEATURES))
+    feats = torch.randn(8, len(ft.FEATURES))
     labels = torch.from_numpy(rk.labels_from_level(np.array([1, 2, 3, 4, 1, 2, 3, 4])))
     assert labels.tolist()[:4] == [[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]]
     loss, per_head = rk.multitask_loss(model(q, p, feats, ("click",)), labels, ("click",))
@@ -191,7 +193,7 @@ def test_split_is_by_time_and_features_point_in_time(demo):
     train, test = rd.split_rows("train"), rd.split_rows("test")
     assert len(train) + len(test) == rd.rows and set(train).isdisjoint(test)
     assert max(rd.search_times[:rd.train_searches]) <= min(rd.search_times[rd.train_searches:])
-    assert rd.features.shape == (rd.rows, len(rk.FEATURES))
+    assert rd.features.shape == (rd.rows, len(ft.FEATURES))
     assert rd.contexts[0] is None  # the very first search has no history
     assert (rd.stats[: rd.search_start[1], 2] == 0).all()  # nor any item stats
     users = [rd.contexts[s] for s in range(n)]
@@ -215,7 +217,7 @@ def test_training_artifact_and_reload_give_identical_scores(demo, tmp_path):
     assert all(0 <= v <= 1 for v in metrics["test_auc"].values())
 
     fresh = rk.Ranker(model, tokenizer, "in-memory")
-    fresh.catalog = rk.Catalog.from_items([rd.items[i] for i in rd.item_ids])
+    fresh.catalog = ft.Catalog.from_items([rd.items[i] for i in rd.item_ids])
     loaded = rk.load_ranker(tmp_path / "v1")
     assert loaded.version == "v1" and len(loaded.items) == len(rd.item_ids)
     s = rd.train_searches
@@ -256,7 +258,7 @@ def test_trained_artifact_scores(trained, demo):
     assert ranker.score("anything", []) == []
 
     # a user, and a candidate whose text changed (re-encoded: a new cache entry)
-    ctx = {"affinity_categories": [rk.leaf_category(candidates[0])], "affinity_weights": [1.0],
+    ctx = {"affinity_categories": [ft.leaf_category(candidates[0])], "affinity_weights": [1.0],
            "recent_item_ids": [candidates[1]["item_id"]], "recent_actions": ["purchase"]}
     with_user = ranker.score("a sofa for the living room", candidates, ctx)
     assert all(0 <= r["score"] <= 7 for r in with_user) and with_user != out

@@ -63,7 +63,7 @@ def catalog_events() -> list[CatalogUpsert]:
 def tiny_ranker(tmp_path_factory):
     """A ranker trained for seconds on a small simulated feedback log: not a good ranker, but
     the real model, artifact and scoring path, with user features that move its scores."""
-    from tailbridge.models.ranking.train import train
+    from tailbridge.models.ranking.training import train
     from tests.test_ranker import TINY, TRAIN
 
     data = tiny_demo(tmp_path_factory.mktemp("ranker-data"), sessions=80)

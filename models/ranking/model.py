@@ -28,14 +28,15 @@ Design choices, briefly:
 * Behaviour features are exactly those serving reads from the search hits (the stats the
   stream worker mirrors into Milvus). User features are all 0 when there is no user, so the
   anonymous path is the same model, not a fallback.
+
+The dense features are ``models.ranking.features``; ``models.ranking.training`` trains a version
+and writes its artifact, which ``load_ranker`` here reads back for serving.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
-import statistics
 import threading
 import zlib
 from collections import OrderedDict
@@ -49,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tailbridge.models.retrieval.model import TextEncoder, TextInput, category_affinity, load_bert, minilm_path
-from tailbridge.vocab import ENGAGEMENT
+from tailbridge.models.ranking.features import FEATURES, Catalog, features, item_id_of, leaf_category, user_view
+from tailbridge.models.retrieval.model import TextEncoder, TextInput, load_bert, minilm_path
 
 TASKS = ("click", "add_to_cart", "purchase")
 DEFAULT_WEIGHTS = {"click": 1.0, "add_to_cart": 2.0, "purchase": 4.0}
@@ -105,38 +106,8 @@ def resolve_weights(base: Mapping[str, float], override: Mapping[str, float] | N
 
 
 # --------------------------------------------------------------------------------------------
-# Features: what a candidate and the shopper's context contribute besides the text
+# Text: what the encoder reads of a product
 # --------------------------------------------------------------------------------------------
-
-ITEM_FEATURES = ("ctr_24h", "cvr_24h", "log1p_purchases_24h")
-USER_FEATURES = ("has_user", "category_affinity", "recently_clicked", "recently_carted", "recently_purchased",
-                 "log_price_vs_recent_median", "price_level_vs_recent", "abs_price_level_vs_recent", "brand_share")
-FEATURES = ITEM_FEATURES + USER_FEATURES
-PRICE_RATIO_CLIP = 3.0
-PRICE_QUANTILES = 21
-
-
-def _number(value: Any) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return 0.0
-    return x if math.isfinite(x) else 0.0
-
-
-def item_id_of(candidate: Mapping[str, Any]) -> str:
-    return str(candidate.get("item_id", candidate.get("id", "")))
-
-
-def leaf_category(candidate: Mapping[str, Any]) -> str:
-    """The leaf category: ``category`` (as Milvus holds it) or the last step of ``category_path``
-    (a list, or a string "A > B")."""
-    if candidate.get("category"):
-        return str(candidate["category"])
-    path = candidate.get("category_path") or []
-    if isinstance(path, str):
-        path = [p.strip() for p in path.split(">") if p.strip()]
-    return str(path[-1]) if path else ""
 
 
 def product_text(candidate: Mapping[str, Any]) -> str:
@@ -148,109 +119,6 @@ def product_text(candidate: Mapping[str, Any]) -> str:
 
 def text_hash(text: str) -> int:
     return zlib.crc32(text.encode())
-
-
-def item_features(candidate: Mapping[str, Any]) -> list[float]:
-    """The item's behaviour stats as the Feast ``item_stats`` view and the Milvus hit hold them
-    (missing -> 0); the purchase count is log1p'd."""
-    return [_number(candidate.get("ctr_24h")), _number(candidate.get("cvr_24h")),
-            math.log1p(max(0.0, _number(candidate.get("purchases_24h"))))]
-
-
-class Catalog:
-    """What the ranker knows of products beyond a candidate's own fields: price, brand and leaf
-    category per item id (a user context names its recent items by id only), and each leaf
-    category's price quantiles, so a price can be read as a level within its category (0 = the
-    category's cheapest, 1 = its dearest) and compared across categories. Filled from the
-    training catalog and then from every candidate scored."""
-
-    def __init__(self, quantiles: Mapping[str, Sequence[float]] | None = None):
-        self.quantiles = {c: [float(x) for x in q] for c, q in (quantiles or {}).items()}  # log-price quantiles
-        self.items: dict[str, tuple[float, str, str]] = {}  # item id -> (price, brand, leaf category)
-
-    @classmethod
-    def from_items(cls, items: Sequence[Mapping[str, Any]]) -> Catalog:
-        by_leaf: dict[str, list[float]] = {}
-        for it in items:
-            if _number(it.get("price")) > 0:
-                by_leaf.setdefault(leaf_category(it), []).append(math.log(_number(it.get("price"))))
-        cat = cls({c: np.quantile(v, np.linspace(0, 1, PRICE_QUANTILES)).tolist()
-                   for c, v in sorted(by_leaf.items()) if len(v) >= 5})
-        for it in items:
-            cat.add(it)
-        return cat
-
-    def add(self, candidate: Mapping[str, Any]) -> None:
-        self.items[item_id_of(candidate)] = (_number(candidate.get("price")), str(candidate.get("brand") or ""),
-                                             leaf_category(candidate))
-
-    def price_level(self, leaf: str, price: float) -> float | None:
-        """Piecewise-linear position of the log price among the category's quantiles, in 0..1
-        (plain Python: it runs for every candidate of every search)."""
-        q = self.quantiles.get(leaf)
-        if q is None or price <= 0:
-            return None
-        x = math.log(price)
-        if x <= q[0]:
-            return 0.0
-        if x >= q[-1]:
-            return 1.0
-        k = bisect.bisect_right(q, x) - 1  # q[k] <= x < q[k + 1], so the span is > 0
-        return (k + (x - q[k]) / (q[k + 1] - q[k])) / (len(q) - 1)
-
-    def to_json(self) -> dict[str, list[float]]:
-        return {c: [round(x, 6) for x in q] for c, q in self.quantiles.items()}
-
-
-@dataclass
-class UserView:
-    """A Feast ``user_context`` row digested once per search for the per-candidate features."""
-
-    affinity: dict[str, float]  # category -> weight (sums to 1 as the stream worker writes it)
-    level: dict[str, int]  # recent item -> strongest engagement (1 click, 2 cart, 3 purchase)
-    median_price: float  # of the recent items with a known price, 0 if none
-    median_price_level: float | None  # of the recent items' price levels in their categories
-    brand_share: dict[str, float]  # brand -> share of the recent items with a known brand
-
-
-def user_view(context: Mapping[str, Any] | None, catalog: Catalog) -> UserView | None:
-    """None without a user. Recent items the catalog does not know add no price or brand."""
-    if not context:
-        return None
-    level: dict[str, int] = {}
-    ids = [str(i) for i in (context.get("recent_item_ids") or [])]
-    actions = list(context.get("recent_actions") or [])
-    for item_id, action in zip(ids, actions):
-        level[item_id] = max(level.get(item_id, 0), ENGAGEMENT.get(str(action), 0))
-    known = [catalog.items[i] for i in dict.fromkeys(ids) if i in catalog.items]
-    prices = [price for price, _, _ in known if price > 0]
-    levels = [x for x in (catalog.price_level(leaf, price) for price, _, leaf in known) if x is not None]
-    brands = [brand for _, brand, _ in known if brand]
-    return UserView(category_affinity(context), level, statistics.median(prices) if prices else 0.0,
-                    statistics.median(levels) if levels else None,
-                    {b: brands.count(b) / len(brands) for b in set(brands)})
-
-
-def user_item_features(candidate: Mapping[str, Any], view: UserView | None, catalog: Catalog) -> list[float]:
-    """How this shopper relates to this item: affinity to its leaf category, whether they recently
-    clicked / carted / bought it, its price against their recent items' (log ratio to the median
-    price, and the gap between price levels within categories), and the share of their recent
-    items of its brand. All 0 without a user; a feature without the data for it is 0."""
-    if view is None:
-        return [0.0] * len(USER_FEATURES)
-    level = view.level.get(item_id_of(candidate), 0)
-    price, leaf = _number(candidate.get("price")), leaf_category(candidate)
-    ratio = 0.0
-    if price > 0 and view.median_price > 0:
-        ratio = max(-PRICE_RATIO_CLIP, min(PRICE_RATIO_CLIP, math.log(price / view.median_price)))
-    item_level = catalog.price_level(leaf, price)
-    gap = 0.0 if item_level is None or view.median_price_level is None else item_level - view.median_price_level
-    return [1.0, view.affinity.get(leaf, 0.0), float(level >= 1), float(level >= 2), float(level >= 3), ratio,
-            gap, abs(gap), view.brand_share.get(str(candidate.get("brand") or ""), 0.0)]
-
-
-def features(candidate: Mapping[str, Any], view: UserView | None, catalog: Catalog) -> list[float]:
-    return item_features(candidate) + user_item_features(candidate, view, catalog)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,6 +180,14 @@ def multitask_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: Sequence[s
     per = {t: F.binary_cross_entropy_with_logits(logits[:, j], labels[:, TASKS.index(t)])
            for j, t in enumerate(tasks)}
     return sum(per.values()), per  # type: ignore[return-value]
+
+
+def build(cfg: RankerConfig) -> tuple[RankerModel, Any]:
+    """A fresh model initialised from all-MiniLM-L6-v2 (offline, truncated) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    return RankerModel(cfg, truncated_bert(cfg.layers)), tokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,63 +321,13 @@ class Ranker:
 
 
 # --------------------------------------------------------------------------------------------
-# Artifacts: save and load a trained version
+# Artifacts: the files of a trained version (written by models.ranking.training), and loading one
 # --------------------------------------------------------------------------------------------
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 ITEM_ENCODINGS_FILE, ITEM_INDEX_FILE, CATALOG_FILE = "item_encodings.npy", "item_encodings.json", "catalog.json"
 QUERY_ONNX_FILE = "query_encoder.onnx"
 BASELINE_DIR = "baseline-click"  # the single-task click model trained beside a version, for the eval
-
-
-def save(model: RankerModel, tokenizer: Any, out_dir: Path, extra_config: Mapping[str, Any] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"ranker": model.cfg.to_json(), "features": list(FEATURES), **(extra_config or {})}
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    model.text.bert.config.save_pretrained(out_dir / "text")
-    tokenizer.save_pretrained(out_dir / "tokenizer")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS_FILE))
-
-
-def save_catalog(out_dir: Path, items: Sequence[Mapping[str, Any]], vectors: np.ndarray) -> None:
-    """The catalog's product encodings (keyed by id and text hash), and what ``Catalog`` keeps."""
-    np.save(out_dir / ITEM_ENCODINGS_FILE, np.asarray(vectors, dtype=np.float32))
-    index = {"item_ids": [item_id_of(it) for it in items], "text_hashes": [text_hash(product_text(it)) for it in items]}
-    (out_dir / ITEM_INDEX_FILE).write_text(json.dumps(index))
-    catalog = Catalog.from_items(items)
-    (out_dir / CATALOG_FILE).write_text(json.dumps(
-        {"price_quantiles": catalog.to_json(), "items": {i: list(v) for i, v in catalog.items.items()}}))
-
-
-class _QueryEncoder(nn.Module):
-    def __init__(self, model: RankerModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(TextInput(input_ids, attention_mask))
-
-
-def export_query_encoder(model_dir: Path) -> Path:
-    """Write the query side (tokens -> encoding) as ONNX into the artifact, from the saved weights
-    (a fresh copy: ``torch.onnx.export`` can leave the module it traced changed)."""
-    import warnings
-
-    model_dir = Path(model_dir)
-    ranker = load(model_dir)
-    example = ranker.tokenize(["wireless earbuds under $50", "sofa"])  # padding in the example: no branch traced away
-    path = model_dir / QUERY_ONNX_FILE
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent branches in transformers
-        torch.onnx.export(_QueryEncoder(ranker.model), (example.input_ids, example.attention_mask), str(path),
-                          input_names=["input_ids", "attention_mask"], output_names=["vectors"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
-                                        "attention_mask": {0: "batch", 1: "tokens"}, "vectors": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-    return path
 
 
 def load(model_dir: Path) -> Ranker:
@@ -534,14 +360,6 @@ def load(model_dir: Path) -> Ranker:
         ranker.catalog = Catalog(saved["price_quantiles"])
         ranker.catalog.items = {i: (float(p), str(b), str(c)) for i, (p, b, c) in saved["items"].items()}
     return ranker
-
-
-def build(cfg: RankerConfig) -> tuple[RankerModel, Any]:
-    """A fresh model initialised from all-MiniLM-L6-v2 (offline, truncated) and its tokenizer."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    return RankerModel(cfg, truncated_bert(cfg.layers)), tokenizer
 
 
 def ranker_root() -> Path:

@@ -114,7 +114,7 @@ def eval_retriever(data: Path, split: str, model: str | None, out: Path, run_dir
 
 
 def _ranker_errors() -> tuple[type[Exception], ...]:
-    from tailbridge.models.ranking.train import RankerTrainingError
+    from tailbridge.models.ranking.dataset import RankerTrainingError
 
     return (*_known_errors(), RankerTrainingError)
 
@@ -144,7 +144,7 @@ def ranker_feedback(data: Path, feedback: Path | None, trained_on: Path | None =
 
 def train_ranker(data: Path, out: Path, version: str | None, feedback: Path | None, simulate_sessions: int,
                  baseline: bool, threads: int | None, train_overrides: dict[str, Any]) -> Path:
-    from tailbridge.models.ranking.train import RankerTrainConfig, train
+    from tailbridge.models.ranking.training import RankerTrainConfig, train
 
     if not data.is_dir():
         raise CommandError(f"{data}: data directory not found")
@@ -164,7 +164,7 @@ def eval_ranker(data: Path, model: str | None, feedback: Path | None, threads: i
     import json
 
     from tailbridge.models.ranking import model as rk
-    from tailbridge.models.ranking.train import SYSTEMS, evaluate
+    from tailbridge.models.ranking.evaluation import SYSTEMS, evaluate
 
     if not data.is_dir():
         raise CommandError(f"{data}: data directory not found")

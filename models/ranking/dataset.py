@@ -1,0 +1,180 @@
+"""The ranker's rows: the feedback log joined to the catalog, with point-in-time features and a
+time split, for training (``models.ranking.training``) and evaluation (``models.ranking.evaluation``).
+
+1. Data: the feedback log (``models.data.feedback``: one row per served item, labelled
+   shown_unclicked < clicked < added_to_cart < purchased) and the catalog of the data dir.
+   Rows whose item is not in the catalog are dropped.
+2. Split by time: the log's searches in time order; the last ``test_fraction`` (20%) are the
+   test split, and no test search is trained on. The artifact records the last training
+   search, and evaluation tests on every logged search after it (a log that grew since
+   training adds test searches, never training ones).
+3. Point-in-time features, so nothing a row's own labels say reaches its features:
+   * item behaviour: ``ctr_24h``, ``cvr_24h``, ``purchases_24h`` as the stream worker computes
+     them (``streams.item_stats``: same smoothing priors), over the log's searches in the 24 h
+     before the row's search -- strictly earlier ones, so never the row's own search;
+   * user context: the shopper's engagements before the search
+     (``models.data.feedback.searches_with_context``, what the Feast ``user_context`` view
+     held then).
+   A log search's engagements are counted from the search's time; on real traffic a click
+   that came after a later search started is a few seconds early (the simulator's sessions
+   never overlap like that).
+4. Random negatives (training only): ``random_negatives`` random catalog items per training
+   search, labelled nothing, with the stats of an item nobody engaged with.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tailbridge.models.data.feedback import read_feedback, searches_with_context
+from tailbridge.models.data.loaders import load_dataset
+from tailbridge.models.ranking import features as ft
+from tailbridge.vocab import LABEL_LEVEL, PRIOR_CTR, PRIOR_CTR_WEIGHT, PRIOR_CVR, PRIOR_CVR_WEIGHT
+
+
+class RankerTrainingError(ValueError):
+    pass
+
+
+def point_in_time_stats(frame: pd.DataFrame, window_hours: float = 24.0) -> np.ndarray:
+    """[rows, 3]: ctr_24h, cvr_24h, purchases_24h of each row's item as they stood just before the
+    row's search: from the log's rows of strictly earlier searches within the window (one
+    impression per served row, a click for clicked-or-better, a purchase for purchased), smoothed
+    like the stream worker's ``item_stats``. ``frame`` is in ``read_feedback`` (time) order."""
+    n = len(frame)
+    times = ((frame["event_time"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ns")).to_numpy(np.int64)
+    items = frame["item_id"].astype(str).to_numpy()
+    levels = frame["label"].map(LABEL_LEVEL).to_numpy()
+    window = int(window_hours * 3600 * 1e9)
+    events: dict[str, deque] = {}  # item -> (time, click, purchase) inside the window
+    totals: dict[str, list[int]] = {}  # item -> [impressions, clicks, purchases]
+    out = np.zeros((n, 3), dtype=np.float32)
+    start = 0
+    while start < n:
+        end = start
+        while end < n and times[end] == times[start]:
+            end += 1
+        now = times[start]
+        for r in range(start, end):  # rows at one instant see only earlier ones
+            queue, total = events.get(items[r]), totals.get(items[r])
+            while queue and queue[0][0] <= now - window:
+                _, c, p = queue.popleft()
+                total[0] -= 1
+                total[1] -= c
+                total[2] -= p
+            imps, clicks, purchases = total or (0, 0, 0)
+            out[r] = ((clicks + PRIOR_CTR * PRIOR_CTR_WEIGHT) / (imps + PRIOR_CTR_WEIGHT),
+                      (purchases + PRIOR_CVR * PRIOR_CVR_WEIGHT) / (clicks + PRIOR_CVR_WEIGHT), purchases)
+        for r in range(start, end):
+            c, p = int(levels[r] >= LABEL_LEVEL["clicked"]), int(levels[r] == LABEL_LEVEL["purchased"])
+            events.setdefault(items[r], deque()).append((times[r], c, p))
+            total = totals.setdefault(items[r], [0, 0, 0])
+            total[0] += 1
+            total[1] += c
+            total[2] += p
+        start = end
+    return out
+
+
+def candidate(item: Mapping[str, Any], stats: Sequence[float]) -> dict[str, Any]:
+    """A catalog item shaped like a search hit: its fields plus the behaviour stats."""
+    return {**item, "ctr_24h": float(stats[0]), "cvr_24h": float(stats[1]), "purchases_24h": float(stats[2])}
+
+
+@dataclass
+class RankerData:
+    name: str
+    items: dict[str, dict[str, Any]]  # the catalog
+    item_ids: list[str]  # encoding order of the catalog
+    query_texts: list[str]  # distinct query texts of the log
+    search_ids: list[str]  # logged searches in time order
+    search_times: list[pd.Timestamp]
+    contexts: list[dict[str, Any] | None]  # per search: the user's context just before it
+    search_start: np.ndarray  # [searches + 1]: rows of search s are search_start[s]:search_start[s + 1]
+    query: np.ndarray  # per row: index into query_texts
+    item: np.ndarray  # per row: index into item_ids
+    position: np.ndarray  # per row: 1-based rank on the served page
+    level: np.ndarray  # per row: LABEL_LEVEL
+    stats: np.ndarray  # per row: [ctr_24h, cvr_24h, purchases_24h] at the search
+    features: np.ndarray  # per row: models.ranking.features.FEATURES
+    train_searches: int  # searches [0, train_searches) train, the rest test
+    # Random negatives of training searches (not rows of any page): query, item, features.
+    random_query: np.ndarray
+    random_item: np.ndarray
+    random_features: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return len(self.level)
+
+    def split_rows(self, split: str) -> np.ndarray:
+        cut = self.search_start[self.train_searches]
+        return np.arange(cut) if split == "train" else np.arange(cut, self.rows)
+
+    def candidates(self, s: int) -> list[dict[str, Any]]:
+        rows = range(self.search_start[s], self.search_start[s + 1])
+        return [candidate(self.items[self.item_ids[self.item[r]]], self.stats[r]) for r in rows]
+
+
+def prepare(data_dir: Path, feedback_dir: Path, test_fraction: float = 0.2, window_hours: float = 24.0,
+            test_after: tuple[str, str] | None = None, say: Callable[[str], None] = print,
+            random_negatives: int = 0, seed: int = 7) -> RankerData:
+    """Rows, features and the split. ``test_after`` = (ISO time, search id) of the last training
+    search: the test split is every search after it (evaluation of a trained version)."""
+    data = load_dataset(data_dir)
+    frame = read_feedback(feedback_dir)
+    dropped = int((~frame["item_id"].isin(data.items.keys())).sum())
+    frame = frame[frame["item_id"].isin(data.items.keys())].reset_index(drop=True)
+    if frame.empty:
+        raise RankerTrainingError(f"{feedback_dir}: no logged row names an item of the catalog in {data_dir}")
+    if dropped:
+        say(f"feedback: dropped {dropped} rows whose item is not in the catalog")
+    categories = {i: ft.leaf_category(it) for i, it in data.items.items()}
+    catalog = ft.Catalog.from_items([data.items[i] for i in sorted(data.items)])  # as the artifact ships it
+    with_context = searches_with_context(frame, categories)  # insertion order = time order
+
+    search_ids = list(with_context)
+    first = frame.drop_duplicates("query_id")
+    times = dict(zip(first["query_id"].astype(str), first["event_time"]))
+    search_index = {s: k for k, s in enumerate(search_ids)}
+    row_search = frame["query_id"].astype(str).map(search_index).to_numpy()
+    search_start = np.searchsorted(row_search, np.arange(len(search_ids) + 1))
+    item_ids = sorted(data.items)
+    item_index = {i: k for k, i in enumerate(item_ids)}
+    query_texts = sorted(set(frame["query"].astype(str)))
+    query_index = {q: k for k, q in enumerate(query_texts)}
+
+    stats = point_in_time_stats(frame, window_hours)
+    contexts = [with_context[s]["context"] for s in search_ids]
+    views = [ft.user_view(c, catalog) for c in contexts]
+    items_col = frame["item_id"].astype(str).tolist()
+    feats = np.array([ft.features(candidate(data.items[i], st), views[s], catalog)
+                      for i, st, s in zip(items_col, stats, row_search)], dtype=np.float32)
+
+    if test_after is not None:
+        after = (pd.Timestamp(test_after[0]), test_after[1])
+        train_searches = sum(1 for s in search_ids if (times[s], s) <= after)
+    else:
+        train_searches = int(round(len(search_ids) * (1 - test_fraction)))
+    query_col = frame["query"].astype(str).map(query_index).to_numpy()
+    negative_search = np.repeat(np.arange(train_searches), random_negatives)
+    negative_item = np.random.default_rng(seed).integers(len(item_ids), size=len(negative_search))
+    no_stats = (PRIOR_CTR, PRIOR_CVR, 0.0)  # an item nobody engaged with, as the stats smooth it
+    negative_feats = np.array([ft.features(candidate(data.items[item_ids[i]], no_stats), views[s], catalog)
+                               for s, i in zip(negative_search, negative_item)], dtype=np.float32)
+    return RankerData(
+        random_query=query_col[search_start[negative_search]], random_item=negative_item,
+        random_features=negative_feats.reshape(len(negative_search), len(ft.FEATURES)),
+        name=data.name, items=data.items, item_ids=item_ids, query_texts=query_texts, search_ids=search_ids,
+        search_times=[times[s] for s in search_ids], contexts=contexts, search_start=search_start,
+        query=query_col, item=np.array([item_index[i] for i in items_col]),
+        position=frame["position"].to_numpy(), level=frame["label"].map(LABEL_LEVEL).to_numpy(), stats=stats,
+        features=feats, train_searches=train_searches,
+    )
