@@ -105,7 +105,7 @@ class OnnxQueryEncoder:
         model_dir = Path(model_dir)
         path = model_dir / (INT8_FILE if int8 else FP32_FILE)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no exported query tower (see models.export.export_query_tower)")
+            raise FileNotFoundError(f"{path}: no exported query tower (see models.retrieval.export.export_query_tower)")
         model_cfg, graph = unified.read_config(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"), local_files_only=True)
         self.featurizer = unified.Featurizer(model_cfg, tokenizer, graph["queries"], graph["items"])
