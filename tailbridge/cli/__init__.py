@@ -296,7 +296,7 @@ def serve(
     uvicorn.run(create_app(settings, built), host=host, port=port, log_level=loglevel)
 
 
-# ------------------------------------------------------------------ retriever (models/commands.py)
+# ------------------------------------------------------------------ retriever (bodies in cli/training.py)
 
 
 @train_app.command("retriever")
@@ -348,7 +348,7 @@ def eval_retriever(
         _fail(str(exc))
 
 
-# ------------------------------------------------------------------ ranker (models/commands.py)
+# ------------------------------------------------------------------ ranker (bodies in cli/training.py)
 
 
 @train_app.command("ranker")
