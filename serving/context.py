@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import redis
 
 from tailbridge.feature_repo.definitions import user_context
+from tailbridge.models.data.user_context import as_context
 from tailbridge.settings import Settings
 
 # `features`, not `schema`: Feast's apply() adds the entity column (user_id) to the view's schema
@@ -31,10 +32,7 @@ class FeastContextReader:
     def __call__(self, user_id: str) -> dict[str, Any] | None:
         """The user's feature row, or None when the user has none yet (not an error)."""
         row = self._store.get_online_features(features=USER_CONTEXT_FEATURES, entity_rows=[{"user_id": user_id}]).to_dict()
-        context = {name: values[0] for name, values in row.items() if name != "user_id"}
-        if not context.get("recent_item_ids") and not context.get("affinity_categories"):
-            return None
-        return context
+        return as_context({name: values[0] for name, values in row.items()})
 
 
 class RewriteStore(Protocol):

@@ -3,7 +3,8 @@ the feedback log. Plain synchronous code; the faust agents in ``streams.app`` ca
 
 One batch is applied in one Redis transaction (WATCH on the users' state keys, then MULTI):
 the new user states, the item counter increments and the open feedback queries land together
-or not at all. Duplicates are recognised by the user-state watermarks (``streams.user_context``),
+or not at all. Duplicates are recognised by the user-state watermarks of the user-context fold
+(``models.data.user_context``: the one fold, which training runs over the feedback log too),
 so redelivery after a crash, or a replay of the same events, changes nothing. The Feast rows
 are written after the transaction from the states it committed, with strictly increasing
 timestamps per user (Feast's Redis store drops a second write with the same timestamp).
@@ -22,7 +23,8 @@ import pandas as pd
 import redis
 from feast import FeatureStore
 
-from tailbridge.streams import feedback, item_index, item_stats, user_context
+from tailbridge.models.data import user_context
+from tailbridge.streams import feedback, item_index, item_stats
 from tailbridge.streams.events import InteractionEvent, QueryEvent
 from tailbridge.settings import Settings
 

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from tailbridge.streams import feedback, item_stats, user_context
+from tailbridge.models.data import user_context
+from tailbridge.streams import feedback, item_stats
 from tailbridge.streams.events import InteractionEvent, QueryEvent, ServedItem
 
 T0 = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

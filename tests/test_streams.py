@@ -14,7 +14,8 @@ import pytest
 import redis
 
 from tailbridge.synthetic import catalog as synth
-from tailbridge.streams import item_index, user_context
+from tailbridge.models.data import user_context
+from tailbridge.streams import item_index
 from tailbridge.streams.behaviour import Keys, feedback_dir
 from tailbridge.streams.events import CatalogDelete, CatalogUpsert, InteractionEvent, QueryEvent, ServedItem
 from tailbridge.streams.feedback import read_examples

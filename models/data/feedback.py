@@ -18,8 +18,9 @@ The retriever needs these columns (``FEEDBACK_COLUMNS``; others are ignored):
 
 Rows are deduplicated by (query_id, item_id): the writer is at-least-once. Training uses the
 log for behaviour levels (the multi-grained loss), for graph edges, and for the user context a
-shopper had when searching (their earlier clicks, carts and purchases, newest first, and
-category affinities) -- the same fields as the Feast ``user_context`` view.
+shopper had when searching: the Feast ``user_context`` row, rebuilt by folding their earlier
+logged searches with the stream worker's own fold (``models.data.user_context``, which says
+where the log cannot give exactly what the worker wrote).
 
 For demo data, ``tailbridge.synthetic.feedback`` simulates such a log from shopper sessions over
 the training queries only, so that no test judgement reaches training or a user context.
@@ -33,14 +34,13 @@ from typing import Any
 
 import pandas as pd
 
+from tailbridge.models.data import user_context as uc
 from tailbridge.vocab import LABEL_LEVEL
 
 FEEDBACK_COLUMNS = {"query_id": "string", "query": "string", "user_id": "string", "session_id": "string",
                     "item_id": "string", "position": "int", "label": "string", "event_time": "timestamp"}
 LABEL_ACTION = {"clicked": "click", "added_to_cart": "add_to_cart", "purchased": "purchase"}
 ACTION_LABEL = {action: label for label, action in LABEL_ACTION.items()}
-ACTION_WEIGHT = {"click": 1.0, "add_to_cart": 3.0, "purchase": 5.0}  # as the stream worker weighs affinity
-RECENT_ITEMS = 50
 
 
 class FeedbackError(ValueError):
@@ -84,56 +84,31 @@ def write_feedback(frame: pd.DataFrame, feedback_dir: Path) -> list[Path]:
 
 def searches_with_context(frame: pd.DataFrame, item_category: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Per logged search (query_id): its query, user, the items with their labels, and the user's
-    context just before it (built only from that user's earlier engagements). ``frame`` is in
-    ``read_feedback`` order, so the rows of one search are contiguous and searches are in time order."""
+    context just before it: the Feast ``user_context`` row the stream worker's fold
+    (``models.data.user_context``) gives for the user's earlier logged searches, as the models
+    take it (None when it has nothing to personalise on). ``frame`` is in ``read_feedback`` order."""
     out: dict[str, dict[str, Any]] = {}
-    history: dict[str, list[tuple[str, str]]] = {}  # user -> [(item, action)] newest first
-    affinity: dict[str, dict[str, float]] = {}
-    columns = [frame[c].astype(str).tolist() for c in ("query_id", "query", "user_id", "item_id", "label")]
-    rows = list(zip(*columns))
-    start = 0
-    while start < len(rows):
-        end = start
-        while end < len(rows) and rows[end][0] == rows[start][0]:
-            end += 1
-        qid, query, user = rows[start][:3]
-        past, aff = history.get(user, []), affinity.get(user, {})
-        total = sum(aff.values()) or 1.0
-        out[qid] = {
-            "query": query, "user_id": user, "items": {r[3]: r[4] for r in rows[start:end]},
-            "context": {"recent_item_ids": [i for i, _ in past], "recent_actions": [a for _, a in past],
-                        "category_affinity": {c: v / total for c, v in aff.items()}} if past else None,
+    states: dict[str, uc.UserState] = {}
+    for search in uc.logged_searches(frame):
+        state = states.setdefault(search.user_id, uc.new_state())
+        out[search.query_id] = {
+            "query": search.query, "user_id": search.user_id, "items": dict(search.items),
+            "context": uc.as_context(uc.feature_row(search.user_id, state)),
         }
-        for _, _, _, item_id, label in rows[start:end]:  # in page order
-            if label == "shown_unclicked":
-                continue
-            action = LABEL_ACTION[label]
-            history[user] = [(item_id, action), *history.get(user, [])][:RECENT_ITEMS]
-            category = item_category.get(item_id)
-            if category:
-                user_aff = affinity.setdefault(user, {})
-                user_aff[category] = user_aff.get(category, 0.0) + ACTION_WEIGHT[action]
-        start = end
+        uc.fold_search(state, search, item_category)
     return out
 
 
 def context_at(frame: pd.DataFrame, user_id: str, item_category: Mapping[str, str],
                before: pd.Timestamp | None = None) -> dict[str, Any] | None:
-    """The user's context from their engagements in ``frame`` (strictly before ``before`` if
-    given): what Feast's ``user_context`` would hold at that moment. None if there are none."""
-    rows = frame[(frame["user_id"] == user_id) & (frame["label"] != "shown_unclicked")]
+    """The user's context from their searches in ``frame`` (strictly before ``before`` if
+    given), folded as the stream worker folds them: what Feast's ``user_context`` would hold at
+    that moment, as the models take it. None if it has nothing to personalise on."""
+    rows = frame[frame["user_id"] == user_id]
     if before is not None:
         rows = rows[rows["event_time"] < before]
     if rows.empty:
         return None
     rows = rows.sort_values(["event_time", "query_id", "position"])
-    engaged = list(zip(rows["item_id"].astype(str), rows["label"].map(LABEL_ACTION)))
-    affinity: dict[str, float] = {}
-    for item_id, action in engaged:
-        category = item_category.get(item_id)
-        if category:
-            affinity[category] = affinity.get(category, 0.0) + ACTION_WEIGHT[action]
-    total = sum(affinity.values()) or 1.0
-    recent = engaged[::-1][:RECENT_ITEMS]
-    return {"recent_item_ids": [i for i, _ in recent], "recent_actions": [a for _, a in recent],
-            "category_affinity": {c: v / total for c, v in affinity.items()}}
+    state = uc.fold_log(uc.logged_searches(rows), item_category).get(str(user_id), uc.new_state())
+    return uc.as_context(uc.feature_row(str(user_id), state))
