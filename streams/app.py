@@ -1,13 +1,16 @@
 """The faust-streaming app that `tailbridge worker` runs: several workers side by side share
 the partitions of each topic.
 
-Agents take bounded batches (``worker_batch_size``) and hand them to the plain processors in
-``streams.behaviour`` and ``streams.indexer`` on a thread, so the event loop keeps
+The worker runs the processors of ``streams.registry.PROCESSORS`` (``streams.processor``):
+for each, one agent over the topics it reads and one timer per periodic job. Agents take
+bounded batches (the processor's batch size, else ``worker_batch_size``) and hand them to
+the processor's plain synchronous ``apply`` on a thread, so the event loop keeps
 heartbeating. faust acks a batch only after the agent body returns, so offsets are committed
-only after the writes they cover. A write that fails is retried with backoff and never acked
-meanwhile: a slow or down dependency slows the worker instead of losing events or growing
-memory. Events that do not parse go to ``<topic>.dlq`` with the reason in the headers and
-the original bytes as the value, and the worker moves on.
+only after the writes they cover. A write that fails (a batch, a periodic job, a start-up
+step) is retried with backoff and, for a batch, never acked meanwhile: a slow or down
+dependency slows the worker instead of losing events or growing memory. Events that do not
+parse go to ``<topic>.dlq`` with the reason in the headers and the original bytes as the
+value, and the worker moves on.
 """
 
 from __future__ import annotations
@@ -16,21 +19,20 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import faust
 import redis
 
-from tailbridge.feature_repo.store import feature_store
 from tailbridge.feature_repo.online import resolve_online_store
-from tailbridge.streams.behaviour import BehaviourProcessor
-from tailbridge.streams.events import EventValidationError, decode
-from tailbridge.streams.indexer import Indexer
-from tailbridge.streams.item_index import connect as connect_milvus
-from tailbridge.streams.item_index import live_collections
-from tailbridge.streams.topics import CONSUMER_HEARTBEAT_MS, CONSUMER_SESSION_TIMEOUT_MS, TOPICS
+from tailbridge.feature_repo.store import feature_store
 from tailbridge.settings import Settings
+from tailbridge.streams.events import EventValidationError, decode
+from tailbridge.streams.item_index import connect as connect_milvus
+from tailbridge.streams.processor import Factory, Periodic, Processor, Resources
+from tailbridge.streams.registry import PROCESSORS
+from tailbridge.streams.topics import CONSUMER_HEARTBEAT_MS, CONSUMER_SESSION_TIMEOUT_MS, TOPICS
 
 log = logging.getLogger("tailbridge.worker")
 T = TypeVar("T")
@@ -80,14 +82,21 @@ def faust_app(settings: Settings, name: str = "worker") -> faust.App:
     )
 
 
-def create_app(settings: Settings) -> faust.App:
+def create_app(settings: Settings, factories: Sequence[Factory] = PROCESSORS) -> faust.App:
+    resources = Resources(settings, _redis_for(settings), feature_store(settings), connect_milvus(settings))
     app = faust_app(settings)
-    redis_client = _redis_for(settings)
-    store = feature_store(settings)
-    milvus = connect_milvus(settings)
-    behaviour = BehaviourProcessor(settings, redis_client, store)
-    indexer = Indexer(settings, milvus, redis_client)
     counts: Counter = Counter()
+    install(app, [factory(resources) for factory in factories], settings, counts)
+    _report(app, counts)
+    return app
+
+
+def install(app: faust.App, processors: Sequence[Processor], settings: Settings, counts: Counter) -> None:
+    """An agent per processor that reads topics, a timer per periodic job, a task per start-up
+    step. ``counts`` adds up what they return."""
+    names = [p.name for p in processors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"processor names must be unique: {names}")
 
     def topic(*names: str):
         return app.topic(*names, value_serializer="raw", key_serializer="raw")
@@ -112,67 +121,54 @@ def create_app(settings: Settings) -> faust.App:
                 log.warning("dead-lettered %s[%s]@%s: %s", message.topic, message.partition, message.offset, exc)
         return events
 
-    # Queries and interactions are both keyed by user: one agent sees all of a user's events.
-    behaviour_topics = topic(TOPICS["queries"].topic(settings), TOPICS["interactions"].topic(settings))
+    for processor in processors:
+        if processor.topics:
+            _agent(app, processor, topic(*(TOPICS[t].topic(settings) for t in processor.topics)), parse, settings,
+                   counts)
+        for job in processor.periodic:
+            _timer(app, processor.name, job, counts)
+        if processor.start is not None:
+            _start(app, processor)
 
-    def on_thread(work: Callable[[], T]) -> Callable[[], Awaitable[T]]:
-        return lambda: asyncio.to_thread(work)
 
-    async def handle_behaviour(batch) -> None:
+def _agent(app: faust.App, processor: Processor, channel, parse, settings: Settings, counts: Counter) -> None:
+    apply = processor.apply
+    size = processor.batch_size or settings.worker_batch_size
+
+    async def handle(batch) -> None:
         events = await parse(batch)
         if events:
-            result = await asyncio.to_thread(behaviour.process, events)
-            counts["applied"] += result.applied
-            counts["duplicates"] += result.duplicates
+            counts.update(await asyncio.to_thread(apply, events))
 
-    async def handle_catalog(batch) -> None:
-        events = await parse(batch)
-        if events:
-            result = await asyncio.to_thread(indexer.process, events)
-            counts["indexed"] += result.upserted
-            counts["deleted"] += result.deleted
+    async def agent(stream):
+        async for batch in stream.take_events(size, within=settings.worker_batch_seconds):
+            await _retry(f"{processor.name} batch", lambda: handle(batch))
 
-    @app.agent(behaviour_topics, name="behaviour")
-    async def behaviour_agent(stream):
-        async for batch in stream.take_events(settings.worker_batch_size, within=settings.worker_batch_seconds):
-            await _retry("behaviour batch", lambda: handle_behaviour(batch))
+    app.agent(channel, name=processor.name)(agent)
 
-    @app.agent(topic(TOPICS["catalog"].topic(settings)), name="item_indexer")
-    async def indexer_agent(stream):
-        async for batch in stream.take_events(min(settings.worker_batch_size, 256), within=settings.worker_batch_seconds):
-            await _retry("index batch", lambda: handle_catalog(batch))
 
-    @app.task
-    async def warm_up() -> None:
-        await _retry("loading the item encoder", on_thread(indexer.warm_up))
+def _timer(app: faust.App, owner: str, job: Periodic, counts: Counter) -> None:
+    async def tick() -> None:
+        counts.update(await _retry(f"{owner} {job.name}", lambda: asyncio.to_thread(job.run)))
 
-    @app.timer(interval=settings.worker_flush_seconds)
-    async def flush() -> None:
-        counts["item_stats_written"] += await _retry("item stats flush",
-                                                     on_thread(lambda: behaviour.flush_item_stats(milvus)))
-        examples, _ = await _retry("feedback flush", on_thread(behaviour.flush_feedback))
-        counts["feedback_rows"] += examples
+    app.timer(interval=job.every_s, name=f"{owner}.{job.name}")(tick)
 
-    sealed = {"writes": 0}
 
-    @app.timer(interval=settings.worker_index_seal_seconds)
-    async def seal_index() -> None:
-        """Milvus Lite scans rows not yet flushed by brute force on every search (~30 ms per
-        1,000): seal what was written, at most this often, so search stays fast."""
-        writes = counts["indexed"] + counts["deleted"] + counts["item_stats_written"]
-        if writes != sealed["writes"]:
-            await _retry("index flush", on_thread(
-                lambda: [milvus.flush(name) for name in live_collections(milvus, settings)]))
-            sealed["writes"] = writes
+def _start(app: faust.App, processor: Processor) -> None:
+    async def start() -> None:
+        await _retry(f"{processor.name} start", lambda: asyncio.to_thread(processor.start))
 
-    last_report = {"at": time.monotonic(), "counts": Counter()}
+    app.task(start)
 
-    @app.timer(interval=REPORT_EVERY_S)
+
+def _report(app: faust.App, counts: Counter) -> None:
+    last = {"at": time.monotonic(), "counts": Counter()}
+
     async def report() -> None:
-        elapsed = time.monotonic() - last_report["at"]
-        delta = counts - last_report["counts"]
+        elapsed = time.monotonic() - last["at"]
+        delta = counts - last["counts"]
         log.warning("last %.0f s: %s", elapsed, ", ".join(f"{k} {v} ({v / elapsed:.0f}/s)" for k, v in sorted(delta.items()))
                     or "idle")
-        last_report.update(at=time.monotonic(), counts=counts.copy())
+        last.update(at=time.monotonic(), counts=counts.copy())
 
-    return app
+    app.timer(interval=REPORT_EVERY_S, name="report")(report)

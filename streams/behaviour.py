@@ -1,5 +1,6 @@
 """The behaviour processor: query and interaction events into user context, item counters and
-the feedback log. Plain synchronous code; the faust agents in ``streams.app`` call it.
+the feedback log. Plain synchronous code; ``processor`` is how the worker (``streams.app``)
+runs it: batches of the queries and interactions topics, and two periodic flushes.
 
 One batch is applied in one Redis transaction (WATCH on the users' state keys, then MULTI):
 the new user states, the item counter increments and the open feedback queries land together
@@ -26,6 +27,7 @@ from feast import FeatureStore
 from tailbridge.models.data import user_context
 from tailbridge.streams import feedback, item_index, item_stats
 from tailbridge.streams.events import InteractionEvent, QueryEvent
+from tailbridge.streams.processor import Counts, Periodic, Processor, Resources
 from tailbridge.settings import Settings
 
 FEEDBACK_LEASE_MS = 60_000
@@ -272,3 +274,27 @@ class BehaviourProcessor:
 
 def feedback_dir(settings: Settings):
     return settings.data_dir / "offline" / "feedback"
+
+
+def processor(resources: Resources) -> Processor:
+    """Queries and interactions are both keyed by user, so one agent sees all of a user's
+    events; user states, item counters and open feedback queries share one transaction per batch."""
+    behaviour = BehaviourProcessor(resources.settings, resources.redis, resources.store)
+
+    def apply(events) -> Counts:
+        result = behaviour.process(events)
+        return {"applied": result.applied, "duplicates": result.duplicates}
+
+    def flush_item_stats() -> Counts:
+        written = behaviour.flush_item_stats(resources.milvus)
+        if written:
+            resources.milvus_written.set()
+        return {"item_stats_written": written}
+
+    def flush_feedback() -> Counts:
+        return {"feedback_rows": behaviour.flush_feedback()[0]}
+
+    every = resources.settings.worker_flush_seconds
+    return Processor("behaviour", ("queries", "interactions"), apply,
+                     periodic=(Periodic("item_stats_flush", every, flush_item_stats),
+                               Periodic("feedback_flush", every, flush_feedback)))

@@ -20,6 +20,7 @@ from tailbridge.vocab import item_text
 from tailbridge.streams import item_index, item_stats
 from tailbridge.streams.behaviour import Keys
 from tailbridge.streams.events import CatalogDelete, CatalogUpsert
+from tailbridge.streams.processor import Counts, Processor, Resources
 from tailbridge.settings import Settings
 
 LIVE_REFRESH_S = 2.0  # how soon a collection created by `reindex` starts receiving writes
@@ -113,6 +114,21 @@ class Indexer:
             raw = pipe.execute()
         return {item: item_stats.feature_row(item, {k.decode(): v for k, v in counters.items()})
                 for item, counters in zip(item_ids, raw) if counters}
+
+
+def processor(resources: Resources) -> Processor:
+    """Catalog batches of at most 256 (each is encoded at once); the encoders load at start, so
+    that indexing does not lag behind the interactions that need the items' categories."""
+    indexer = Indexer(resources.settings, resources.milvus, resources.redis)
+
+    def apply(events) -> Counts:
+        result = indexer.process(events)
+        if result.upserted or result.deleted:
+            resources.milvus_written.set()
+        return {"indexed": result.upserted, "deleted": result.deleted}
+
+    return Processor("item_indexer", ("catalog",), apply, batch_size=min(resources.settings.worker_batch_size, 256),
+                     start=indexer.warm_up)
 
 
 def reindex(settings: Settings, version: str, milvus: MilvusClient, encoder: Encoder,

@@ -1,0 +1,63 @@
+"""What a stream processor is, for the worker that runs it (``streams.app``).
+
+A processor is plain data: the topics it reads (names in ``streams.topics.TOPICS``), what it
+applies to each batch of parsed events, what it runs periodically (each with its period),
+and what it does once at start. All its callables are plain synchronous code; the worker
+runs them on a thread, retries a failure with backoff and acknowledges a batch only after
+``apply`` returned. Each returns counts (name -> number) for the worker's periodic report.
+
+A processor module exposes a factory, ``processor(resources) -> Processor``, and is one line
+in ``streams.registry.PROCESSORS``. The factories share one ``Resources`` per worker (the
+Redis client, the Feast store, the Milvus client), so processors may stage their writes in
+one Redis transaction per batch, as the behaviour processor does for user context, item
+counters and open feedback queries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tailbridge.settings import Settings
+
+Counts = Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Periodic:
+    """Work run every ``every_s`` seconds (the first run one period after start)."""
+
+    name: str
+    every_s: float
+    run: Callable[[], Counts]
+
+
+@dataclass(frozen=True)
+class Processor:
+    name: str  # the faust agent's name: unique in the registry
+    topics: tuple[str, ...] = ()  # TOPICS names; none for a processor that only runs periodically
+    apply: Callable[[Sequence[Any]], Counts] | None = None  # one batch of parsed events, in order
+    batch_size: int | None = None  # at most this many events per batch (None: worker_batch_size)
+    periodic: tuple[Periodic, ...] = ()
+    start: Callable[[], None] | None = None  # once when the worker starts (e.g. load a model)
+
+    def __post_init__(self) -> None:
+        if bool(self.topics) != (self.apply is not None):
+            raise ValueError(f"processor {self.name!r}: topics and apply come together")
+
+
+@dataclass
+class Resources:
+    """What the processors of one worker share."""
+
+    settings: Settings
+    redis: Any  # redis.Redis: the online store's Redis, where processor state lives
+    store: Any  # feast.FeatureStore
+    milvus: Any  # pymilvus.MilvusClient
+    # Set by whoever writes to Milvus; the index seal (``streams.index_seal``) flushes and clears it.
+    milvus_written: threading.Event = field(default_factory=threading.Event)
+
+
+Factory = Callable[[Resources], Processor]
