@@ -1,26 +1,30 @@
 """Query-encoding latency of a trained retriever: torch vs ONNX Runtime fp32 vs int8.
 
-    .venv/bin/python -P bench/retriever.py --model DIR --data DIR [--queries 200] [--threads 1] [--json out.json]
-
-(``-P``: bench/streams.py would otherwise shadow the ``streams`` package.)
+    .venv/bin/python -m tailbridge.bench.retriever --model DIR --data DIR [--queries 200] [--threads 1]
+                                                   [--json out.json] [--smoke]
 
 Encodes the data set's test queries one at a time (batch 1, as the query handler does) with
 each runtime, after a warm-up, and reports p50 / p90 / p99 in milliseconds, with the cosine
-between the ONNX and the torch vectors. Machines are shared and noisy: compare medians.
+between the ONNX and the torch vectors; the off-the-shelf all-MiniLM-L6-v2 in torch is the
+baseline. The int8 export is written into the model dir when it is missing. ``--smoke``: 20
+queries after a 3-query warm-up, to check the benchmark works (its numbers are no measurement).
+Machines are shared and noisy: compare medians.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+from rich.table import Table
+
+from tailbridge.bench.common import console, fmt, pct, run_meta, write_json
 
 
-def timed(encode, queries: list[str]) -> tuple[np.ndarray, list[float]]:
-    for q in queries[:10]:  # warm-up: first calls allocate
+def timed(encode, queries: list[str], warmup: int) -> tuple[np.ndarray, list[float]]:
+    for q in queries[:warmup]:  # first calls allocate
         encode([q])
     vectors, ms = [], []
     for q in queries:
@@ -30,14 +34,18 @@ def timed(encode, queries: list[str]) -> tuple[np.ndarray, list[float]]:
     return np.stack(vectors), ms
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tailbridge.bench.retriever", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="trained retriever artifact dir")
+    parser.add_argument("--data", type=Path, required=True, help="data set dir with a test split")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="20 queries, 3 warm-up: checks the benchmark works")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.queries = min(args.queries, 20)
+    warmup = 3 if args.smoke else 10
 
     import torch
 
@@ -50,27 +58,37 @@ def main() -> None:
     split = data.split("test")
     queries = [data.queries[q] for q in sorted(split)][:args.queries]
     if not (args.model / INT8_FILE).exists():
-        export_query_tower(args.model, int8=True)
-    reference, torch_ms = timed(load_encoder(str(args.model)).encode_queries, queries)
-    results = {"queries": len(queries), "threads": args.threads, "runtimes": {}}
-    results["runtimes"]["tailbridge torch fp32"] = {"ms": torch_ms, "cosine_to_torch": 1.0}
-    for int8 in (False, True):
-        vectors, ms = timed(OnnxQueryEncoder(args.model, int8=int8, threads=args.threads).encode_queries, queries)
-        cosine = (vectors * reference).sum(1) / np.linalg.norm(vectors, axis=1)
-        results["runtimes"][f"tailbridge onnx {'int8' if int8 else 'fp32'}"] = {
-            "ms": ms, "cosine_to_torch": float(cosine.mean()), "min_cosine_to_torch": float(cosine.min())}
-    _, minilm_ms = timed(MiniLMEncoder().encode_queries, queries)
-    results["runtimes"]["minilm torch fp32 (baseline)"] = {"ms": minilm_ms}
+        with console.status("exporting the query tower to ONNX (fp32 and int8)"):
+            export_query_tower(args.model, int8=True)
+    runtimes: dict[str, dict] = {}
+    with console.status(f"encoding {len(queries)} queries, one at a time, with each runtime"):
+        reference, torch_ms = timed(load_encoder(str(args.model)).encode_queries, queries, warmup)
+        runtimes["tailbridge torch fp32"] = {"ms": torch_ms, "cosine_to_torch": 1.0}
+        for int8 in (False, True):
+            encoder = OnnxQueryEncoder(args.model, int8=int8, threads=args.threads)
+            vectors, ms = timed(encoder.encode_queries, queries, warmup)
+            cosine = (vectors * reference).sum(1) / np.linalg.norm(vectors, axis=1)
+            runtimes[f"tailbridge onnx {'int8' if int8 else 'fp32'}"] = {
+                "ms": ms, "cosine_to_torch": float(cosine.mean()), "min_cosine_to_torch": float(cosine.min())}
+        _, minilm_ms = timed(MiniLMEncoder().encode_queries, queries, warmup)
+        runtimes["minilm torch fp32 (baseline)"] = {"ms": minilm_ms}
 
-    for name, r in results["runtimes"].items():
-        ms = np.array(r.pop("ms"))
-        r.update({f"p{p}_ms": round(float(np.percentile(ms, p)), 2) for p in (50, 90, 99)})
-        extra = "" if "min_cosine_to_torch" not in r else \
-            f"  cosine mean {r['cosine_to_torch']:.4f} min {r['min_cosine_to_torch']:.4f}"
-        print(f"{name:32s} p50 {r['p50_ms']:7.2f} ms  p90 {r['p90_ms']:7.2f}  p99 {r['p99_ms']:7.2f}{extra}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    table = Table(title=f"query encoding, batch 1, {args.threads} thread(s): {len(queries)} test queries of "
+                        f"{data.name}, model {args.model.name}" + (" (smoke)" if args.smoke else ""))
+    for column in ("runtime", "p50 ms", "p90 ms", "p99 ms", "cosine to torch (mean / min)"):
+        table.add_column(column, justify="left" if column == "runtime" else "right")
+    for name, r in runtimes.items():
+        ms = r.pop("ms")
+        r.update({f"p{p}_ms": round(pct(ms, p), 2) for p in (50, 90, 99)})
+        r["count"] = len(ms)
+        cosine = "" if "min_cosine_to_torch" not in r else \
+            f"{r['cosine_to_torch']:.4f} / {r['min_cosine_to_torch']:.4f}"
+        table.add_row(name, fmt(r["p50_ms"], 2), fmt(r["p90_ms"], 2), fmt(r["p99_ms"], 2), cosine)
+    console.print(table)
+    write_json(args.json, {"meta": run_meta(model=str(args.model), data=str(args.data), smoke=args.smoke),
+                           "queries": len(queries), "threads": args.threads, "runtimes": runtimes})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,8 +1,9 @@
 """Benchmark of the query handler (`tailbridge serve`) under fixed-rate load on loopback.
 
-    .venv/bin/python -P bench/serving.py --prepare --data DIR [--items 50000] [--events 20000]
-    .venv/bin/python -P bench/serving.py --url http://127.0.0.1:8000 --data DIR [--rates 20,50]
-                                         [--duration 30] [--runs 3] [--json out.json]
+    .venv/bin/python -m tailbridge.bench.serving --prepare --data DIR [--items 50000] [--events 20000]
+    .venv/bin/python -m tailbridge.bench.serving --url http://127.0.0.1:8000 --data DIR [--rates 20,50]
+                                                 [--duration 30] [--runs 3] [--json out.json]
+    .venv/bin/python -m tailbridge.bench.serving --smoke [--json out.json]
 
 Both read the same TAILBRIDGE_* settings as the app (run them with the app's environment):
 the Milvus URI and topic prefix (which collection the direct searches go to) and the candidate
@@ -31,20 +32,24 @@ The measurement, per rate (20 and 50 requests/s by default) and per run:
 It reports p50/p95/p99 of end-to-end latency and of every stage, the handler's overhead per
 request (end to end minus its retrieve stage, i.e. everything but the two Milvus calls), the
 direct-Milvus latency, errors, degraded answers, the personalised fraction, the achieved rate and
-the CPU each process used. See bench/README.md.
+the CPU each process used.
+
+``--smoke`` does it all at tiny sizes in about a minute on the stack the settings point at
+(a 150-item catalog, a worker, the app on a free port, 3 s at 5 requests/s), then stops the
+worker and the app: it checks that the benchmark works, its numbers are no measurement.
+See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import random
+import shutil
 import statistics
 import subprocess
-import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -54,117 +59,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this file's directory comes first on sys.path (unless -P) and bench/ holds a
-# streams.py: drop that entry so `streams` is the project's package, and put the root first.
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(ROOT))
+import httpx
+import numpy as np
+import orjson
+from rich.table import Table
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import orjson  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+from tailbridge.bench.common import (CLI, BenchError, CpuWindow, Worker, cmdline, console, exit_on_sigterm, fmt,
+                                     free_port, get, latency_summary, listening_pid, loadavg_text, progress_bar,
+                                     run_meta, settings_env, stack_pids, stack_status, wait_until, write_json)
+from tailbridge.settings import Settings
 
-from tailbridge.settings import Settings  # noqa: E402
-
-CLI = str(Path(sys.executable).parent / "tailbridge")
-console = Console(width=None if sys.stdout.isatty() else 160)
 STAGES = ["user_context", "rewrites", "embed", "retrieve", "fuse", "rank", "publish", "total"]
 TARGETS = {
     "p99": ("e2e p99 <= 100 ms at 20 QPS", 100.0),
     "overhead": ("handler overhead p50 <= 15 ms", 15.0),
 }
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-# ------------------------------------------------------------------ small helpers
-
-
-def pct(values, q: float) -> float | None:
-    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
-
-
-def summary(ms: list[float]) -> dict:
-    return {"count": len(ms), "p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95), "p99_ms": pct(ms, 99),
-            "max_ms": max(ms) if ms else None, "mean_ms": statistics.fmean(ms) if ms else None}
-
-
-def progress_bar() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True)
-
-
-def fmt(value, digits: int = 1, unit: str = "") -> str:
-    return "-" if value is None else f"{value:,.{digits}f}{unit}"
-
-
-def get(d: Any, path: str):
-    for part in path.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
-# ------------------------------------------------------------------ CPU from /proc
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_ticks(pid: int) -> int:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime (threads included)
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _machine_busy_ticks() -> int:
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(values[:8]) - values[3] - (values[4] if len(values) > 4 else 0)  # all but idle + iowait
-
-
-def listening_pid(port: int) -> int | None:
-    """The process listening on a loopback TCP port, from /proc/net/tcp{,6} and /proc/*/fd."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if len(parts) > 9 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(parts[9])
-    if not inodes:
-        return None
-    targets = {f"socket:[{inode}]" for inode in inodes}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            for fd in (entry / "fd").iterdir():
-                if os.readlink(fd) in targets:
-                    return int(entry.name)
-        except OSError:
-            continue
-    return None
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
-    except OSError:
-        return []
-
-
-def _all_ticks() -> dict[int, int]:
-    return {int(e.name): _cpu_ticks(int(e.name)) for e in Path("/proc").iterdir() if e.name.isdigit()}
 
 
 def namespace_workers(settings: Settings) -> list[int]:
@@ -173,7 +82,7 @@ def namespace_workers(settings: Settings) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        argv = _cmdline(int(entry.name))
+        argv = cmdline(int(entry.name))
         if not any(a.endswith("tailbridge") for a in argv[:2]) or "worker" not in argv[1:3]:
             continue
         try:
@@ -183,33 +92,6 @@ def namespace_workers(settings: Settings) -> list[int]:
         if env.get("TAILBRIDGE_TOPIC_PREFIX", "tailbridge") == settings.topic_prefix:
             found.append(int(entry.name))
     return sorted(found)
-
-
-class CpuWindow:
-    """Cores used by each named process, by the whole machine and by everything else over a
-    window, and the busiest of the others: on a shared 2-core machine this shows what the
-    handler competed with."""
-
-    def __init__(self, pids: dict[str, int | None]):
-        self.pids = {name: pid for name, pid in pids.items() if pid}
-        self.t0 = time.monotonic()
-        self.all0 = _all_ticks()
-        self.machine0 = _machine_busy_ticks()
-
-    def stop(self) -> dict[str, Any]:
-        wall = max(time.monotonic() - self.t0, 1e-9)
-        all1 = _all_ticks()
-        cores = lambda pid: max(all1.get(pid, 0) - self.all0.get(pid, 0), 0) / CLOCK_TICKS / wall  # noqa: E731
-        out: dict[str, Any] = {name: round(cores(pid), 2) for name, pid in self.pids.items()}
-        named_cores = sum(out.values())
-        out["machine"] = round((_machine_busy_ticks() - self.machine0) / CLOCK_TICKS / wall, 2)
-        out["others"] = round(max(out["machine"] - named_cores, 0.0), 2)
-        named = set(self.pids.values())
-        busiest = sorted(((cores(pid), pid) for pid in all1 if pid not in named and pid in self.all0),
-                         reverse=True)[:4]
-        out["top_others"] = [f"{c:.2f} {' '.join(_cmdline(pid))[:70] or pid}" for c, pid in busiest if c >= 0.05]
-        out["window_s"] = round(wall, 1)
-        return out
 
 
 # ------------------------------------------------------------------ the request plan
@@ -386,23 +268,23 @@ def analyse_handler(records: list[dict], rate: float) -> dict:
         "target_rate": rate, "requests": len(records), "ok": len(ok), "errors": dict(errors),
         "error_examples": list({str(r.get("status")): r["error"] for r in reversed(records) if r.get("error")}.values()),
         "sent_per_s": records[0]["_sent_per_s"] if records else None,
-        "e2e": summary([r["e2e_ms"] for r in records if "e2e_ms" in r]),
-        "e2e_ok": summary([r["e2e_ms"] for r in ok]),
-        "service": summary([r["service_ms"] for r in ok]),
-        "dispatch_lag": summary([r["lag_ms"] for r in records]),
-        "stages": {s: summary([r["timings"][s] for r in ok if s in r["timings"]]) for s in STAGES
+        "e2e": latency_summary([r["e2e_ms"] for r in records if "e2e_ms" in r]),
+        "e2e_ok": latency_summary([r["e2e_ms"] for r in ok]),
+        "service": latency_summary([r["service_ms"] for r in ok]),
+        "dispatch_lag": latency_summary([r["lag_ms"] for r in records]),
+        "stages": {s: latency_summary([r["timings"][s] for r in ok if s in r["timings"]]) for s in STAGES
                    if any(s in r["timings"] for r in ok)},
         # Everything but the two Milvus calls: end to end (from the scheduled send) minus the
         # handler's retrieve stage; and the same inside the handler (its total minus retrieve).
-        "overhead": summary([r["e2e_ms"] - r["timings"]["retrieve"] for r in ok if "retrieve" in r["timings"]]),
-        "overhead_in_handler": summary([r["timings"]["total"] - r["timings"]["retrieve"] for r in ok
+        "overhead": latency_summary([r["e2e_ms"] - r["timings"]["retrieve"] for r in ok if "retrieve" in r["timings"]]),
+        "overhead_in_handler": latency_summary([r["timings"]["total"] - r["timings"]["retrieve"] for r in ok
                                         if "retrieve" in r["timings"]]),
         "degraded": dict(Counter(d for r in ok for d in r["degraded"])),
         "degraded_requests": sum(1 for r in ok if r["degraded"]),
         "with_user": sum(1 for r in ok if r["user"]),
         "personalized": sum(1 for r in ok if r["personalized"]),
         "empty_results": sum(1 for r in ok if not r["results"]),
-        "by_stratum": {s: summary([r["e2e_ms"] for r in ok if r["stratum"] == s])
+        "by_stratum": {s: latency_summary([r["e2e_ms"] for r in ok if r["stratum"] == s])
                        for s in sorted({r["stratum"] for r in ok})},
         "model_versions": ok[-1]["versions"] if ok else None,
         "latencies_ms": [round(r["e2e_ms"], 2) for r in records if "e2e_ms" in r],
@@ -434,7 +316,7 @@ def analyse_direct(records: list[dict], rate: float) -> dict:
     return {"target_rate": rate, "requests": len(records), "ok": len(ok), **shape,
             "errors": len(records) - len(ok), "error_examples": [r["error"] for r in records if r.get("error")][:3],
             "sent_per_s": records[0]["_sent_per_s"] if records else None,
-            "e2e": summary([r["e2e_ms"] for r in ok]), "dispatch_lag": summary([r["lag_ms"] for r in records]),
+            "e2e": latency_summary([r["e2e_ms"] for r in ok]), "dispatch_lag": latency_summary([r["lag_ms"] for r in records]),
             "latencies_ms": [round(r["e2e_ms"], 2) for r in ok]}
 
 
@@ -446,7 +328,7 @@ def measure_rate(args, plan: Plan, index, vectors, limit: int, rate: float, run:
     if warm:
         run_with_progress(f"run {run + 1}: warm-up {rate:g}/s", args.warmup,
                           handler_phase(args.url, plan, offset + count, rate, warm, args.k, args.timeout))
-    cpu = CpuWindow(pids)
+    cpu = CpuWindow(pids, top_others=4)
     records = run_with_progress(f"run {run + 1}: handler {rate:g}/s", args.duration,
                                 handler_phase(args.url, plan, offset, rate, count, args.k, args.timeout))
     result["handler"] = analyse_handler(records, rate)
@@ -457,7 +339,7 @@ def measure_rate(args, plan: Plan, index, vectors, limit: int, rate: float, run:
             run_with_progress(f"run {run + 1}: direct warm-up {rate:g}/s", min(args.warmup, 3),
                               direct_phase(index, vectors, plan, offset + count, rate, int(rate * min(args.warmup, 3)),
                                            limit, pool))
-            cpu = CpuWindow(pids)
+            cpu = CpuWindow(pids, top_others=4)
             records = run_with_progress(f"run {run + 1}: direct Milvus {rate:g}/s", args.duration,
                                         direct_phase(index, vectors, plan, offset, rate, count, limit, pool))
         result["direct"] = analyse_direct(records, rate)
@@ -512,8 +394,8 @@ def summarise(runs: list[dict], rates: list[float]) -> dict:
         # Pooled over runs: the per-request arrays.
         e2e = [v for r in runs for x in r["rates"] if x["rate"] == rate for v in get(x, "handler.latencies_ms") or []]
         direct = [v for r in runs for x in r["rates"] if x["rate"] == rate for v in get(x, "direct.latencies_ms") or []]
-        block["pooled.e2e"] = summary(e2e)
-        block["pooled.direct"] = summary(direct)
+        block["pooled.e2e"] = latency_summary(e2e)
+        block["pooled.direct"] = latency_summary(direct)
         out[str(rate)] = block
     return out
 
@@ -633,52 +515,55 @@ def diagnose(runs: list[dict], rates: list[float], summary_: dict) -> list[str]:
 # ------------------------------------------------------------------ prepare
 
 
-def cli(*args: str) -> None:
+def cli(settings: Settings, *args: str) -> None:
     console.print(f"[dim]$ tailbridge {' '.join(args)}[/]")
-    subprocess.run([CLI, *args], check=True)
+    subprocess.run([CLI, *args], check=True, env=settings_env(settings))
 
 
-def prepare(args) -> int:
-    """Build the demo catalog setup for the measurement on the stack the settings point at."""
-    from tailbridge.feature_repo.store import feature_store
-    from tailbridge.synthetic import catalog as synth
-    from tailbridge.streams import item_index
-    from tailbridge.streams.behaviour import Keys
-    from tailbridge.synthetic.replay import publish
-    from tailbridge.synthetic.shoppers import catalog_events, simulate
-    from tailbridge.feature_repo.online import resolve_online_store
-
+def prepare(args, poll_s: float = 5.0, beside: Worker | None = None) -> Worker | None:
+    """Build the demo catalog setup for the measurement on the stack the settings point at.
+    Returns the worker it started (left running when the command ends), or None. ``beside``
+    is started as soon as the worker is (the smoke run's app: its start-up overlaps indexing)."""
     import itertools
 
     import redis
+
+    from tailbridge.feature_repo.online import resolve_online_store
+    from tailbridge.feature_repo.store import apply, feature_store
+    from tailbridge.streams import item_index
+    from tailbridge.streams.behaviour import Keys
+    from tailbridge.streams.topics import create_topics
+    from tailbridge.synthetic import catalog as synth
+    from tailbridge.synthetic.replay import publish
+    from tailbridge.synthetic.shoppers import catalog_events, simulate
 
     settings = Settings()
     data: Path = args.data
     marker_path = data / f".bench-serving-{settings.topic_prefix}.json"
     if not (data / "manifest.json").is_file():
-        cli("data", "synth", "--items", str(args.items), "--users", str(args.users), "--out", str(data))
+        cli(settings, "data", "synth", "--items", str(args.items), "--users", str(args.users), "--out", str(data))
     marker = orjson.loads(marker_path.read_bytes()) if marker_path.is_file() and not args.force else {}
-    cli("topics", "create")
-    cli("features", "apply")
+    with console.status("topics and Feast views (as `tailbridge topics create` and `tailbridge features apply`)"):
+        create_topics(settings)
+        apply(feature_store(settings))
     dataset = synth.load(data)
     items = len(dataset.items)
     console.print(f"data {data}: {items:,} items, {len(dataset.users)} personas, {len(dataset.queries):,} queries; "
                   f"namespace {settings.topic_prefix!r} / Feast project {settings.feast_project!r}; "
                   f"Milvus {settings.milvus_uri}")
 
-    worker_log = data / f"worker-{settings.topic_prefix}.log"
     worker = None
     if not args.no_worker:
-        with worker_log.open("ab") as log:
-            worker = subprocess.Popen([CLI, "worker"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      cwd=data, start_new_session=True,
-                                      env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
-        console.print(f"started `tailbridge worker` (pid {worker.pid}, log {worker_log}); it is left running")
+        # All the machine's cores for the encoder: indexing 50,000 items is the long step.
+        worker = Worker(settings, data / f"worker-{settings.topic_prefix}.log", threads=None)
+        worker.start()
+        console.print(f"started `tailbridge worker` (pid {worker.pid}, log {worker.log_path}); it is left running")
+    if beside is not None:
+        beside.start()
 
     def worker_alive() -> None:
-        if worker is not None and worker.poll() is not None:
-            tail = worker_log.read_text(errors="replace")[-2000:]
-            raise BenchError(f"the worker exited with code {worker.returncode}:\n{tail}")
+        if worker is not None:
+            worker.check_alive()
 
     milvus = item_index.connect(settings)
 
@@ -709,14 +594,15 @@ def prepare(args) -> int:
     with progress_bar() as progress:
         task = progress.add_task("worker indexing (Milvus rows)", total=items, completed=last, info="")
         while last < items:
-            time.sleep(5)
+            time.sleep(poll_s)
             worker_alive()
             now_count, now = indexed(), time.monotonic()
             if now_count != last:
                 last, last_change = now_count, now
             elif now - last_change > args.stall_timeout:
+                where = worker.log_path if worker else "its log"
                 raise BenchError(f"indexing stuck at {last:,} of {items:,} rows for {args.stall_timeout:.0f} s "
-                                 f"(is a `tailbridge worker` running for this namespace? see {worker_log})")
+                                 f"(is a `tailbridge worker` running for this namespace? see {where})")
             rate = (last - first) / max(now - started, 1e-9)
             eta = f", ~{(items - last) / rate / 60:.0f} min left" if rate > 0 else ""
             progress.update(task, completed=last, info=f"{rate:,.0f} items/s{eta}")
@@ -743,7 +629,7 @@ def prepare(args) -> int:
             task = progress.add_task("worker applying sessions", total=len(events), info="")
             last, last_change = seen() - before, time.monotonic()
             while last < len(events):
-                time.sleep(1)
+                time.sleep(min(poll_s, 1.0))
                 worker_alive()
                 value = seen() - before
                 progress.update(task, completed=value)
@@ -758,16 +644,56 @@ def prepare(args) -> int:
                                      entity_rows=[{"user_id": u} for u in users]).to_dict()
     with_context = sum(1 for a, b in zip(rows["recent_item_ids"], rows["affinity_categories"]) if a or b)
     console.print(f"{with_context} of {len(users)} personas have a user_context in Feast")
-    console.print("next: `tailbridge serve` with the same environment, then\n"
-                  f"  .venv/bin/python -P bench/serving.py --url http://127.0.0.1:8000 --data {data}")
-    return 0
+    milvus.close()
+    r.close()
+    return worker
+
+
+# ------------------------------------------------------------------ smoke
+
+
+SMOKE = {"items": 150, "users": 20, "events": 400, "rates": "5", "duration": 3.0, "warmup": 1.0, "runs": 1}
+
+
+def smoke(args) -> int:
+    """Everything at tiny sizes on the stack the settings point at: a 150-item demo catalog in a
+    temp dir (unless --data), a worker that indexes it and folds 400 session events, the app
+    (`tailbridge serve` on a free port), then the measurement at 5 requests/s for 3 s. It stops
+    what it started; the namespace's topics, keys and collections stay (use a namespace of
+    its own)."""
+    for name, value in SMOKE.items():
+        setattr(args, name, value)
+    settings = Settings()
+    scratch = Path(tempfile.mkdtemp(prefix="tb-bench-serving-"))
+    args.data = args.data or scratch / "demo"
+    port = free_port()
+    args.url = f"http://127.0.0.1:{port}"
+    app = Worker(settings, scratch / "serve.log", argv=[CLI, "serve", "--port", str(port)])
+    worker = None
+    try:
+        worker = prepare(args, poll_s=0.5, beside=app)
+
+        def app_ready() -> bool:
+            try:
+                return httpx.get(f"{args.url}/readyz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        with console.status(f"starting the app: `tailbridge serve --port {port}`"):
+            wait_until(app_ready, 240, "the app to be ready", 0.5, app)
+        return measure(args)
+    finally:
+        app.stop()
+        if worker is not None:
+            worker.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tailbridge.bench.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running app (tailbridge serve)")
     parser.add_argument("--data", type=Path, help="demo data dir (queries.jsonl; --prepare builds it)")
     parser.add_argument("--rates", default="20,50", help="requests/s, comma separated (default 20,50)")
@@ -785,6 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pids", default="", help="extra processes for the CPU table, name=PID,...")
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--prepare", action="store_true", help="build the catalog setup instead of measuring")
+    parser.add_argument("--smoke", action="store_true",
+                        help="prepare a tiny catalog, start a worker and the app, measure a few seconds at 5/s, stop "
+                             "them: checks the benchmark works on the stack the settings point at, measures nothing")
     parser.add_argument("--items", type=int, default=50_000, help="--prepare: catalog size (default 50,000)")
     parser.add_argument("--events", type=int, default=20_000, help="--prepare: simulated session events to replay")
     parser.add_argument("--no-worker", action="store_true", help="--prepare: a worker already runs; start none")
@@ -792,27 +721,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-timeout", type=float, default=600.0, help="--prepare: give up after this long "
                         "without progress (s)")
     args = parser.parse_args(argv)
-    if args.prepare:
-        if args.data is None:
-            parser.error("--prepare needs --data DIR")
-        try:
-            return prepare(args)
-        except (BenchError, subprocess.CalledProcessError) as exc:
-            console.print(f"[red]prepare failed:[/] {exc}")
-            return 1
-    if args.data is None:
-        parser.error("--data DIR (the demo data the app's catalog was built from) is needed for the queries")
+    exit_on_sigterm()
     try:
+        if args.smoke:
+            return smoke(args)
+        if args.prepare:
+            if args.data is None:
+                parser.error("--prepare needs --data DIR")
+            prepare(args)
+            console.print("next: `tailbridge serve` with the same environment, then\n  .venv/bin/python -m "
+                          f"tailbridge.bench.serving --url http://127.0.0.1:8000 --data {args.data}")
+            return 0
+        if args.data is None:
+            parser.error("--data DIR (the demo data the app's catalog was built from) is needed for the queries")
         return measure(args)
-    except BenchError as exc:
-        console.print(f"[red]error:[/] {exc}")
+    except (BenchError, subprocess.CalledProcessError) as exc:
+        console.print(f"[red]{'prepare failed' if args.prepare else 'error'}:[/] {exc}")
         return 1
 
 
 def measure(args) -> int:
     import torch
 
-    from tailbridge.infra import stack
     from tailbridge.serving.search import ItemIndex
 
     torch.set_num_threads(1)
@@ -851,26 +781,22 @@ def measure(args) -> int:
                     vectors[text] = np.asarray(vector, dtype=np.float32)
 
     settler = Settler(index, vectors, plan.queries[0], limit)
-    meta_probe = {"direct_search_alone_ms": round(settler.baseline_ms, 1)}
     port = int(args.url.rsplit(":", 1)[1].split("/")[0]) if args.url.count(":") >= 2 else 80
     pids: dict[str, int | None] = {"app": listening_pid(port), "bench": os.getpid()}
     for n, pid in enumerate(namespace_workers(settings)):
         pids[f"worker{n + 1 if n else ''}"] = pid
-    for s in stack.status(settings):
-        if s.mode == "embedded" and s.pid and s.name in ("milvus", "kafka", "redis"):
-            pids[s.name] = s.pid
+    pids |= {name: pid for name, pid in stack_pids(stack_status(settings)).items() if pid}
     for item in filter(None, args.pids.split(",")):
         name, _, pid = item.partition("=")
         pids[name] = int(pid)
-    meta = {"started": datetime.now(UTC).isoformat(), "host": platform.node(), "cpus": os.cpu_count(),
-            "loadavg_start": os.getloadavg(), "url": args.url, "readyz": readiness, "users": len(users),
-            "users_source": users_source, "rates": rates, "duration_s": args.duration, "warmup_s": args.warmup,
-            "k": args.k, "limit_per_route": limit, "mix": mix, "milvus_uri": settings.milvus_uri,
-            "collection": settings.topic_prefix + "_items", "pids": pids, "commit": git_commit(), **meta_probe}
+    meta = run_meta(url=args.url, readyz=readiness, users=len(users), users_source=users_source, rates=rates,
+                    duration_s=args.duration, warmup_s=args.warmup, k=args.k, limit_per_route=limit, mix=mix,
+                    milvus_uri=settings.milvus_uri, collection=settings.topic_prefix + "_items", pids=pids,
+                    smoke=args.smoke, direct_search_alone_ms=round(settler.baseline_ms, 1))
     console.print(f"[bold]tailbridge serving benchmark[/]: {args.url}, rates {', '.join(f'{r:g}' for r in rates)}/s, "
                   f"{args.duration:g} s each after {args.warmup:g} s warm-up, {args.runs} run(s); "
                   f"{len(users)} shoppers ({users_source}); candidates per route {limit}; "
-                  f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+                  f"{os.cpu_count()} CPUs, load average {loadavg_text()}" + (" (smoke)" if args.smoke else ""))
     console.print(f"  readyz: {readiness['dependencies']}")
     console.print(f"  one search straight to Milvus (dense + BM25), nothing else running from here: "
                   f"{settler.baseline_ms:.1f} ms")
@@ -892,23 +818,11 @@ def measure(args) -> int:
         console.print(line)
     console.print(f"models served: {meta['model_versions']}")
     console.print("[dim]The machine may be shared: compare runs only under the same load (load average "
-                  f"{' '.join(f'{x:.2f}' for x in meta['loadavg_start'])} at start, "
-                  f"{' '.join(f'{x:.2f}' for x in meta['loadavg_end'])} at end; see the CPU table).[/]")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "targets": verdict, "summary": summary_, "runs": runs},
-                                        indent=1, default=str))
-        console.print(f"wrote {args.json}")
+                  f"{loadavg_text(meta['loadavg_start'])} at start, {loadavg_text(meta['loadavg_end'])} at end; "
+                  "see the CPU table).[/]")
+    write_json(args.json, {"meta": meta, "targets": verdict, "summary": summary_, "runs": runs})
     return 0
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

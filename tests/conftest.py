@@ -10,10 +10,6 @@ it stops.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -22,6 +18,10 @@ from pathlib import Path
 
 import pytest
 
+# The worker subprocess handle, the environment that carries Settings to a child process,
+# waiting until a predicate holds and free ports are the benchmarks' helpers too: one
+# implementation for both. Test modules import settings_env and wait_until from here.
+from tailbridge.bench.common import Worker, free_port, settings_env, wait_until  # noqa: F401
 from tailbridge.infra import stack
 from tailbridge.settings import Settings
 
@@ -43,52 +43,6 @@ BACKEND = "testcontainers" if os.environ.get("TAILBRIDGE_TEST_BACKEND", "auto") 
 
 def pytest_report_header(config) -> str:
     return f"tailbridge test stack: {BACKEND} (Kafka, Redis, Milvus are real servers)"
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment for a subprocess (the CLI, a second client) that must see the same stack."""
-    return os.environ | settings.as_env()
-
-
-CLI = str(Path(sys.executable).parent / "tailbridge")
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class Worker:
-    """`tailbridge worker` in its own process group, logging to a file."""
-
-    def __init__(self, settings, log_path: Path):
-        self.settings, self.log_path, self.proc = settings, log_path, None
-
-    def start(self) -> None:
-        env = settings_env(self.settings) | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([CLI, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
 
 
 @dataclass
@@ -175,8 +129,8 @@ def stack_settings(tmp_path_factory) -> Iterator[Settings]:
         else:
             settings = Settings(
                 **base,
-                kafka_bootstrap=f"127.0.0.1:{stack.free_port()}",
-                milvus_uri=f"http://127.0.0.1:{stack.free_port()}",
+                kafka_bootstrap=f"127.0.0.1:{free_port()}",
+                milvus_uri=f"http://127.0.0.1:{free_port()}",
             )
             run.callback(stack.down, settings)
         stack.up(settings)

@@ -1,0 +1,207 @@
+"""Every benchmark's ``--smoke`` mode, run as a user runs it (``python -m tailbridge.bench.<name>``):
+each must exit 0, print its table and write its JSON with the numbers in place, so no
+benchmark rots on main. A smoke run's numbers are no measurement: only that they are there,
+and sane, is checked.
+
+The two that need a stack run on the session's (``stack_settings``): the stream benchmark with
+``--stack-from-env`` (each phase makes and removes a namespace of its own), the serving one in a
+namespace made for it here. Both start in the background when the module begins, so their
+waits (worker start-up, Kafka, indexing) overlap the model benchmarks, which run on a ranker
+and a retriever trained here in seconds the way tests/test_ranker.py and
+tests/test_retriever_train.py train them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tailbridge.bench.common import settings_env
+from tailbridge.settings import Settings
+from tests.conftest import stream_namespace, tiny_demo
+
+STREAM_PHASES = ("throughput", "freshness", "vectors", "stages", "consume")
+
+
+@dataclass
+class SmokeRun:
+    """``python -m tailbridge.bench.NAME --smoke --json FILE ARGS`` in the background."""
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    json_path: Path
+
+    @classmethod
+    def start(cls, name: str, out: Path, *args: str, env: dict[str, str] | None = None) -> SmokeRun:
+        log, json_path = out / f"{name}.log", out / f"{name}.json"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", f"tailbridge.bench.{name}", "--smoke", "--json",
+                                     str(json_path), *args], env=env or os.environ.copy(), cwd=out, stdout=sink,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return cls(name, proc, log, json_path)
+
+    def finish(self, timeout: float) -> tuple[dict, str]:
+        """Wait for it; (its JSON, its output)."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.name} --smoke still running after {timeout:.0f} s:\n{self.output()[-3000:]}")
+        output = self.output()
+        assert rc == 0, f"{self.name} --smoke exited {rc}:\n{output[-5000:]}"
+        assert self.json_path.is_file(), f"{self.name} --smoke wrote no {self.json_path}:\n{output[-3000:]}"
+        return json.loads(self.json_path.read_text()), output
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the benchmark stops its workers on the way out
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack_runs(stack_settings: Settings, tmp_path_factory) -> Iterator[dict[str, SmokeRun]]:
+    """The stream and serving smoke runs, started together on the session's stack."""
+    out = tmp_path_factory.mktemp("bench-smoke")
+    with stream_namespace(stack_settings, out / "serving-ns", "tbbs") as ns:
+        runs = {"streams": SmokeRun.start("streams", out, "--stack-from-env", env=settings_env(stack_settings)),
+                "serving": SmokeRun.start("serving", out, env=settings_env(ns.settings))}
+        try:
+            yield runs
+        finally:
+            for run in runs.values():
+                run.kill()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return tiny_demo(tmp_path_factory.mktemp("bench-demo"), sessions=80)
+
+
+def test_child_environment_carries_the_settings_and_leaves_none_out(monkeypatch, tmp_path):
+    """The bug that broke every stream phase: a None field passed as the string "None", which a
+    worker refuses. A child must read back exactly the parent's settings."""
+    monkeypatch.setenv("TAILBRIDGE_RANKER_WEIGHTS", '{"click": 1}')  # inherited; these settings say None
+    settings = Settings(ranker_weights=None, topic_prefix="tbenv", data_dir=tmp_path / "data")
+    env = settings_env(settings)
+    assert "TAILBRIDGE_RANKER_WEIGHTS" not in env and "None" not in env.values()
+    assert env["TAILBRIDGE_TOPIC_PREFIX"] == "tbenv"
+    child = subprocess.run([sys.executable, "-c", "from tailbridge.settings import Settings; "
+                            "print(Settings().model_dump_json())"], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60)
+    assert child.returncode == 0, child.stderr
+    assert Settings.model_validate_json(child.stdout).model_dump() == settings.model_dump()
+
+
+# The model benchmarks come first and ask for ``stack_runs`` only to start them: they run beside.
+
+
+@pytest.mark.integration
+def test_retriever_smoke(stack_runs, demo, tmp_path):
+    from tailbridge.models.retrieval.train import train
+    from tests.test_retriever_train import MODEL, TRAIN
+
+    # One epoch of stage 1 only: a trained artifact in a few seconds (the benchmark times encoding).
+    one_epoch = dataclasses.replace(TRAIN, stage1_epochs=1, stage2_epochs=0)
+    model = train(demo, tmp_path / "models", "tiny", MODEL, one_epoch, say=lambda _: None)
+    result, output = SmokeRun.start("retriever", tmp_path, "--model", str(model), "--data", str(demo)).finish(600)
+    assert "query encoding, batch 1" in output
+    assert result["queries"] == 20 and result["meta"]["smoke"] is True
+    runtimes = result["runtimes"]
+    assert set(runtimes) == {"tailbridge torch fp32", "tailbridge onnx fp32", "tailbridge onnx int8",
+                             "minilm torch fp32 (baseline)"}
+    for name, r in runtimes.items():
+        assert r["count"] == 20 and 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"], (name, r)
+    assert runtimes["tailbridge onnx fp32"]["min_cosine_to_torch"] > 0.99  # the same model, another runtime
+    assert runtimes["tailbridge onnx int8"]["cosine_to_torch"] > 0.9
+    assert (model / "query_tower.int8.onnx").is_file()  # exported by the benchmark
+
+
+@pytest.mark.integration
+def test_ranker_relevance_smoke(stack_runs, demo, tmp_path):
+    from tailbridge.models.ranking.training import train
+    from tests.test_ranker import TINY, TRAIN
+
+    ranker = train(demo, demo / "feedback", tmp_path / "models", "tiny", TINY, TRAIN, say=lambda _: None)
+    result, output = SmokeRun.start("ranker_relevance", tmp_path, "--data", str(demo), "--ranker", str(ranker)) \
+        .finish(600)
+    assert "nDCG@10 re-ranking MiniLM's top 20" in output
+    assert result["queries"] > 0 and result["candidates"] == 20 and result["ranker"] == "tiny"
+    ndcg = result["ndcg@10"]
+    assert {"retrieval order", "ranker alone", "blend, retrieval weight 1"} <= set(ndcg)
+    assert all(0 <= v <= 1 for v in ndcg.values()) and ndcg["retrieval order"] > 0  # MiniLM finds relevant items
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_streams_smoke(stack_runs):
+    result, output = stack_runs["streams"].finish(840)
+    assert "tailbridge stream worker benchmark (--smoke)" in output
+    assert result["errors"] == [] and result["meta"]["config"]["mode"] == "smoke"
+    assert result["meta"]["stack_from_env"] is True and result["meta"]["phases"] == list(STREAM_PHASES)
+    [run] = result["runs"]
+    for phase in STREAM_PHASES:
+        assert "error" not in run[phase], run[phase]
+
+    throughput = run["throughput"]
+    assert throughput["events"] == 2000 and throughput["events_per_s"] > 0 and throughput["publish_events_per_s"] > 0
+    assert throughput["startup_s"] > 0 and throughput["cpu_cores"]["worker"] > 0
+    assert throughput["memory_worker"]["peak_mib"] > 0
+
+    freshness = run["freshness"]
+    probes = freshness["probes"]
+    assert probes["count"] == len(freshness["latencies_ms"]) > 0
+    assert 0 < probes["p50_ms"] <= probes["p99_ms"] <= probes["max_ms"]
+    assert freshness["kafka_delivery"]["count"] == probes["count"]
+
+    vectors = run["vectors"]
+    assert vectors["updates"]["count"] == vectors["published"] == 60  # 20 updates/s for 3 s, every one seen
+    assert 0 < vectors["updates"]["p50_ms"] <= vectors["updates"]["p99_ms"]
+    assert vectors["worker_updates_per_s"] > 0
+
+    consume = run["consume"]
+    assert consume["events_per_s"] > 0 and consume["probes"]["count"] > 0 and consume["probes"]["p50_ms"] > 0
+
+    stages = run["stages"]
+    assert stages["behaviour_batch"]["total_ms"] > 0 and stages["behaviour_batch"]["events_per_s_in_process"] > 0
+    assert stages["index_batch"]["encode_ms"] > 0 and stages["item_stats_flush"]["items"] > 0
+
+    for phase in ("throughput", "freshness", "vectors"):  # each namespace is removed after its phase
+        assert run[phase]["cleanup"]["redis_keys_deleted"] > 0 and "milvus_cleanup_error" not in run[phase]["cleanup"]
+    assert result["summary"]["freshness.pooled"]["count"] == probes["count"]
+    assert result["targets"]["throughput"]["value"] == throughput["events_per_s"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_serving_smoke(stack_runs):
+    result, output = stack_runs["serving"].finish(840)
+    assert "5 requests/s: latency in ms" in output
+    assert result["meta"]["smoke"] is True and result["meta"]["users"] > 0
+    [run] = result["runs"]
+    [rate] = run["rates"]
+    handler, direct = rate["handler"], rate["direct"]
+    assert handler["requests"] == 15 and handler["ok"] == 15, handler["errors"]  # 5/s for 3 s, all answered
+    assert handler["with_user"] == 15  # every request carried a shopper that has a user context
+    assert 0 < handler["e2e"]["p50_ms"] <= handler["e2e"]["p99_ms"]
+    assert {"user_context", "embed", "retrieve", "fuse", "total"} <= set(handler["stages"])
+    assert handler["overhead"]["count"] == 15 and "app" in handler["cpu_cores"]
+    assert direct["ok"] == direct["requests"] == 15 and direct["e2e"]["p50_ms"] > 0
+    assert handler["model_versions"]["encoder"] == "minilm-l6-v2"
+    block = result["summary"]["5.0"]
+    assert block["handler.e2e.p50_ms"] == handler["e2e"]["p50_ms"] and block["pooled.e2e"]["count"] == 15
