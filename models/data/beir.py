@@ -36,7 +36,8 @@ class BeirDataset:
         return {qid: self.queries[qid] for qid in self.qrels.get(split, {}) if qid in self.queries}
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; errors name the file and line."""
     if not path.is_file():
         raise BeirFormatError(path, None, "file not found")
     with open(path, "rb") as f:
@@ -81,7 +82,7 @@ def _records(path: Path, fields: Callable[[dict, int], dict]) -> dict[str, dict]
     """One record per line keyed by its "_id"; a repeated id is an error naming both lines."""
     records: dict[str, dict] = {}
     first_line: dict[str, int] = {}
-    for lineno, obj in _jsonl(path):
+    for lineno, obj in read_jsonl(path):
         record_id = _id(obj, path, lineno)
         if record_id in records:
             raise BeirFormatError(path, lineno, f"duplicate _id {record_id!r} (first on line {first_line[record_id]})")

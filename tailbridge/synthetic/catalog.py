@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from tailbridge.models.data.beir import BeirFormatError, load_beir
+from tailbridge.models.data.beir import BeirFormatError, load_beir, read_jsonl
 from tailbridge.vocab import normalize_query
 
 GENERATOR_VERSION = 1
@@ -671,15 +671,11 @@ def load(out_dir: Path) -> SynthDataset:
     split = {q.query_id: split[q.query_id] for q in queries if q.query_id in split}
     users = []
     users_path = out_dir / "users.jsonl"
-    with open(users_path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                u = orjson.loads(line)
-                users.append(Persona(u["user_id"], u["department_weights"], u["type_weights"], u["price_low"],
-                                     u["price_high"], u["price_sensitivity"], list(u["preferred_brands"])))
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                raise BeirFormatError(users_path, lineno, f"bad user record ({exc})") from None
+    for lineno, u in read_jsonl(users_path):
+        try:
+            users.append(Persona(u["user_id"], u["department_weights"], u["type_weights"], u["price_low"],
+                                 u["price_high"], u["price_sensitivity"], list(u["preferred_brands"])))
+        except (KeyError, TypeError) as exc:
+            raise BeirFormatError(users_path, lineno, f"bad user record ({exc})") from None
     return SynthDataset(items, queries, qrels, split, users, int(manifest["seed"]))
 
