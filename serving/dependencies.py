@@ -1,9 +1,9 @@
 """Every client the query handler uses, built once per app, and the FastAPI dependency that
 hands them to the routes (``ComponentsDep``).
 
-``build_components`` makes the metrics registry, the event publisher, the Feast context
-reader, the rewrite store, the item index (Milvus, and the query encoder it loads for the
-serving version), the ranker and the search service over them. ``create_app`` accepts them
+``build_components`` makes the metrics registry, the event publisher, the Feast reader (user
+context and item stats), the rewrite store, the item index (Milvus, and the query encoder it
+loads for the serving version), the ranker and the search service over them. ``create_app`` accepts them
 built already, so the CLI can fail on bad settings before serving and tests can build the
 app against their own stack.
 """
@@ -49,8 +49,9 @@ class Components:
         if service.read_context is not None:
             try:
                 service.read_context("__warm_up__")
+                service.read_item_stats(["__warm_up__"])
             except Exception as exc:  # reported by /readyz and degraded searches
-                log.warning("user context not available yet: %s", exc)
+                log.warning("user context and item stats not available yet: %s", exc)
 
     def close(self) -> None:
         self.service.close()
@@ -76,7 +77,8 @@ def build_components(settings: Settings) -> Components:
     # /users scans many keys: a longer timeout than the rewrite store's per-search deadline.
     user_states = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0) \
         if redis_url is not None else None
-    service = SearchService(settings, metrics, ItemIndex(settings), publisher, read_context, rewrites,
+    service = SearchService(settings, metrics, ItemIndex(settings), publisher, read_context,
+                            read_context.item_stats if read_context is not None else None, rewrites,
                             load_ranker(settings))
     return Components(settings, metrics, service, publisher, rewrites, context_error, redis_url, user_states)
 

@@ -58,6 +58,16 @@ class ScoreParts(BaseModel):
     retrieval_prior: float | None = Field(None, description="Reciprocal-rank prior of the fused order (1 = first).")
 
 
+class ItemStats(BaseModel):
+    """The item's behaviour over the last 24 h, from the Feast ``item_stats`` view: what the
+    ranker used. The priors for an item nobody engaged with, and for every item when the read
+    failed (``degraded`` then names ``item_stats``)."""
+
+    ctr_24h: float = Field(description="Click-through rate, smoothed towards the prior.")
+    cvr_24h: float = Field(description="Purchases per click, smoothed towards the prior.")
+    purchases_24h: int
+
+
 class SearchHit(BaseModel):
     item_id: str
     position: int
@@ -67,6 +77,7 @@ class SearchHit(BaseModel):
     category: str
     price: float
     source: str = Field(description="Route that ranked the item best: dense, bm25 or rewrite:<text>.")
+    stats: ItemStats
     parts: ScoreParts | None = None
 
 

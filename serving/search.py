@@ -2,10 +2,12 @@
 
     user context (Feast, own deadline) -> rewrites (store, own deadline) -> query embedding
     -> Milvus: dense and BM25 search for the query and each rewrite -> reciprocal-rank fusion
+    -> the candidates' behaviour stats (Feast, one batched read, the user context's deadline)
     -> multi-task ranker -> top k -> query event published (non-blocking)
 
-Optional dependencies (context, rewrites, the broker) degrade the answer and say so in
-``degraded``; without the index there is no answer, and ``SearchUnavailable`` becomes a 503.
+Optional dependencies (context, rewrites, item stats, the broker) degrade the answer and say so
+in ``degraded`` (without item stats every candidate has the priors, as an item nobody engaged
+with); without the index there is no answer, and ``SearchUnavailable`` becomes a 503.
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ from tailbridge.serving.guard import Guarded
 from tailbridge.serving.metrics import Metrics
 from tailbridge.serving.models import load_query_encoder
 from tailbridge.serving.publisher import EventPublisher
-from tailbridge.serving.schemas import ScoreParts, SearchHit, SearchRequest, SearchResponse
+from tailbridge.serving.schemas import ItemStats, ScoreParts, SearchHit, SearchRequest, SearchResponse
 from tailbridge.streams.events import QueryEvent, ServedItem
 from tailbridge.vocab import normalize_query
 from tailbridge.streams.feedback import REWRITE_SOURCE_PREFIX
-from tailbridge.streams.item_index import STATS_FIELDS, alias_name, serving_version
+from tailbridge.streams.item_index import alias_name, serving_version
+from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
 from tailbridge.settings import Settings
 
-OUTPUT_FIELDS = ["item_id", "title", "brand", "category", "category_path", "price", *STATS_FIELDS]
+OUTPUT_FIELDS = ["item_id", "title", "brand", "category", "category_path", "price"]
 RRF_K = 60  # the usual reciprocal-rank-fusion constant: flattens the top ranks' advantage
 MAX_REWRITES = 3
 VERSION_CHECK_SECONDS = 10.0
@@ -183,13 +186,15 @@ class StageTimer:
 
 class SearchService:
     def __init__(self, settings: Settings, metrics: Metrics, index: ItemIndex, publisher: EventPublisher,
-                 read_context: Callable[[str], dict[str, Any] | None] | None, rewrites: RewriteStore | None,
-                 ranker: Any | None):
+                 read_context: Callable[[str], dict[str, Any] | None] | None,
+                 read_item_stats: Callable[[list[str]], dict[str, dict[str, float]]] | None,
+                 rewrites: RewriteStore | None, ranker: Any | None):
         self.settings = settings
         self.metrics = metrics
         self.index = index
         self.publisher = publisher
         self.read_context = read_context
+        self.read_item_stats = read_item_stats
         self.rewrite_store = rewrites
         self.ranker = ranker
         timeout_s, cooldown = settings.serve_context_timeout_ms / 1000, settings.serve_dependency_cooldown_s
@@ -239,6 +244,9 @@ class SearchService:
             routes += [(src, "bm25", hits) for src, hits in zip(sources, bm25)]
             candidates = fuse(routes)[:limit]
 
+        with timer.stage("item_stats"):  # the ranker reads every candidate's; without one, the hits need theirs
+            self._add_item_stats(candidates if self.ranker is not None else candidates[:request.k], degraded)
+
         heads: list[dict[str, float]] | None = None
         if self.ranker is not None and candidates:
             with timer.stage("rank"):
@@ -267,6 +275,22 @@ class SearchService:
                               personalized=context is not None, results=hits, rewrites=rewrites, degraded=degraded,
                               model_versions=versions, timings_ms=timer.ms if request.explain else None)
 
+    def _add_item_stats(self, candidates: list[Candidate], degraded: list[str]) -> None:
+        """Put each candidate's behaviour stats into its fields (the ranker's item features)."""
+        stats: dict[str, dict[str, float]] = {}
+        if self.read_item_stats is None:
+            degraded.append("item_stats")
+        elif candidates:
+            # The user context's guard: the same Feast store, so a dead store costs a search one
+            # deadline, not two.
+            outcome = self.context_guard.call(lambda: self.read_item_stats([c.item_id for c in candidates]))
+            if outcome.ok:
+                stats = outcome.value
+            else:
+                degraded.append("item_stats")
+        for c in candidates:
+            c.fields.update(stats.get(c.item_id) or NO_STATS)
+
     @staticmethod
     def _hit(c: Candidate, position: int, heads: dict[str, float] | None, explain: bool) -> SearchHit:
         f = c.fields
@@ -279,7 +303,8 @@ class SearchService:
                                if heads else {})
         return SearchHit(item_id=c.item_id, position=position, score=heads["final"] if heads else c.fused,
                          title=f.get("title", ""), brand=f.get("brand", ""), category=f.get("category", ""),
-                         price=float(f.get("price") or 0.0), source=c.source, parts=parts)
+                         price=float(f.get("price") or 0.0), source=c.source,
+                         stats=ItemStats(**{name: f[name] for name in STATS_FIELDS}), parts=parts)
 
     def _publish(self, request: SearchRequest, query_id: str, hits: list[SearchHit], rewrites: list[str],
                  versions: dict[str, str]) -> None:

@@ -25,7 +25,7 @@ import redis
 from feast import FeatureStore
 
 from tailbridge.models.data import user_context
-from tailbridge.streams import feedback, item_index, item_stats
+from tailbridge.streams import feedback, item_stats
 from tailbridge.streams.events import InteractionEvent, QueryEvent
 from tailbridge.streams.processor import Counts, Periodic, Processor, Resources
 from tailbridge.settings import Settings
@@ -207,18 +207,19 @@ class BehaviourProcessor:
 
     # ------------------------------------------------------------------ periodic flushes
 
-    def flush_item_stats(self, milvus, limit: int = 1000) -> int:
-        """Write the windowed stats of items whose counters changed, to Feast and Milvus."""
+    def flush_item_stats(self, limit: int = 1000) -> int:
+        """Write the windowed stats of items whose counters changed to the Feast ``item_stats``
+        view, where search reads them (never into Milvus rows: see ``streams.item_index``)."""
         items = [i.decode() for i in self.redis.spop(self.keys.dirty_items, limit) or []]
         if not items:
             return 0
         try:
-            return self._write_item_stats(milvus, items)
+            return self._write_item_stats(items)
         except Exception:
             self.redis.sadd(self.keys.dirty_items, *items)  # still dirty: the retry picks them up
             raise
 
-    def _write_item_stats(self, milvus, items: list[str]) -> int:
+    def _write_item_stats(self, items: list[str]) -> int:
         with self.redis.pipeline(transaction=False) as pipe:
             for item in items:
                 pipe.hgetall(self.keys.counters(item))
@@ -234,23 +235,12 @@ class BehaviourProcessor:
             return 0
         now = datetime.now(UTC)
         self.store.write_to_online_store("item_stats", pd.DataFrame([r | {"event_timestamp": now} for r in rows]))
-        if milvus is not None:
-            self._update_milvus_stats(milvus, rows)
         with self.redis.pipeline(transaction=False) as pipe:
             for item, fields in stale.items():
                 if fields:
                     pipe.hdel(self.keys.counters(item), *fields)
             pipe.execute()
         return len(rows)
-
-    def _update_milvus_stats(self, milvus, rows) -> None:
-        by_item = {row["item_id"]: row for row in rows}
-        for collection in item_index.live_collections(milvus, self.settings):
-            present = milvus.query(collection, ids=list(by_item), output_fields=["item_id"])
-            updates = [{"item_id": hit["item_id"], **{f: float(by_item[hit["item_id"]][f]) for f in item_index.STATS_FIELDS}}
-                       for hit in present]
-            if updates:
-                milvus.upsert(collection, updates, partial_update=True)
 
     def flush_feedback(self, limit: int = 500) -> tuple[int, int]:
         """Append the queries whose feedback window closed to the feedback log."""
@@ -286,10 +276,7 @@ def processor(resources: Resources) -> Processor:
         return {"applied": result.applied, "duplicates": result.duplicates}
 
     def flush_item_stats() -> Counts:
-        written = behaviour.flush_item_stats(resources.milvus)
-        if written:
-            resources.milvus_written.set()
-        return {"item_stats_written": written}
+        return {"item_stats_written": behaviour.flush_item_stats()}
 
     def flush_feedback() -> Counts:
         return {"feedback_rows": behaviour.flush_feedback()[0]}

@@ -17,7 +17,7 @@ from pymilvus import MilvusClient
 
 from tailbridge.models.retrieval.encoders import Encoder, load_encoder
 from tailbridge.vocab import item_text
-from tailbridge.streams import item_index, item_stats
+from tailbridge.streams import item_index
 from tailbridge.streams.behaviour import Keys
 from tailbridge.streams.events import CatalogDelete, CatalogUpsert
 from tailbridge.streams.processor import Counts, Processor, Resources
@@ -43,6 +43,7 @@ class Indexer:
         self._load_encoder = encoder_loader
         self._encoders: dict[str, Encoder] = {}
         self._live: dict[str, str] = {}
+        self._padding: dict[str, dict[str, float]] = {}  # per live collection: item_index.legacy_padding
         self._live_at = 0.0
         # The start-up warm-up and the first batch run on different threads: one must not see
         # a collection the other is still creating, nor load the same encoder twice.
@@ -69,6 +70,7 @@ class Indexer:
                     item_index.create_collection(self.milvus, self.settings, version, self.encoder(version).dim)
                     item_index.point_alias(self.milvus, self.settings, version)
                     self._live = item_index.live_collections(self.milvus, self.settings)
+                self._padding = {name: item_index.legacy_padding(self.milvus, name) for name in self._live}
                 self._live_at = time.monotonic()
             return self._live
 
@@ -78,7 +80,6 @@ class Indexer:
         upserts = [e.model_dump(exclude={"schema_version", "event_id", "event_time", "type"})
                    for e in latest.values() if isinstance(e, CatalogUpsert)]
         deletes = [item_id for item_id, e in latest.items() if isinstance(e, CatalogDelete)]
-        stats = self._stats([item["item_id"] for item in upserts])
         result = IndexResult(len(upserts), len(deletes))
         for attempt in range(2):
             try:
@@ -87,7 +88,8 @@ class Indexer:
                     if upserts:
                         vectors = self.encoder(version).encode_items(upserts)
                         result.timings["encode_s"] = result.timings.get("encode_s", 0.0) + time.perf_counter() - t
-                        self.milvus.upsert(collection, item_index.rows(upserts, vectors, version, stats, item_text))
+                        self.milvus.upsert(collection, item_index.rows(upserts, vectors, version, item_text,
+                                                                       self._padding.get(collection)))
                     if deletes:
                         self.milvus.delete(collection, ids=deletes)
                 break
@@ -103,17 +105,6 @@ class Indexer:
             pipe.execute()
         result.timings["total_s"] = time.perf_counter() - started
         return result
-
-    def _stats(self, item_ids: list[str]) -> dict[str, dict[str, float]]:
-        """Current behaviour stats, so a re-upserted product keeps its CTR in Milvus."""
-        if not item_ids:
-            return {}
-        with self.redis.pipeline(transaction=False) as pipe:
-            for item in item_ids:
-                pipe.hgetall(self.keys.counters(item))
-            raw = pipe.execute()
-        return {item: item_stats.feature_row(item, {k.decode(): v for k, v in counters.items()})
-                for item, counters in zip(item_ids, raw) if counters}
 
 
 def processor(resources: Resources) -> Processor:
@@ -147,6 +138,7 @@ def reindex(settings: Settings, version: str, milvus: MilvusClient, encoder: Enc
     copied = 0
     total = item_index.count(milvus, source) if source else 0
     started_ms = int(time.time() * 1000)
+    padding = item_index.legacy_padding(milvus, target)  # a kept collection of this version may predate the schema
     if source:
         for items in item_index.catalog_rows(milvus, source):
             fresher = {hit["item_id"] for hit in milvus.query(
@@ -154,10 +146,8 @@ def reindex(settings: Settings, version: str, milvus: MilvusClient, encoder: Enc
                 if hit["updated_ms"] >= started_ms}
             todo = [item for item in items if item["item_id"] not in fresher]
             if todo:
-                stats = {row["item_id"]: row for row in milvus.query(
-                    source, ids=[i["item_id"] for i in todo], output_fields=["item_id", *item_index.STATS_FIELDS])}
                 vectors = encoder.encode_items(todo)
-                milvus.upsert(target, item_index.rows(todo, vectors, version, stats, item_text))
+                milvus.upsert(target, item_index.rows(todo, vectors, version, item_text, padding))
             copied += len(items)
             progress(copied, total)
     milvus.flush(target)

@@ -2,7 +2,10 @@
 
 ``<prefix>_items`` (the alias) points at the collection serving now; ``<prefix>_items__<version>``
 are the collections, each holding the dense vector of its encoder, the text for BM25, scalar
-attributes for filtering, behaviour stats for boosting and the model version. The indexer
+attributes for filtering and the model version. Behaviour stats are not here: they change with
+every click, and rewriting a row to update them moves the collection's BM25 statistics, and so
+the lexical scores of unrelated queries; search reads them from the Feast ``item_stats`` view.
+The indexer
 writes every live collection (so one being built for a new model never misses an update),
 and ``reindex`` builds a new version beside the serving one, then moves the alias: serving
 never sees a gap.
@@ -19,13 +22,12 @@ import numpy as np
 import orjson
 from pymilvus import DataType, Function, FunctionType, MilvusClient
 
-from tailbridge.streams import item_stats
 from tailbridge.settings import Settings
 
 CONTENT_FIELDS = ("title", "description", "brand", "category", "category_path", "price", "attributes")
-STATS_FIELDS = ("ctr_24h", "cvr_24h", "purchases_24h")
-# An item nobody engaged with yet: the smoothed rates' priors, as the stats flush would write them.
-NO_STATS = item_stats.feature_row("", {})
+# Collections made when rows still carried behaviour stats require these fields on every write;
+# nothing reads them any more (``legacy_padding``).
+LEGACY_STATS_FIELDS = ("ctr_24h", "cvr_24h", "purchases_24h")
 MAX_TEXT = 4000
 
 # pymilvus pings every 10 s even when idle, and a gRPC server on default settings (Milvus Lite)
@@ -64,8 +66,6 @@ def _schema(dim: int):
     schema.add_field("category_path", DataType.VARCHAR, max_length=1024)
     schema.add_field("price", DataType.FLOAT)
     schema.add_field("attributes", DataType.VARCHAR, max_length=2048)
-    for field in STATS_FIELDS:
-        schema.add_field(field, DataType.FLOAT)
     schema.add_field("model_version", DataType.VARCHAR, max_length=128)
     schema.add_field("updated_ms", DataType.INT64)
     schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25,
@@ -121,13 +121,19 @@ def point_alias(client: MilvusClient, settings: Settings, version: str) -> None:
         client.alter_alias(target, alias)
 
 
+def legacy_padding(client: MilvusClient, collection: str) -> dict[str, float]:
+    """What a write to ``collection`` must add to ``rows``: the stats fields, for a collection
+    made before they left Milvus (their values are never read); {} for one made since."""
+    names = {field["name"] for field in client.describe_collection(collection)["fields"]}
+    return {field: 0.0 for field in LEGACY_STATS_FIELDS if field in names}
+
+
 def rows(items: Sequence[Mapping[str, Any]], vectors: np.ndarray, version: str,
-         stats: Mapping[str, Mapping[str, float]], item_text: Callable[[Mapping[str, Any]], str]) -> list[dict]:
+         item_text: Callable[[Mapping[str, Any]], str], padding: Mapping[str, float] | None = None) -> list[dict]:
     now_ms = int(time.time() * 1000)
     out = []
     for item, vector in zip(items, vectors, strict=True):
         path = list(item.get("category_path") or [])
-        item_stats = stats.get(item["item_id"]) or NO_STATS
         out.append({
             "item_id": item["item_id"],
             "vector": vector.astype(np.float32).tolist(),
@@ -139,7 +145,7 @@ def rows(items: Sequence[Mapping[str, Any]], vectors: np.ndarray, version: str,
             "category_path": " > ".join(path)[:1024],
             "price": float(item.get("price") or 0.0),
             "attributes": orjson.dumps(item.get("attributes") or {}).decode()[:2048],
-            **{field: float(item_stats[field]) for field in STATS_FIELDS},
+            **(padding or {}),
             "model_version": version,
             "updated_ms": now_ms,
         })

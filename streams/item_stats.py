@@ -17,6 +17,8 @@ ACTIONS = {"impression": "impressions", "click": "clicks", "add_to_cart": "carts
 WINDOWS = {"1h": (60_000, 60), "24h": (3_600_000, 24)}  # window -> (bucket width ms, buckets)
 COUNTER_TTL_S = 26 * 3600  # a little longer than the longest window
 LAST_EVENT_FIELD = "last_ms"
+# What search reads of an item's Feast row for the ranker (models.ranking.features.ITEM_FEATURES).
+STATS_FIELDS = ("ctr_24h", "cvr_24h", "purchases_24h")
 
 
 def bucket_fields(action: str, event_ms: int) -> list[str]:
@@ -57,3 +59,7 @@ def feature_row(item_id: str, counters: Mapping[str, int | str]) -> dict:
     row["ctr_24h"] = (row["clicks_24h"] + PRIOR_CTR * PRIOR_CTR_WEIGHT) / (row["impressions_24h"] + PRIOR_CTR_WEIGHT)
     row["cvr_24h"] = (row["purchases_24h"] + PRIOR_CVR * PRIOR_CVR_WEIGHT) / (row["clicks_24h"] + PRIOR_CVR_WEIGHT)
     return row
+
+
+# An item nobody engaged with (no row, or its row expired): the smoothed rates' priors.
+NO_STATS = {field: feature_row("", {})[field] for field in STATS_FIELDS}

@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     serve_host: str = Field("127.0.0.1", description="Address `tailbridge serve` listens on.")
     serve_port: int = Field(8000, ge=1, le=65535, description="Port `tailbridge serve` listens on.")
     serve_context_timeout_ms: float = Field(
-        50, gt=0, description="Deadline for reading a user's context (and rewrites); past it search goes on without."
+        50, gt=0, description="Deadline for reading a user's context (and rewrites, and the candidates' item stats); "
+        "past it search goes on without."
     )
     serve_dependency_cooldown_s: float = Field(
         2.0, ge=0, description="After a dependency fails, how long search skips it before trying again."

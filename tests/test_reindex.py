@@ -7,6 +7,7 @@ import uuid
 import numpy as np
 import pytest
 import redis
+from pymilvus import DataType
 
 from tailbridge.feature_repo.online import resolve_online_store
 from tailbridge.models.retrieval.encoders import MiniLMEncoder
@@ -89,3 +90,33 @@ def test_reindex_switches_serving_without_a_gap(settings, minilm):
 
     with pytest.raises(ValueError, match="already serving"):
         reindex(settings, new_version, milvus, new_encoder)
+
+
+def test_collections_made_when_rows_carried_stats_keep_working(settings, minilm, monkeypatch):
+    """Collections from before behaviour stats left Milvus require the stats fields on every
+    write: the indexer and reindex still write them (values never read), and reindex moves
+    serving to a collection without them."""
+    milvus = item_index.connect(settings)
+    current_schema = item_index._schema
+
+    def schema_with_stats(dim):
+        schema = current_schema(dim)
+        for field in item_index.LEGACY_STATS_FIELDS:
+            schema.add_field(field, DataType.FLOAT)
+        return schema
+
+    monkeypatch.setattr(item_index, "_schema", schema_with_stats)
+    old = item_index.create_collection(milvus, settings, settings.encoder_version, minilm.dim)
+    item_index.point_alias(milvus, settings, settings.encoder_version)
+    monkeypatch.undo()
+    assert item_index.legacy_padding(milvus, old) == dict.fromkeys(item_index.LEGACY_STATS_FIELDS, 0.0)
+
+    r = redis.Redis.from_url(resolve_online_store(settings).redis_url)
+    Indexer(settings, milvus, r, encoder_loader=lambda version: minilm).process(products(8))
+    assert item_index.count(milvus, old) == 8
+
+    result = reindex(settings, "minilm-l6-v2-without-stats", milvus, minilm)
+    assert result["items"] == 8 and item_index.legacy_padding(milvus, result["to"]) == {}
+    hits = milvus.search(item_index.alias_name(settings), data=["wool rug"], anns_field="sparse", limit=2,
+                         output_fields=["item_id"])[0]
+    assert {hit["entity"]["item_id"] for hit in hits} == {"item_002", "item_006"}

@@ -25,6 +25,7 @@ from tailbridge.serving.context import RedisRewriteStore
 from tailbridge.streams import item_index
 from tailbridge.streams.behaviour import Keys
 from tailbridge.streams.events import CatalogUpsert, InteractionEvent
+from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
 from tailbridge.synthetic.replay import publish
 from tailbridge.streams.topics import TOPICS, make_consumer
 from tests.conftest import stream_namespace, tiny_demo, wait_until
@@ -248,6 +249,33 @@ def test_results_change_after_the_users_events_stream_through(env, client):
     assert ranking(after) != ranking(search(client, query="sofa", k=5))
 
 
+def test_engagement_changes_an_items_stats_not_its_bm25_score(env, client):
+    """Behaviour stats live in the Feast online store, never in the Milvus rows: rewriting a row
+    changes the collection's BM25 statistics, and so lexical scores and ranks of a fixed query.
+    Engaged through the worker, the item's stats change (and search reports them) while its
+    BM25 score and rank stay exactly as they were."""
+    settings, r, worker = env
+
+    def bm25_and_stats(item_id: str) -> tuple[tuple[float, int], dict]:
+        hit = next(h for h in search(client, query="wool area rug", k=len(CATALOG), explain=True)["results"]
+                   if h["item_id"] == item_id)
+        return (hit["parts"]["bm25_score"], hit["parts"]["bm25_rank"]), hit["stats"]
+
+    before, stats = bm25_and_stats("sock-1")
+    assert stats == NO_STATS  # nobody engaged with it yet: the priors
+    publish(settings, [InteractionEvent(action=action, user_id="u_bm25", session_id="s_bm25", item_id="sock-1",
+                                        price=24.0) for action in ("impression", "impression", "click", "purchase")])
+    store = feature_store(settings)
+    row = wait_until(lambda: (got := store.get_online_features(
+        features=[f"item_stats:{name}" for name in STATS_FIELDS], entity_rows=[{"item_id": "sock-1"}]).to_dict())
+        ["purchases_24h"][0] and got, 60, "the stats flush\n" + worker.log_tail())
+    time.sleep(3 * settings.worker_flush_seconds + settings.worker_index_seal_seconds)  # any index write would show
+    after, stats = bm25_and_stats("sock-1")
+    assert after == before
+    assert stats == {name: pytest.approx(row[name][0]) for name in STATS_FIELDS} and stats != NO_STATS
+    assert stats["purchases_24h"] == 1
+
+
 # ---------------------------------------------------------------------- degraded dependencies
 
 
@@ -280,7 +308,8 @@ def test_search_answers_without_user_context_when_redis_is_down(env, own_redis):
             body = search(client, query="sofa", k=5, user_id="u_down")
             elapsed = time.perf_counter() - started
             assert elapsed < 0.2, f"attempt {attempt}: {elapsed * 1000:.0f} ms"
-            assert "user_context" in body["degraded"] and "rewrites" in body["degraded"]
+            assert {"user_context", "rewrites", "item_stats"} <= set(body["degraded"])
+            assert all(r["stats"] == NO_STATS for r in body["results"])  # the priors
             assert [r["item_id"] for r in body["results"]] == [r["item_id"] for r in healthy["results"]]
         ready = client.get("/readyz").json()
         assert ready["ready"] is True and ready["dependencies"]["user_context"] != "ok"

@@ -113,7 +113,7 @@ def test_milvus_collections_are_searchable_after_a_restart(own_stack):
     name = item_index.create_collection(client, own_stack, "v-restart", dim=4)
     client.insert(name, [{"item_id": "a", "vector": [1.0, 0, 0, 0], "text": "red sofa", "title": "Red Sofa",
                           "description": "", "brand": "", "category": "Sofas", "category_path": "Sofas", "price": 1.0,
-                          "attributes": "{}", "ctr_24h": 0.0, "cvr_24h": 0.0, "purchases_24h": 0.0,
+                          "attributes": "{}",
                           "model_version": "v-restart", "updated_ms": 0}])
     client.flush(name)
     stack.down(own_stack)

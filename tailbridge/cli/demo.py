@@ -1,5 +1,5 @@
 """The live part of `make demo`: a stream worker processes the replay while a dashboard shows
-user features (Feast) and item vectors and stats (Milvus) changing."""
+user features and item stats (Feast) and item vectors (Milvus) changing."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ from tailbridge.streams.topics import all_topic_names, count_messages
 from tailbridge.settings import Settings
 
 DEMO_FEEDBACK_WINDOW_S = 10  # short, so the demo shows labelled feedback before it ends
+# The replay's events are stamped as they are sent: a partition quiet for 3 s has nothing late
+# coming, so the last searches' windows close soon after the replay (streams.event_time).
+DEMO_WORKER_ENV = {"TAILBRIDGE_FEEDBACK_WINDOW_SECONDS": str(DEMO_FEEDBACK_WINDOW_S),
+                   "TAILBRIDGE_WORKER_IDLE_SECONDS": "3"}
 CATCH_UP_TIMEOUT_S = 120
 WATCHED_USERS = 3
 
@@ -43,20 +47,21 @@ def start_worker(settings: Settings, env_overrides: dict[str, str]) -> subproces
 
 
 def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int, console: Console) -> list:
-    worker = start_worker(settings, {"TAILBRIDGE_FEEDBACK_WINDOW_SECONDS": str(DEMO_FEEDBACK_WINDOW_S)})
+    worker = start_worker(settings, DEMO_WORKER_ENV)
     sent = Counter()
-    active_users = Counter()
+    active_users, engaged_items = Counter(), Counter()
 
     def on_behaviour(event) -> None:
         sent["behaviour"] += 1
         if isinstance(event, InteractionEvent) and event.action != "impression":
             active_users[event.user_id] += 1
+            engaged_items[event.item_id] += 1
 
     reports: list = []
     publisher = threading.Thread(target=lambda: reports.extend(replay_dataset(
         settings, dataset, rate, events, seed, catalog=True,
         on_catalog=lambda e: sent.update(["catalog"]), on_behaviour=on_behaviour)), daemon=True)
-    dashboard = Dashboard(settings, len(dataset.items), events, sent, active_users,
+    dashboard = Dashboard(settings, len(dataset.items), events, sent, active_users, engaged_items,
                           {item.item_id: item.title for item in dataset.items})
     publisher.start()
     try:
@@ -82,9 +87,9 @@ def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int
 
 
 class Dashboard:
-    def __init__(self, settings, catalog_size, behaviour_total, sent, active_users, titles):
+    def __init__(self, settings, catalog_size, behaviour_total, sent, active_users, engaged_items, titles):
         self.settings, self.catalog_size, self.behaviour_total = settings, catalog_size, behaviour_total
-        self.sent, self.active_users, self.titles = sent, active_users, titles
+        self.sent, self.active_users, self.engaged_items, self.titles = sent, active_users, engaged_items, titles
         self.keys = Keys(settings)
         self.redis = redis.Redis.from_url(resolve_online_store(settings).redis_url)
         self.store = feature_store(settings)
@@ -133,16 +138,18 @@ class Dashboard:
         return table
 
     def _items(self) -> Table:
-        table = Table(title="item vectors in Milvus: best-converting items (stats used for boosting)")
-        for column in ("item", "title", "ctr_24h", "purchases_24h", "model"):
+        table = Table(title="item_stats in Feast: best-converting of the most engaged items (the ranker reads them)")
+        for column in ("item", "title", "ctr_24h", "purchases_24h"):
             table.add_column(column)
-        if not self.indexed:
+        items = [item for item, _ in self.engaged_items.most_common(50)]
+        if not items:
             return table
-        rows = self.milvus.query(item_index.alias_name(self.settings), filter="purchases_24h > 0", limit=500,
-                                 output_fields=["item_id", "title", "ctr_24h", "purchases_24h", "model_version"])
-        for row in sorted(rows, key=lambda r: (-r["purchases_24h"], -r["ctr_24h"]))[:5]:
-            table.add_row(row["item_id"], row["title"][:40], f"{row['ctr_24h']:.3f}", f"{row['purchases_24h']:.0f}",
-                          row["model_version"])
+        rows = self.store.get_online_features(features=["item_stats:ctr_24h", "item_stats:purchases_24h"],
+                                              entity_rows=[{"item_id": item} for item in items]).to_dict()
+        written = [i for i in range(len(items)) if rows["purchases_24h"][i] is not None]
+        for i in sorted(written, key=lambda i: (-rows["purchases_24h"][i], -rows["ctr_24h"][i]))[:5]:
+            table.add_row(items[i], self.titles.get(items[i], items[i])[:40], f"{rows['ctr_24h'][i]:.3f}",
+                          str(rows["purchases_24h"][i]))
         return table
 
 
@@ -225,7 +232,7 @@ def serve(settings: Settings, dataset, console: Console, keep_serving: bool) -> 
 
     from tailbridge.serving.app import create_app
 
-    worker = start_worker(settings, {"TAILBRIDGE_FEEDBACK_WINDOW_SECONDS": str(DEMO_FEEDBACK_WINDOW_S)})
+    worker = start_worker(settings, DEMO_WORKER_ENV)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.serve_host, port=settings.serve_port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
