@@ -9,7 +9,8 @@
     GET  /          the search page (static/index.html)                         routers/page.py
 
 The clients are built once, in ``serving.dependencies``, when the app starts (or handed in
-built), and reach the routes through the ``ComponentsDep`` dependency.
+built), and reach the routes through the ``ComponentsDep`` dependency. Request bodies and
+validation errors are bounded by ``serving.limits`` (413, short 422s).
 """
 
 from __future__ import annotations
@@ -17,18 +18,22 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from tailbridge.serving.dependencies import Components, build_components
+from tailbridge.serving.limits import BodyLimit, validation_errors
 from tailbridge.serving.routers import events, health, page, search
 from tailbridge.serving.search import SearchUnavailable
 from tailbridge.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None, built: Components | None = None) -> FastAPI:
+    settings = built.settings if built else settings or get_settings()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.components = built or build_components(settings or get_settings())
+        app.state.components = built or build_components(settings)
         app.state.components.warm_up()
         yield
         app.state.components.close()
@@ -39,6 +44,9 @@ def create_app(settings: Settings | None = None, built: Components | None = None
     @app.exception_handler(SearchUnavailable)
     async def _unavailable(_request: Request, exc: SearchUnavailable) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": str(exc)})
+
+    app.add_exception_handler(RequestValidationError, validation_errors)
+    app.add_middleware(BodyLimit, max_bytes=settings.serve_max_body_bytes)
 
     for module in (search, events, health, page):
         app.include_router(module.router)
