@@ -1,8 +1,8 @@
 """What a candidate and the shopper's context contribute to the ranker besides text.
 
 * Item behaviour (``ITEM_FEATURES``): ``ctr_24h``, ``cvr_24h``, ``log1p(purchases_24h)``, exactly
-  the stats serving reads from the search hits (the Feast ``item_stats`` values the stream
-  worker mirrors into Milvus).
+  the stats serving reads for its candidates from the Feast ``item_stats`` view (the smoothing
+  priors for an item without a row).
 * User x item (``USER_FEATURES``), from the Feast ``user_context`` row: affinity to the item's
   leaf category, whether the shopper recently clicked / carted / bought it, its price against
   their recent items' (log ratio to their median price, and the gap between price levels
@@ -59,8 +59,8 @@ def leaf_category(candidate: Mapping[str, Any]) -> str:
 
 
 def item_features(candidate: Mapping[str, Any]) -> list[float]:
-    """The item's behaviour stats as the Feast ``item_stats`` view and the Milvus hit hold them
-    (missing -> 0); the purchase count is log1p'd."""
+    """The item's behaviour stats as the Feast ``item_stats`` view holds them (missing -> 0);
+    the purchase count is log1p'd."""
     return [_number(candidate.get("ctr_24h")), _number(candidate.get("cvr_24h")),
             math.log1p(max(0.0, _number(candidate.get("purchases_24h"))))]
 

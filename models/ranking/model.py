@@ -3,7 +3,7 @@
     query ───────────── MiniLM (first `layers` layers) ─ mean pool ─ shared projection ─ q ─┐
     product text ────── the same weights ──────────────────────────────────────────────── p ─┤
     (title. brand. leaf category)                                                            ├─ [q, p, q*p, features]
-    item behaviour (Feast item_stats / Milvus): ctr_24h, cvr_24h, log1p(purchases_24h) ──────┤    └─ shared MLP trunk
+    item behaviour (Feast item_stats): ctr_24h, cvr_24h, log1p(purchases_24h) ──────────────┤    └─ shared MLP trunk
     user x item (Feast user_context): category affinity, recently clicked / carted /         │        ├─ click head
       purchased, log price / median price of the user's recent items ────────────────────────┘        ├─ add-to-cart head
                                                                                                        └─ purchase head
