@@ -26,4 +26,6 @@ class Metrics:
         self.events_published = Counter("tailbridge_events_published_total", "Events the broker acknowledged.",
                                         ["topic"], registry=r)
         self.events_dropped = Counter("tailbridge_events_dropped_total", "Events given up on.", ["reason"], registry=r)
+        self.events_rejected = Counter("tailbridge_events_rejected_total", "Events POST /events refused.", ["reason"],
+                                       registry=r)
         self.event_buffer = Gauge("tailbridge_event_buffer_size", "Events waiting for the broker.", registry=r)

@@ -28,6 +28,7 @@ import redis
 from tailbridge.feature_repo.online import resolve_online_store
 from tailbridge.feature_repo.store import feature_store
 from tailbridge.settings import Settings
+from tailbridge.streams import event_time
 from tailbridge.streams.events import EventValidationError, decode
 from tailbridge.streams.item_index import connect as connect_milvus
 from tailbridge.streams.processor import Factory, Periodic, Processor, Resources
@@ -104,13 +105,16 @@ def install(app: faust.App, processors: Sequence[Processor], settings: Settings,
     specs = {spec.topic(settings): spec for spec in TOPICS.values()}
     dlqs = {name: topic(spec.dlq(settings)) for name, spec in specs.items()}
 
-    async def parse(batch) -> list:
-        """Decode a batch; what does not parse goes to the topic's DLQ (awaited, before the ack)."""
-        events = []
+    async def parse(batch) -> tuple[list, event_time.Progress]:
+        """Decode a batch, clamping event times too far ahead (``streams.event_time``), and say
+        how far it goes in event time per partition; what does not parse goes to the topic's
+        DLQ (awaited, before the ack)."""
+        events, reached = [], {}
         for event in batch:
             message = event.message
             try:
-                events.append(decode(event.value, allowed=specs[message.topic].events))
+                parsed, clamped = event_time.trusted(decode(event.value, allowed=specs[message.topic].events),
+                                                     message.timestamp, settings.max_event_skew_seconds)
             except EventValidationError as exc:
                 headers = [("error", str(exc).encode()), ("source_topic", message.topic.encode()),
                            ("source_partition", str(message.partition).encode()),
@@ -119,7 +123,15 @@ def install(app: faust.App, processors: Sequence[Processor], settings: Settings,
                 await sent
                 counts["dead_lettered"] += 1
                 log.warning("dead-lettered %s[%s]@%s: %s", message.topic, message.partition, message.offset, exc)
-        return events
+                continue
+            if clamped:  # its time is the arrival's, not the stream's: it says nothing of progress
+                counts["future_event_time_clamped"] += 1
+                log.warning("%s[%s]@%s: event_time more than %s s ahead of its arrival, clamped to %s", message.topic,
+                            message.partition, message.offset, settings.max_event_skew_seconds, parsed.event_time)
+            else:
+                event_time.note(reached, specs[message.topic].name, message.partition, parsed)
+            events.append(parsed)
+        return events, reached
 
     for processor in processors:
         if processor.topics:
@@ -136,9 +148,11 @@ def _agent(app: faust.App, processor: Processor, channel, parse, settings: Setti
     size = processor.batch_size or settings.worker_batch_size
 
     async def handle(batch) -> None:
-        events = await parse(batch)
+        events, reached = await parse(batch)
         if events:
             counts.update(await asyncio.to_thread(apply, events))
+            if processor.clock is not None and reached:  # only once the batch's writes are done
+                await asyncio.to_thread(processor.clock.advance, reached)
 
     async def agent(stream):
         async for batch in stream.take_events(size, within=settings.worker_batch_seconds):

@@ -1,14 +1,23 @@
 """The behaviour processor: query and interaction events into user context, item counters and
 the feedback log. Plain synchronous code; ``processor`` is how the worker (``streams.app``)
-runs it: batches of the queries and interactions topics, and two periodic flushes.
+runs it: batches of the queries and interactions topics, and periodic jobs.
 
 One batch is applied in one Redis transaction (WATCH on the users' state keys, then MULTI):
 the new user states, the item counter increments and the open feedback queries land together
-or not at all. Duplicates are recognised by the user-state watermarks of the user-context fold
+or not at all. Duplicates are recognised by the event ids the user-context fold keeps
 (``models.data.user_context``: the one fold, which training runs over the feedback log too),
 so redelivery after a crash, or a replay of the same events, changes nothing. The Feast rows
 are written after the transaction from the states it committed, with strictly increasing
 timestamps per user (Feast's Redis store drops a second write with the same timestamp).
+
+Feedback windows are in event time: a search's actions count if they are no later than the
+search's time plus ``feedback_window_seconds``, and the search is written to the log once the
+worker's event-time clock (``streams.event_time``) has passed that, so the log is the same
+whether the worker kept up or read a backlog.
+
+An interaction with an item whose category is not known yet (its catalog event not consumed
+yet) is kept per item as pending; once the category is known, ``resolve_categories`` adds the
+affinity the fold would have added, decayed from the interaction's time.
 """
 
 from __future__ import annotations
@@ -26,21 +35,27 @@ from feast import FeatureStore
 
 from tailbridge.models.data import user_context
 from tailbridge.streams import feedback, item_stats
+from tailbridge.streams.event_time import EventClock
 from tailbridge.streams.events import InteractionEvent, QueryEvent
 from tailbridge.streams.processor import Counts, Periodic, Processor, Resources
 from tailbridge.settings import Settings
 
 FEEDBACK_LEASE_MS = 60_000
 
-# Keep the later of two event times in a hash field (HSET cannot compare).
-_SET_MAX = """
-local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+# Keep the later ('max') or the earlier ('min', ARGV[3]) of two event times in a hash field
+# (HSET cannot compare).
+_KEEP = """
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '')
+local value = tonumber(ARGV[2])
+if current == nil or (ARGV[3] == 'max' and value > current) or (ARGV[3] == 'min' and value < current) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
 """
-# Claim closed feedback queries (and ones whose earlier claim expired) for LEASE ms.
+# Claim the feedback queries whose window closed by the event-time clock (ARGV[1]), and ones
+# whose earlier claim expired by the wall clock (ARGV[2]), for LEASE ms.
 _CLAIM = """
-local now, lease, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+local clock, now, lease, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', clock, 'LIMIT', 0, limit)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)) do
   table.insert(ids, id)
 end
@@ -67,9 +82,20 @@ class Keys:
     def feedback(self, query_id: str) -> str:
         return f"{self.root}:fb:{query_id}"
 
+    def pending(self, item_id: str) -> str:
+        """Interactions with the item that came before its category: [user, action, ms] each."""
+        return f"{self.root}:item:{item_id}:pending"
+
+    def event_clock(self, topic: str) -> str:
+        return f"{self.root}:clock:{topic}"
+
     @property
     def item_category(self) -> str:
         return f"{self.root}:item_category"
+
+    @property
+    def pending_items(self) -> str:
+        return f"{self.root}:items:pending"
 
     @property
     def dirty_items(self) -> str:
@@ -108,10 +134,14 @@ class BehaviourProcessor:
         self.redis = redis_client
         self.store = store
         self.keys = Keys(settings)
-        self._set_max = redis_client.register_script(_SET_MAX)
+        self._keep = redis_client.register_script(_KEEP)
         self._claim = redis_client.register_script(_CLAIM)
         self.user_ttl_s = settings.redis_key_ttl_seconds or None
         self.feedback_ttl_s = int(settings.feedback_window_seconds * 4) + 3600
+        self.window_ms = int(settings.feedback_window_seconds * 1000)
+        # Only interactions decide labels: a search consumed late is written with what its hash holds.
+        self.clock = EventClock(redis_client, self.keys.event_clock("interactions"), "interactions",
+                                settings.topic_partitions, settings.worker_idle_seconds)
 
     # ------------------------------------------------------------------ events
 
@@ -127,13 +157,11 @@ class BehaviourProcessor:
             with self.redis.pipeline() as pipe:
                 try:
                     pipe.watch(*user_keys)
-                    raw_states = pipe.mget(user_keys)
-                    states = {u: orjson.loads(raw) if raw else user_context.new_state()
-                              for u, raw in zip(users, raw_states)}
-                    counters, opened, actions, result.applied, result.duplicates = self._fold(
+                    states = self._states(pipe, users)
+                    counters, opened, actions, pending, result.applied, result.duplicates = self._fold(
                         events, states, categories)
                     pipe.multi()
-                    self._stage_writes(pipe, states, counters, opened, actions, result)
+                    self._stage_writes(pipe, states, counters, opened, actions, pending, result)
                     pipe.execute()
                     break
                 except redis.WatchError:  # another worker touched one of these users: fold again
@@ -148,11 +176,16 @@ class BehaviourProcessor:
         result.timings["total_s"] = time.perf_counter() - started
         return result
 
+    def _states(self, pipe, users) -> dict[str, user_context.UserState]:
+        raw_states = pipe.mget([self.keys.user(user) for user in users])
+        return {u: user_context.restore(orjson.loads(raw) if raw else None) for u, raw in zip(users, raw_states)}
+
     def _fold(self, events, states, categories):
         counters: dict[str, Counter] = defaultdict(Counter)
         last_ms: dict[str, int] = {}
         opened: list[QueryEvent] = []
         actions: list[InteractionEvent] = []
+        pending: list[InteractionEvent] = []  # applied without the item's category: not known yet
         applied = duplicates = 0
         for event in events:
             category = categories.get(event.item_id) if isinstance(event, InteractionEvent) else None
@@ -168,34 +201,87 @@ class BehaviourProcessor:
             last_ms[event.item_id] = max(last_ms.get(event.item_id, 0), event_ms)
             if event.query_id and event.action in feedback.LABEL_OF_ACTION:
                 actions.append(event)
-        return (counters, last_ms), opened, actions, applied, duplicates
+            if not category:
+                pending.append(event)
+        return (counters, last_ms), opened, actions, pending, applied, duplicates
 
-    def _stage_writes(self, pipe, states, counters, opened, actions, result: BatchResult) -> None:
+    def _stage_states(self, pipe, states) -> None:
         now_ms = int(time.time() * 1000)
         for user, state in states.items():  # written_ms moves for every user: see process()
             state["written_ms"] = max(now_ms, state.get("written_ms", 0) + 1)
             pipe.set(self.keys.user(user), orjson.dumps(state), ex=self.user_ttl_s)
+
+    def _stage_writes(self, pipe, states, counters, opened, actions, pending, result: BatchResult) -> None:
+        self._stage_states(pipe, states)
         increments, last_ms = counters
         for item, fields in increments.items():
             key = self.keys.counters(item)
             for name, count in fields.items():
                 pipe.hincrby(key, name, count)
-            self._set_max(keys=[key], args=[item_stats.LAST_EVENT_FIELD, last_ms[item]], client=pipe)
+            self._keep(keys=[key], args=[item_stats.LAST_EVENT_FIELD, last_ms[item], "max"], client=pipe)
             pipe.expire(key, item_stats.COUNTER_TTL_S)
         if increments:
             pipe.sadd(self.keys.dirty_items, *increments)
-        close_ms = now_ms + int(self.settings.feedback_window_seconds * 1000)
-        for query in opened:
+        for query in opened:  # closes when the event-time clock passes the search's time + window
             key = self.keys.feedback(query.query_id)
             pipe.hset(key, feedback.QUERY_FIELD, orjson.dumps(query.model_dump(mode="json")))
             pipe.expire(key, self.feedback_ttl_s)
+            close_ms = user_context.epoch_ms(query.event_time) + self.window_ms
             pipe.zadd(self.keys.feedback_open, {query.query_id: close_ms}, nx=True)
-        for event in actions:
+        for event in actions:  # each action's earliest time: the label counts it if inside the window
             key = self.keys.feedback(event.query_id)
-            pipe.hset(key, feedback.action_field(event.item_id, event.action), 1)
+            self._keep(keys=[key], args=[feedback.action_field(event.item_id, event.action),
+                                         user_context.epoch_ms(event.event_time), "min"], client=pipe)
             pipe.expire(key, self.feedback_ttl_s)
+        for event in pending:
+            key = self.keys.pending(event.item_id)
+            pipe.rpush(key, orjson.dumps([event.user_id, event.action, user_context.epoch_ms(event.event_time)]))
+            pipe.expire(key, self.user_ttl_s or self.feedback_ttl_s)
+        if pending:
+            pipe.sadd(self.keys.pending_items, *{event.item_id for event in pending})
         pipe.incrby(self.keys.applied, result.applied)
         pipe.incrby(self.keys.duplicates, result.duplicates)
+
+    def resolve_categories(self, limit: int = 200) -> int:
+        """Add the affinities of pending interactions (see the module docstring) whose item's
+        category is known now, in one transaction with their users' states; returns how many."""
+        items = sorted(i.decode() for i in self.redis.srandmember(self.keys.pending_items, limit))
+        categories = dict(zip(items, self.redis.hmget(self.keys.item_category, items))) if items else {}
+        known = [item for item in items if categories[item]]
+        unknown = [item for item in items if not categories[item]]
+        if unknown:  # forget items whose interactions expired before their category came
+            with self.redis.pipeline(transaction=False) as pipe:
+                for item in unknown:
+                    pipe.exists(self.keys.pending(item))
+                gone = [item for item, exists in zip(unknown, pipe.execute()) if not exists]
+            if gone:
+                self.redis.srem(self.keys.pending_items, *gone)
+        if not known:
+            return 0
+        pending_keys = [self.keys.pending(item) for item in known]
+        while True:
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(*pending_keys)
+                    entries = [(categories[item].decode(), orjson.loads(raw))
+                               for item, key in zip(known, pending_keys) for raw in pipe.lrange(key, 0, -1)]
+                    users = sorted({user for _, (user, _, _) in entries})
+                    if users:
+                        pipe.watch(*(self.keys.user(user) for user in users))
+                    states = self._states(pipe, users) if users else {}
+                    for category, (user, action, event_ms) in entries:
+                        user_context.add_affinity(states[user], category, action, event_ms)
+                    pipe.multi()
+                    self._stage_states(pipe, states)
+                    pipe.delete(*pending_keys)
+                    pipe.srem(self.keys.pending_items, *known)
+                    pipe.execute()
+                    break
+                except redis.WatchError:  # a batch or another worker touched them: again
+                    continue
+        if users:
+            self._write_user_rows(states, users)
+        return len(entries)
 
     def _write_user_rows(self, states, users) -> None:
         rows = []
@@ -243,10 +329,12 @@ class BehaviourProcessor:
         return len(rows)
 
     def flush_feedback(self, limit: int = 500) -> tuple[int, int]:
-        """Append the queries whose feedback window closed to the feedback log."""
-        now_ms = int(time.time() * 1000)
+        """Append the queries whose feedback window closed (by the event-time clock) to the log."""
+        clock_ms = self.clock.now_ms()
+        if clock_ms is None:
+            return 0, 0
         claimed = [q.decode() for q in self._claim(keys=[self.keys.feedback_open, self.keys.feedback_flushing],
-                                                    args=[now_ms, FEEDBACK_LEASE_MS, limit])]
+                                                    args=[clock_ms, int(time.time() * 1000), FEEDBACK_LEASE_MS, limit])]
         if not claimed:
             return 0, 0
         with self.redis.pipeline(transaction=False) as pipe:
@@ -254,7 +342,8 @@ class BehaviourProcessor:
                 pipe.hgetall(self.keys.feedback(query_id))
             hashes = pipe.execute()
         closed = [{k.decode(): v for k, v in h.items()} for h in hashes if h]
-        written = feedback.append(feedback_dir(self.settings), [h for h in closed if feedback.QUERY_FIELD in h])
+        written = feedback.append(feedback_dir(self.settings), [h for h in closed if feedback.QUERY_FIELD in h],
+                                  window_s=self.settings.feedback_window_seconds)
         with self.redis.pipeline(transaction=False) as pipe:  # only now forget them: a crash re-flushes
             pipe.zrem(self.keys.feedback_flushing, *claimed)
             pipe.delete(*(self.keys.feedback(q) for q in claimed))
@@ -281,7 +370,12 @@ def processor(resources: Resources) -> Processor:
     def flush_feedback() -> Counts:
         return {"feedback_rows": behaviour.flush_feedback()[0]}
 
+    def resolve_categories() -> Counts:
+        return {"pending_affinities_added": behaviour.resolve_categories()}
+
     every = resources.settings.worker_flush_seconds
     return Processor("behaviour", ("queries", "interactions"), apply,
                      periodic=(Periodic("item_stats_flush", every, flush_item_stats),
-                               Periodic("feedback_flush", every, flush_feedback)))
+                               Periodic("feedback_flush", every, flush_feedback),
+                               Periodic("category_resolve", every, resolve_categories)),
+                     clock=behaviour.clock)

@@ -1,10 +1,12 @@
 """The feedback log: what was served for a query, joined with what the shopper then did.
 
-While a query is open (for ``feedback_window_seconds`` after it was served) the worker keeps
-one Redis hash per query id: the served page under ``__query`` and one field per
-``<item_id>|<action>`` seen. When the window closes the hash becomes labelled rows, one per
-served item (purchased > added_to_cart > clicked > shown_unclicked), plus one row per rewrite
-used (its best outcome), appended as parquet files partitioned by date:
+While a query is open (for ``feedback_window_seconds`` of event time after it was served)
+the worker keeps one Redis hash per query id: the served page under ``__query`` and one field
+per ``<item_id>|<action>`` seen, holding the action's earliest event time (ms). When the
+window closes the hash becomes labelled rows, one per served item (purchased > added_to_cart >
+clicked > shown_unclicked; an action counts if it is no later than the search's time plus the
+window), plus one row per rewrite used (its best outcome), appended as parquet files
+partitioned by date:
 
     DATA_DIR/feedback/examples/date=YYYY-MM-DD/*.parquet
     DATA_DIR/feedback/rewrites/date=YYYY-MM-DD/*.parquet
@@ -24,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tailbridge.models.data.user_context import epoch_ms
 from tailbridge.vocab import LABEL_OF_ACTION, LABELS
 
 QUERY_FIELD = "__query"
@@ -45,18 +48,20 @@ def action_field(item_id: str, action: str) -> str:
     return f"{item_id}|{action}"
 
 
-def label_rows(fields: Mapping[str, bytes | str]) -> tuple[list[dict], list[dict]]:
-    """Turn one closed query's hash into example rows and rewrite-outcome rows."""
+def label_rows(fields: Mapping[bytes | str, bytes | str], window_s: float) -> tuple[list[dict], list[dict]]:
+    """Turn one closed query's hash into example rows and rewrite-outcome rows, counting the
+    actions no later than the search's time + ``window_s``."""
     query = orjson.loads(fields[QUERY_FIELD])
+    event_time = pd.Timestamp(query["event_time"])
+    end_ms = epoch_ms(event_time) + int(window_s * 1000)
     actions: dict[str, int] = {}
-    for field in fields:
+    for field, first_ms in fields.items():
         name = field.decode() if isinstance(field, bytes) else field
-        if name == QUERY_FIELD:
+        if name == QUERY_FIELD or int(first_ms) > end_ms:
             continue
         item_id, action = name.rsplit("|", 1)
         if action in LABEL_OF_ACTION:
             actions[item_id] = max(actions.get(item_id, 0), LABELS.index(LABEL_OF_ACTION[action]))
-    event_time = pd.Timestamp(query["event_time"])
     common = {"query_id": query["query_id"], "query": query["query"], "event_time": event_time}
     examples = [
         common | {"user_id": query["user_id"], "session_id": query["session_id"], "item_id": served["item_id"],
@@ -90,11 +95,11 @@ def _append(root: Path, rows: list[dict], schema: pa.Schema) -> list[Path]:
     return written
 
 
-def append(feedback_dir: Path, closed: Iterable[Mapping[str, bytes | str]]) -> tuple[int, int]:
-    """Append the rows of closed queries; returns (examples, rewrite rows) written."""
+def append(feedback_dir: Path, closed: Iterable[Mapping[str, bytes | str]], window_s: float) -> tuple[int, int]:
+    """Append the rows of closed queries (``label_rows``); returns (examples, rewrite rows) written."""
     examples, rewrites = [], []
     for fields in closed:
-        e, r = label_rows(fields)
+        e, r = label_rows(fields, window_s)
         examples += e
         rewrites += r
     _append(feedback_dir / "examples", examples, EXAMPLE_SCHEMA)

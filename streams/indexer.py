@@ -57,7 +57,8 @@ class Indexer:
 
     def warm_up(self) -> None:
         """Load the encoders of the live collections now rather than on the first catalog event:
-        interactions with items not yet indexed get no category, so indexing should not lag."""
+        the catalog topic is read no faster than it is encoded, and an item's category comes
+        with its catalog event (an interaction before it adds its affinity only later)."""
         for version in self.live().values():
             self.encoder(version)
 
@@ -81,6 +82,14 @@ class Indexer:
                    for e in latest.values() if isinstance(e, CatalogUpsert)]
         deletes = [item_id for item_id, e in latest.items() if isinstance(e, CatalogDelete)]
         result = IndexResult(len(upserts), len(deletes))
+        # Categories first: the behaviour processor needs an item's category, not its vectors,
+        # so a slow or failing encoder does not hold the shoppers' affinities back.
+        with self.redis.pipeline(transaction=False) as pipe:
+            for item in upserts:
+                pipe.hset(self.keys.item_category, item["item_id"], item["category_path"][-1])
+            if deletes:
+                pipe.hdel(self.keys.item_category, *deletes)
+            pipe.execute()
         for attempt in range(2):
             try:
                 for collection, version in self.live(refresh=attempt > 0).items():
@@ -96,13 +105,6 @@ class Indexer:
             except Exception:  # a collection dropped by a finished reindex: look again once
                 if attempt:
                     raise
-        with self.redis.pipeline(transaction=False) as pipe:
-            for item in upserts:
-                path = item["category_path"]
-                pipe.hset(self.keys.item_category, item["item_id"], path[-1])
-            if deletes:
-                pipe.hdel(self.keys.item_category, *deletes)
-            pipe.execute()
         result.timings["total_s"] = time.perf_counter() - started
         return result
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tailbridge.settings import Settings
+from tailbridge.streams.event_time import EventClock
 
 Counts = Mapping[str, int]
 
@@ -42,6 +43,7 @@ class Processor:
     batch_size: int | None = None  # at most this many events per batch (None: worker_batch_size)
     periodic: tuple[Periodic, ...] = ()
     start: Callable[[], None] | None = None  # once when the worker starts (e.g. load a model)
+    clock: EventClock | None = None  # the worker advances it with each batch, once ``apply`` returned
 
     def __post_init__(self) -> None:
         if bool(self.topics) != (self.apply is not None):

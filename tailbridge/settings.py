@@ -47,7 +47,15 @@ class Settings(BaseSettings):
         "minilm-l6-v2", description="Item encoder the indexer uses when no collection is serving yet."
     )
     feedback_window_seconds: float = Field(
-        1800, gt=0, description="How long after a search its clicks, carts and purchases still count."
+        1800, gt=0, description="How long after a search (in event time) its clicks, carts and purchases still count."
+    )
+    max_event_skew_seconds: float = Field(
+        300, ge=0, description="How far ahead of its arrival an event's time may be: POST /events refuses more (422), "
+        "the stream worker clamps it to the arrival time."
+    )
+    worker_idle_seconds: float = Field(
+        30, gt=0, description="A partition that brings no event for this long is idle: the worker's event-time clock "
+        "then moves on with the wall clock, so the feedback windows of a quiet stream close."
     )
     worker_batch_size: int = Field(500, ge=1, description="Most events a stream processor handles at once.")
     worker_batch_seconds: float = Field(0.2, gt=0, description="Longest wait to fill a batch.")

@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
@@ -201,6 +202,23 @@ def test_events_endpoint_validates_and_publishes(env, client):
     bad = client.post("/events", json=good | {"action": "teleport", "position": 0})
     assert bad.status_code == 422
     assert {tuple(e["loc"]) for e in bad.json()["detail"]} == {("body", "action"), ("body", "position")}
+
+
+def test_an_event_from_the_future_is_refused_and_counted(client):
+    """One event stamped far ahead would move the shopper's context to that time."""
+    def rejected() -> float:
+        line = 'tailbridge_events_rejected_total{reason="future_event_time"} '
+        return sum(float(m[len(line):]) for m in client.get("/metrics").text.splitlines() if m.startswith(line))
+
+    before = rejected()
+    event = {"action": "click", "user_id": "u_fut", "session_id": "s_fut", "item_id": "sofa-1"}
+    ahead = client.post("/events", json=event | {"event_time": "2099-01-01T00:00:00Z"})
+    assert ahead.status_code == 422, ahead.text
+    [error] = ahead.json()["detail"]
+    assert error["loc"] == ["body", "event_time"] and "ahead of the server's clock" in error["msg"]
+    assert rejected() == before + 1
+    soon = (datetime.now(UTC) + timedelta(seconds=60)).isoformat()  # a client clock a little fast is fine
+    assert client.post("/events", json=event | {"event_time": soon}).status_code == 202
 
 
 def test_rewrites_from_the_store_are_searched_and_reported(env, client):

@@ -68,10 +68,51 @@ def test_same_timestamp_events_are_all_applied_once():
     assert [user_context.apply(state, e) for e in impressions] == [False, False, False]
 
 
-def test_late_event_is_skipped():
+def assert_same_row(got: dict, want: dict) -> None:
+    got, want = dict(got), dict(want)
+    assert got.pop("affinity_weights") == pytest.approx(want.pop("affinity_weights"))
+    assert got == want
+
+
+def test_late_events_are_applied_where_their_time_puts_them():
+    session = scripted_session()
+    stream = [act(100 + i, 40 + 600 * i, "click", "abc"[i % 3], session=f"s{i // 4}") for i in range(40)]
+    for events in (session, stream):
+        expected = fold(events)
+        rng = random.Random(1)
+        for _ in range(20):  # each event up to 8 places late
+            order = sorted(range(len(events)), key=lambda k: k + rng.uniform(0, 8))
+            assert_same_row(fold([events[k] for k in order]), expected)
+    late = fold([*session[:3], *session[4:], session[3]])  # the click on "a" at 2 s comes last
+    assert late["recent_item_ids"] == fold(session)["recent_item_ids"]
+
+
+def test_an_event_from_far_ahead_does_not_stop_later_ones():
     state = user_context.new_state()
-    assert user_context.apply(state, act(1, 10))
-    assert not user_context.apply(state, act(2, 5))  # older than what was applied from the topic
+    assert user_context.apply(state, act(0, 365 * 24 * 3600, "click", "b"))
+    later = scripted_session()
+    assert all(user_context.apply(state, e, CATEGORY.get(getattr(e, "item_id", None))) for e in later)
+    assert not any(user_context.apply(state, e) for e in later)  # and they are still recognised again
+    row = user_context.feature_row("u1", state)
+    assert row["recent_queries"] == ["lamp", "rug", "sofa"] and state["sessions"]["s2"]["clicks"] == 1
+    assert len(row["recent_item_ids"]) == 6 and row["recent_item_ids"][0] == "b"  # one slot, ahead of the rest
+
+
+def test_redelivery_is_skipped_however_far_back_it_goes():
+    events = [act(i, i, "impression", "abc"[i % 3]) for i in range(3 * user_context.MAX_SEEN_IDS)]
+    state = user_context.new_state()
+    assert all(user_context.apply(state, e) for e in events)
+    snapshot = orjson.dumps(state)
+    assert not any(user_context.apply(state, e) for e in events)
+    assert orjson.dumps(state) == snapshot
+    assert len(state["seen"]["interactions"]["ids"]) == user_context.MAX_SEEN_IDS  # the state stays small
+
+
+def test_a_state_of_another_layout_starts_over():
+    assert user_context.restore({"watermarks": {}, "items": [], "queries": ["sofa"]}) == user_context.new_state()
+    state = user_context.new_state()
+    user_context.apply(state, query(0, 0))
+    assert user_context.restore(orjson.loads(orjson.dumps(state))) == orjson.loads(orjson.dumps(state))
 
 
 def test_result_does_not_depend_on_how_the_two_topics_interleave():
@@ -119,19 +160,23 @@ def test_labels_take_the_strongest_action_per_served_item():
     q = QueryEvent(event_id="q", event_time=T0, user_id="u1", session_id="s1", query_id="Q1", query="sofa",
                    served=served, rewrites_used=["couch", "settee"], model_versions={"retriever": "v1"})
     fields = {feedback.QUERY_FIELD: orjson.dumps(q.model_dump(mode="json"))}
-    for item, action in [("a", "click"), ("b", "click"), ("b", "add_to_cart"), ("b", "purchase"), ("c", "impression")]:
-        fields[feedback.action_field(item, action)] = b"1"
-    examples, rewrites = feedback.label_rows(fields)
+    t0_ms = user_context.epoch_ms(T0)
+    for item, action, seconds in [("a", "click", 5), ("b", "click", 6), ("b", "add_to_cart", 7), ("b", "purchase", 60),
+                                  ("c", "impression", 1), ("d", "click", 61)]:
+        fields[feedback.action_field(item, action)] = str(t0_ms + seconds * 1000).encode()
+    examples, rewrites = feedback.label_rows(fields, window_s=60)
     assert [(e["item_id"], e["label"]) for e in examples] == [
-        ("a", "clicked"), ("b", "purchased"), ("c", "shown_unclicked"), ("d", "shown_unclicked")]
+        ("a", "clicked"), ("b", "purchased"), ("c", "shown_unclicked"), ("d", "shown_unclicked")]  # d: after the window
     assert {r["rewrite"]: r["outcome"] for r in rewrites} == {"couch": "purchased", "settee": "shown_unclicked"}
+    examples, _ = feedback.label_rows(fields, window_s=30)  # the window is in event time: the purchase is out
+    assert [(e["item_id"], e["label"]) for e in examples][:2] == [("a", "clicked"), ("b", "added_to_cart")]
 
 
 def test_feedback_log_round_trips_and_dedups(tmp_path):
     q = query(0, 0)
     fields = {feedback.QUERY_FIELD: orjson.dumps(q.model_dump(mode="json")), feedback.action_field("a", "click"): b"1"}
-    assert feedback.append(tmp_path, [fields]) == (1, 0)
-    assert feedback.append(tmp_path, [fields]) == (1, 0)  # a re-flush after a crash
+    assert feedback.append(tmp_path, [fields], window_s=60) == (1, 0)
+    assert feedback.append(tmp_path, [fields], window_s=60) == (1, 0)  # a re-flush after a crash
     frame = feedback.read_examples(tmp_path)
     assert len(frame) == 1 and frame.loc[0, "label"] == "clicked" and frame.loc[0, "query_id"] == "qid0"
     assert len(list(itertools.chain((tmp_path / "examples").rglob("*.parquet")))) == 2

@@ -31,8 +31,9 @@ def test_the_registry_runs_todays_processors(resources):
     assert processors["behaviour"].topics == ("queries", "interactions")
     assert processors["item_indexer"].topics == ("catalog",) and processors["item_indexer"].batch_size == 256
     assert processors["item_indexer"].start is not None  # loads the encoders at start
-    assert {(j.name, j.every_s) for j in processors["behaviour"].periodic} == {("item_stats_flush", 0.7),
-                                                                             ("feedback_flush", 0.7)}
+    assert {(j.name, j.every_s) for j in processors["behaviour"].periodic} == {
+        ("item_stats_flush", 0.7), ("feedback_flush", 0.7), ("category_resolve", 0.7)}
+    assert processors["behaviour"].clock is not None  # the worker advances its event-time clock
     assert [(j.name, j.every_s) for j in processors["index_seal"].periodic] == [("seal", 3.0)]
     assert all(t in TOPICS for p in processors.values() for t in p.topics)
 

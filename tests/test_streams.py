@@ -34,8 +34,9 @@ USER_FEATURES = ["recent_item_ids", "recent_actions", "recent_action_times_ms", 
 
 @pytest.fixture(scope="module")
 def env(stack_settings, tmp_path_factory):
-    with stream_namespace(stack_settings, tmp_path_factory.mktemp("streams"), "tbs", feedback_window_seconds=2.0,
-                          worker_flush_seconds=0.5, worker_batch_seconds=0.1) as ns:
+    # The window is in event time: the scripted session's purchase comes 5 s after its search.
+    with stream_namespace(stack_settings, tmp_path_factory.mktemp("streams"), "tbs", feedback_window_seconds=10.0,
+                          worker_flush_seconds=0.5, worker_batch_seconds=0.1, worker_idle_seconds=3.0) as ns:
         ns.worker.start()
         yield ns.settings, ns.store, ns.redis, ns.worker
 

@@ -65,8 +65,8 @@ def logged(events, directory):
         if isinstance(e, QueryEvent):
             hashes.setdefault(e.query_id, {})[feedback.QUERY_FIELD] = orjson.dumps(e.model_dump(mode="json"))
         elif e.query_id and e.action in LABEL_OF_ACTION:
-            hashes.setdefault(e.query_id, {})[feedback.action_field(e.item_id, e.action)] = b"1"
-    feedback.append(directory, [h for h in hashes.values() if feedback.QUERY_FIELD in h])
+            hashes.setdefault(e.query_id, {})[feedback.action_field(e.item_id, e.action)] = uc.epoch_ms(e.event_time)
+    feedback.append(directory, [h for h in hashes.values() if feedback.QUERY_FIELD in h], window_s=3600)
     return read_feedback(directory)
 
 
@@ -144,10 +144,21 @@ def test_a_logged_row_is_folded_as_the_actions_its_label_stands_for():
 # ------------------------------------------------------------------ the real worker
 
 
+def whole_log(ns, query_ids: set[str], read, timeout: float = 90):
+    """The worker's feedback log (read with ``read``) once it holds every one of these searches."""
+    def complete():
+        if not (feedback_dir(ns.settings) / "examples").is_dir():
+            return None
+        log = read(feedback_dir(ns.settings))
+        return [log] if set(log["query_id"]) == query_ids else None
+
+    return wait_until(complete, timeout, "every search in the feedback log\n" + ns.worker.log_tail())[0]
+
+
 @pytest.mark.integration
 def test_the_worker_writes_what_the_offline_fold_of_its_log_gives(stack_settings, tmp_path, dataset):
     with stream_namespace(stack_settings, tmp_path, "tbuc", feedback_window_seconds=3.0, worker_flush_seconds=0.5,
-                          worker_batch_seconds=0.1) as ns:
+                          worker_batch_seconds=0.1, worker_idle_seconds=3.0) as ns:
         ns.worker.start()
         keys = Keys(ns.settings)
         publish(ns.settings, list(catalog_events(dataset)))
@@ -158,15 +169,7 @@ def test_the_worker_writes_what_the_offline_fold_of_its_log_gives(stack_settings
         assert report.total == len(events), report.errors
         wait_until(lambda: int(ns.redis.get(keys.applied) or 0) == len(events), 120,
                    "every event applied\n" + ns.worker.log_tail())
-        queries = {e.query_id for e in events if isinstance(e, QueryEvent)}
-
-        def whole_log():
-            if not (feedback_dir(ns.settings) / "examples").is_dir():
-                return None
-            log = read_feedback(feedback_dir(ns.settings))
-            return [log] if set(log["query_id"]) == queries else None
-
-        [log] = wait_until(whole_log, 60, "every search in the feedback log\n" + ns.worker.log_tail())
+        log = whole_log(ns, {e.query_id for e in events if isinstance(e, QueryEvent)}, read_feedback)
         # The log holds every engagement (none came after its feedback window closed).
         best: dict[tuple[str, str], str] = {}
         for e in events:

@@ -8,10 +8,17 @@ features it is served: same decay, same impression weighting, same caps, same ro
 
 Folding
     The state is a plain dict (JSON in Redis online), so it survives worker restarts. Folding
-    is idempotent: each source ("queries", "interactions") keeps a watermark (the latest event
-    time applied and the ids applied at exactly that time); an event at or below it is a
-    duplicate or late and is skipped. Queries and interactions come from two topics whose
-    relative order is arbitrary, so nothing depends on how they interleave: recent items and
+    is idempotent: each source ("queries", "interactions") keeps the ids of its
+    ``MAX_SEEN_IDS`` latest applied events (by time, then id) and the (time, id) of the latest
+    one it forgot. An event whose id is kept is a duplicate; one at or below the forgotten
+    (time, id) is too old to tell and is skipped (a redelivery or replay: everything applied
+    before the kept ids); any other event is new and applied, late or not. No time watermark
+    that one event could push forward: an event from a year ahead takes one of the kept slots
+    and nothing else (``streams.event_time`` keeps such times out of the worker anyway).
+    Late events are folded where their time puts them, so the result does not depend on the
+    order events come in: recent items and queries are ordered by time, and an affinity
+    contribution is decayed from its event's time (``add_affinity``). Queries and
+    interactions come from two topics whose relative order is arbitrary: recent items and
     affinities come from interactions only, recent queries from queries only, session counters
     are counts per session. Affinity per category is a sum of action weights (impression 0.05,
     click 1, add to cart 3, purchase 5) decayed with a 3-day half-life; the row normalises it.
@@ -44,12 +51,14 @@ The feedback log, folded as the events it records (``search_events``)
     * order: a search's actions are folded right after its impressions; an action that came
       after the shopper's next search (two searches open at once) is folded earlier than the
       worker saw it;
-    * categories: offline from the catalog; online from the index at the time (an interaction
-      with an item not yet indexed adds no affinity).
+    * categories: offline from the catalog; online from the catalog events the worker has
+      consumed (an interaction with an item whose catalog event comes later adds its affinity
+      when it comes, decayed from the interaction's time: ``streams.behaviour``).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -61,6 +70,10 @@ from tailbridge.vocab import normalize_query
 MAX_RECENT_ITEMS = 50
 MAX_RECENT_QUERIES = 10
 MAX_SESSIONS = 3
+# Per user and source: how far out of order (in events) a new event may come and still be
+# applied; an older one is taken for a redelivery and skipped. Bounds the state's size.
+MAX_SEEN_IDS = 64
+STATE_VERSION = 2  # the layout of a state; ``restore`` starts over from another
 AFFINITY_HALF_LIFE_S = 3 * 24 * 3600.0
 MIN_AFFINITY = 1e-3
 ACTION_WEIGHT = {"impression": 0.05, "click": 1.0, "add_to_cart": 3.0, "purchase": 5.0}
@@ -101,16 +114,34 @@ def epoch_ms(when: datetime) -> int:
 
 
 def new_state() -> UserState:
-    return {"watermarks": {}, "items": [], "queries": [], "affinity": {}, "affinity_ms": 0, "sessions": {}}
+    return {"version": STATE_VERSION, "seen": {}, "items": [], "queries": [], "affinity": {}, "affinity_ms": 0,
+            "sessions": {}}
+
+
+def restore(state: UserState | None) -> UserState:
+    """A state read back from storage, or a new one if there is none or it has an older layout
+    (a worker must not fail on what an earlier version wrote; the context rebuilds as events come)."""
+    return state if state and state.get("version") == STATE_VERSION else new_state()
 
 
 def _claim(state: UserState, source: str, event_ms: int, event_id: str) -> bool:
-    """Advance the source's watermark past this event; False if it was already applied (or is late)."""
-    mark_ms, mark_ids = state["watermarks"].get(source, (-1, []))
-    if event_ms < mark_ms or (event_ms == mark_ms and event_id in mark_ids):
+    """Record the event as applied; False if it was applied already or is too old to tell."""
+    seen = state["seen"].setdefault(source, {"ids": [], "forgot": None})
+    key = [event_ms, event_id]
+    if (seen["forgot"] is not None and key <= seen["forgot"]) or any(i == event_id for _, i in seen["ids"]):
         return False
-    state["watermarks"][source] = (event_ms, [*mark_ids, event_id] if event_ms == mark_ms else [event_id])
+    bisect.insort(seen["ids"], key)
+    if len(seen["ids"]) > MAX_SEEN_IDS:
+        seen["forgot"] = seen["ids"].pop(0)
     return True
+
+
+def _insert_by_time(entries: list[list], entry: list, event_ms: int, cap: int) -> None:
+    """Insert into a newest-first list of entries whose last element is their time, before
+    those of the same time (what prepending does when events come in order); keep ``cap``."""
+    at = next((k for k, old in enumerate(entries) if old[-1] <= event_ms), len(entries))
+    entries.insert(at, entry)
+    del entries[cap:]
 
 
 def _count(state: UserState, session_id: str, event_ms: int, counter: str) -> None:
@@ -132,26 +163,40 @@ def _decay_affinity(state: UserState, now_ms: int) -> None:
     state["affinity_ms"] = max(state["affinity_ms"], now_ms)
 
 
+def add_affinity(state: UserState, category: str, action: str, event_ms: int) -> None:
+    """Add one action's weight to its category. The affinities are kept as of the latest event
+    time (``affinity_ms``): a newer event first decays them to its time, an older one (late, or
+    added once its item's category became known) adds its weight decayed to that time, so the
+    sum is the same in whatever order the events come."""
+    _decay_affinity(state, event_ms)
+    factor = math.pow(0.5, (state["affinity_ms"] - event_ms) / 1000 / AFFINITY_HALF_LIFE_S)
+    state["affinity"][category] = state["affinity"].get(category, 0.0) + ACTION_WEIGHT[action] * factor
+
+
 def apply(state: UserState, event: Searched | Acted, category: str | None = None) -> bool:
-    """Fold one event into the state; returns False (state unchanged) for a duplicate or a late
-    event. ``category`` is the interacted item's category, for affinities (None if unknown)."""
+    """Fold one event into the state; returns False (state unchanged) for a duplicate or an
+    event too old to tell (see the module docstring). ``category`` is the interacted item's
+    category, for affinities (None if unknown)."""
     event_ms = epoch_ms(event.event_time)
     if event.type == "query":
         if not _claim(state, "queries", event_ms, event.event_id):
             return False
         query = normalize_query(event.query)
-        state["queries"] = [query, *(q for q in state["queries"] if q != query)][:MAX_RECENT_QUERIES]
+        queries = state["queries"]  # [query, latest time], newest first, each query once
+        kept = next((k for k, (q, _) in enumerate(queries) if q == query), None)
+        if kept is None or queries[kept][1] <= event_ms:  # an older repeat changes nothing
+            if kept is not None:
+                del queries[kept]
+            _insert_by_time(queries, [query, event_ms], event_ms, MAX_RECENT_QUERIES)
         _count(state, event.session_id, event_ms, "queries")
         return True
 
     if not _claim(state, "interactions", event_ms, event.event_id):
         return False
     if event.action != "impression":  # impressions are too many to be "recent items"
-        state["items"] = [[event.item_id, event.action, event_ms], *state["items"]][:MAX_RECENT_ITEMS]
+        _insert_by_time(state["items"], [event.item_id, event.action, event_ms], event_ms, MAX_RECENT_ITEMS)
     if category:
-        _decay_affinity(state, event_ms)
-        affinity = state["affinity"]
-        affinity[category] = affinity.get(category, 0.0) + ACTION_WEIGHT[event.action]
+        add_affinity(state, category, event.action, event_ms)
     _count(state, event.session_id, event_ms, SESSION_COUNTER.get(event.action, ""))
     return True
 
@@ -171,7 +216,7 @@ def feature_row(user_id: str, state: UserState) -> dict[str, Any]:
         "recent_action_times_ms": [ms for _, _, ms in state["items"]],
         "affinity_categories": [category for category, _ in affinity],
         "affinity_weights": [weight / total for _, weight in affinity],
-        "recent_queries": list(state["queries"]),
+        "recent_queries": [query for query, _ in state["queries"]],
         "session_id": current,
         "session_queries": counts.get("queries", 0),
         "session_clicks": counts.get("clicks", 0),

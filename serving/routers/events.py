@@ -4,6 +4,7 @@ GET /users (shoppers that have a real-time context: the search page's user selec
 from __future__ import annotations
 
 import re
+import time
 from typing import Annotated
 
 import redis
@@ -12,6 +13,7 @@ from fastapi import APIRouter, HTTPException, Query
 from tailbridge.serving.dependencies import Components, ComponentsDep
 from tailbridge.serving.schemas import EventAccepted, UserList
 from tailbridge.streams.behaviour import Keys
+from tailbridge.streams.event_time import seconds_ahead
 from tailbridge.streams.events import InteractionEvent
 
 USER_SCAN_KEYS = 200_000  # Redis keys looked at, at most, per /users call (a shared Redis holds many)
@@ -22,6 +24,14 @@ router = APIRouter()
 @router.post("/events", status_code=202, response_model=EventAccepted,
              responses={503: {"description": "The event buffer is full (broker down for long)."}})
 def events(body: InteractionEvent, deps: ComponentsDep) -> EventAccepted:
+    # One event stamped far ahead would move the shopper's context to that time (streams.event_time).
+    # Refused like a validation error, in the same shape.
+    ahead_s = seconds_ahead(body.event_time, time.time())
+    if ahead_s > deps.settings.max_event_skew_seconds:
+        deps.metrics.events_rejected.labels("future_event_time").inc()
+        raise HTTPException(422, [{"loc": ["body", "event_time"], "type": "future_event_time",
+                                   "msg": f"{ahead_s:.0f} s ahead of the server's clock "
+                                          f"(at most {deps.settings.max_event_skew_seconds:g} s allowed)"}])
     topic = deps.publisher.publish(body)
     if topic is None:
         raise HTTPException(503, "event buffer full: the broker is unreachable; retry later")
