@@ -200,6 +200,9 @@ class SearchService:
         timeout_s, cooldown = settings.serve_context_timeout_ms / 1000, settings.serve_dependency_cooldown_s
         self.context_guard = Guarded("user_context", timeout_s, cooldown)
         self.rewrites_guard = Guarded("rewrites", timeout_s, cooldown)
+        # Its own guard, though it reads the same store: a slow stats read for 50 candidates
+        # must not put the one-row context read (personalisation) into cooldown.
+        self.stats_guard = Guarded("item_stats", timeout_s, cooldown)
 
     def search(self, request: SearchRequest) -> SearchResponse:
         started = time.perf_counter()
@@ -281,9 +284,7 @@ class SearchService:
         if self.read_item_stats is None:
             degraded.append("item_stats")
         elif candidates:
-            # The user context's guard: the same Feast store, so a dead store costs a search one
-            # deadline, not two.
-            outcome = self.context_guard.call(lambda: self.read_item_stats([c.item_id for c in candidates]))
+            outcome = self.stats_guard.call(lambda: self.read_item_stats([c.item_id for c in candidates]))
             if outcome.ok:
                 stats = outcome.value
             else:
@@ -317,3 +318,4 @@ class SearchService:
     def close(self) -> None:
         self.context_guard.close()
         self.rewrites_guard.close()
+        self.stats_guard.close()
