@@ -33,10 +33,11 @@ def artifact_item_vectors(model_dir: Path):
 
 
 def load_query_encoder(version: str, settings: Settings) -> Encoder:
-    from tailbridge.models.retrieval.export import FP32_FILE, INT8_FILE, OnnxMiniLMEncoder, OnnxQueryEncoder
+    from tailbridge.models.retrieval.export import (FP32_FILE, INT8_FILE, MINILM_ONNX_DIR, OnnxMiniLMEncoder,
+                                                    OnnxQueryEncoder)
 
     if version == MINILM_VERSION:  # exported on first use: ~4x faster per query than torch on one thread
-        return OnnxMiniLMEncoder(settings.data_dir / "models" / "minilm-l6-v2-onnx")
+        return OnnxMiniLMEncoder(settings.data_dir / "models" / MINILM_ONNX_DIR)
 
     model_dir = retriever_dir(version)
     if not model_dir.is_dir():

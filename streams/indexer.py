@@ -11,11 +11,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import redis
 from pymilvus import MilvusClient
 
-from tailbridge.models.retrieval.encoders import Encoder, load_encoder
+from tailbridge.models.retrieval.encoders import Encoder
+from tailbridge.models.retrieval.export import load_item_encoder
 from tailbridge.vocab import item_text
 from tailbridge.streams import item_index
 from tailbridge.streams.behaviour import Keys
@@ -35,12 +37,13 @@ class IndexResult:
 
 class Indexer:
     def __init__(self, settings: Settings, milvus: MilvusClient, redis_client: redis.Redis,
-                 encoder_loader: Callable[[str], Encoder] = load_encoder):
+                 encoder_loader: Callable[[str], Encoder] | None = None):
         self.settings = settings
         self.milvus = milvus
         self.redis = redis_client
         self.keys = Keys(settings)
-        self._load_encoder = encoder_loader
+        # MiniLM items on ONNX int8 (models.retrieval.export.load_item_encoder), batched per call.
+        self._load_encoder = encoder_loader or partial(load_item_encoder, data_dir=settings.data_dir)
         self._encoders: dict[str, Encoder] = {}
         self._live: dict[str, str] = {}
         self._padding: dict[str, dict[str, float]] = {}  # per live collection: item_index.legacy_padding

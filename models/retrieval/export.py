@@ -1,4 +1,6 @@
-"""Serving export: the query tower as ONNX (fp32, or int8 with dynamic per-channel quantisation).
+"""ONNX for serving and indexing: the query tower as ONNX (fp32, or int8 with dynamic per-channel
+quantisation), and all-MiniLM-L6-v2 as ONNX int8 for queries and items (``OnnxMiniLMEncoder``;
+``load_item_encoder`` is what the stream indexer encodes items with).
 
 The graph takes the featurizer's tensors, user context included (an all-zero context is exactly
 the no-user path, so one graph serves both):
@@ -25,6 +27,7 @@ from torch import nn
 
 from tailbridge.models.retrieval import model as unified
 from tailbridge.models.retrieval.model import Batch, TextInput, UnifiedRetriever, UserInput
+from tailbridge.vocab import item_text
 
 INPUTS = ("input_ids", "attention_mask", "term_ids", "graph_rows", "item_vectors", "item_mask", "actions",
           "category_ids", "category_weights")
@@ -124,8 +127,10 @@ class OnnxQueryEncoder:
 
 
 # --------------------------------------------------------------------------------------------
-# all-MiniLM-L6-v2 (the off-the-shelf encoder) as ONNX int8, for the query handler
+# all-MiniLM-L6-v2 (the off-the-shelf encoder) as ONNX int8, for the query handler and the indexer
 # --------------------------------------------------------------------------------------------
+
+MINILM_ONNX_DIR = "minilm-l6-v2-onnx"  # under DATA_DIR/models: one export per data dir
 
 
 class _MeanPooledMiniLM(nn.Module):
@@ -179,10 +184,11 @@ def export_minilm(out_dir: Path) -> Path:
 
 
 class OnnxMiniLMEncoder:
-    """all-MiniLM-L6-v2 queries on onnxruntime int8 (~4x faster than torch on one thread; cosine
-    to torch >= 0.99). Not personalised: user contexts are ignored, as by ``MiniLMEncoder``."""
+    """all-MiniLM-L6-v2 on onnxruntime int8, queries and items (~4x faster than torch on one
+    thread; cosine to torch >= 0.99 on demo queries and item texts: tests/test_models_onnx.py).
+    Not personalised: user contexts are ignored, as by ``MiniLMEncoder``."""
 
-    def __init__(self, model_dir: Path, threads: int = 1, max_length: int = 128):
+    def __init__(self, model_dir: Path, threads: int = 1, max_length: int = 128, batch_size: int = 32):
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -195,7 +201,7 @@ class OnnxMiniLMEncoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(model_dir / INT8_FILE), options, providers=["CPUExecutionProvider"])
-        self.max_length = max_length
+        self.max_length, self.batch_size = max_length, batch_size
         self.version = MINILM_VERSION
         self.dim = self.session.get_outputs()[0].shape[-1]
 
@@ -205,3 +211,35 @@ class OnnxMiniLMEncoder:
                                return_tensors="np")
         feeds = {name: batch[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
         return self.session.run(["vectors"], feeds)[0]
+
+    def encode_items(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Item texts (``vocab.item_text``, as the torch encoder reads them) in batches of
+        ``batch_size``, shortest first: a batch pads to its own longest text, not the longest of all."""
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        token_ids = self.tokenizer([item_text(item) for item in items], truncation=True,
+                                   max_length=self.max_length)["input_ids"]
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        order = sorted(range(len(items)), key=lambda i: len(token_ids[i]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            width = max(len(token_ids[i]) for i in rows)
+            input_ids = np.full((len(rows), width), self.tokenizer.pad_token_id, dtype=np.int64)
+            attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+            for k, i in enumerate(rows):
+                input_ids[k, :len(token_ids[i])] = token_ids[i]
+                attention_mask[k, :len(token_ids[i])] = 1
+            out[rows] = self.session.run(["vectors"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        return out
+
+
+def load_item_encoder(version: str, data_dir: Path):
+    """The encoder the stream indexer writes ``version``'s item vectors with: all-MiniLM-L6-v2 on
+    ONNX int8 (exported into ``DATA_DIR/models`` on first use), any other version as
+    ``encoders.load_encoder`` loads it. MiniLM's int8 item vectors keep cosine >= 0.99 to its
+    torch fp32 ones, so they share one collection (and version) with vectors torch wrote."""
+    from tailbridge.models.retrieval.encoders import MINILM_VERSION, load_encoder
+
+    if version == MINILM_VERSION:
+        return OnnxMiniLMEncoder(Path(data_dir) / "models" / MINILM_ONNX_DIR)
+    return load_encoder(version)
