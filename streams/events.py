@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal, Union
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, \
+    field_validator
 
 SCHEMA_VERSION = 1
 
@@ -24,6 +25,49 @@ RewriteOutcome = Literal["served", "clicked", "added_to_cart", "purchased"]
 NonEmpty = Annotated[str, Field(min_length=1, max_length=512)]
 # Bounds keep every number encodable (orjson refuses integers beyond 64 bits) and plausible.
 MAX_POSITION, MAX_QUANTITY, MAX_PRICE = 10_000, 10_000, 1e9
+
+# What the stores hold, in UTF-8 bytes: Milvus counts a VARCHAR's length in bytes (Milvus Lite
+# in characters, never more). The one definition: ``streams.item_index`` makes its collections
+# from these, so whatever an event may carry fits; only what is marked "indexed" is shortened,
+# on purpose, by the indexer. Redis and Feast hold any string the events allow.
+MAX_ITEM_ID_BYTES = 128  # item ids, everywhere: the collections' primary key
+MAX_TITLE_BYTES = 1024
+MAX_BRAND_BYTES = 256
+MAX_CATEGORY_BYTES = 256  # one level of category_path (the leaf is searchable as `category`)
+MAX_CATEGORY_PATH_BYTES = 1024  # the levels joined with CATEGORY_SEPARATOR
+CATEGORY_SEPARATOR = " > "
+MAX_ATTRIBUTES_BYTES = 2048  # the attributes as JSON (orjson, as the index stores them)
+MAX_DESCRIPTION_BYTES = 65_536  # accepted; the index keeps the first INDEXED_DESCRIPTION_BYTES
+INDEXED_DESCRIPTION_BYTES = 4000
+INDEXED_TEXT_BYTES = 4000  # the BM25 text (title, brand, categories, description): its first bytes
+
+
+def utf8_size(value: str) -> int:
+    return len(value.encode())
+
+
+def _at_most(limit: int):
+    def check(value: str) -> str:
+        if (size := utf8_size(value)) > limit:
+            raise ValueError(f"at most {limit} bytes in UTF-8, got {size}")
+        return value
+
+    return AfterValidator(check)
+
+
+def Bytes(limit: int, min_length: int = 0):  # noqa: N802  a type, as NonEmpty is
+    """A string of at most ``limit`` UTF-8 bytes."""
+    return Annotated[str, Field(min_length=min_length, max_length=limit), _at_most(limit)]
+
+
+def _filterable(value: str) -> str:
+    # Milvus looks rows up by id through a filter whose string literals pymilvus does not escape.
+    if any(c in "'\"\\" or ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ValueError("no quotes, backslashes or control characters (the index filters on item ids)")
+    return value
+
+
+ItemId = Annotated[Bytes(MAX_ITEM_ID_BYTES, min_length=1), AfterValidator(_filterable)]
 
 
 def new_event_id() -> str:
@@ -53,7 +97,7 @@ class _Event(BaseModel):
 class ServedItem(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    item_id: NonEmpty
+    item_id: ItemId
     position: int = Field(ge=1, le=MAX_POSITION, description="1-based rank on the result page.")
     score: float | None = None
     source: str | None = Field(None, description="Which retrieval route produced it (dense, bm25, rewrite...).")
@@ -82,7 +126,7 @@ class InteractionEvent(_Event):
     user_id: NonEmpty
     session_id: NonEmpty
     query_id: NonEmpty | None = Field(None, description="The search that led here; None outside search.")
-    item_id: NonEmpty
+    item_id: ItemId
     position: int | None = Field(None, ge=1, le=MAX_POSITION, description="1-based rank where the item was shown.")
     price: float | None = Field(None, ge=0, le=MAX_PRICE, allow_inf_nan=False,
                                 description="Unit price at the time (carts and purchases).")
@@ -94,19 +138,39 @@ class CatalogUpsert(_Event):
 
     key_field: ClassVar[str] = "item_id"
     type: Literal["catalog_upsert"] = "catalog_upsert"
-    item_id: NonEmpty
-    title: NonEmpty
-    description: str = ""
-    category_path: list[NonEmpty] = Field(min_length=1)
-    brand: str = ""
+    item_id: ItemId
+    title: Bytes(MAX_TITLE_BYTES, min_length=1)
+    description: Bytes(MAX_DESCRIPTION_BYTES) = Field(
+        "", description=f"The search index keeps its first {INDEXED_DESCRIPTION_BYTES} bytes.")
+    category_path: list[Bytes(MAX_CATEGORY_BYTES, min_length=1)] = Field(min_length=1)
+    brand: Bytes(MAX_BRAND_BYTES) = ""
     price: float = Field(ge=0, le=MAX_PRICE, allow_inf_nan=False)
     attributes: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("category_path")
+    @classmethod
+    def _path_fits(cls, path: list[str]) -> list[str]:
+        if (size := utf8_size(CATEGORY_SEPARATOR.join(path))) > MAX_CATEGORY_PATH_BYTES:
+            raise ValueError(f"at most {MAX_CATEGORY_PATH_BYTES} bytes in UTF-8 joined with "
+                             f"{CATEGORY_SEPARATOR!r}, got {size}")
+        return path
+
+    @field_validator("attributes")
+    @classmethod
+    def _attributes_fit(cls, attributes: dict[str, str]) -> dict[str, str]:
+        try:
+            size = len(orjson.dumps(attributes))
+        except orjson.JSONEncodeError as exc:  # a lone surrogate, which plain str values let through
+            raise ValueError(str(exc)) from None
+        if size > MAX_ATTRIBUTES_BYTES:
+            raise ValueError(f"at most {MAX_ATTRIBUTES_BYTES} bytes as JSON, got {size}")
+        return attributes
 
 
 class CatalogDelete(_Event):
     key_field: ClassVar[str] = "item_id"
     type: Literal["catalog_delete"] = "catalog_delete"
-    item_id: NonEmpty
+    item_id: ItemId
 
 
 class RewriteFeedback(_Event):
@@ -122,7 +186,7 @@ class RewriteFeedback(_Event):
     rewrite: NonEmpty
     rewriter_version: NonEmpty
     outcome: RewriteOutcome
-    item_id: NonEmpty | None = Field(None, description="The item behind the outcome, if any.")
+    item_id: ItemId | None = Field(None, description="The item behind the outcome, if any.")
 
 
 Event = Annotated[

@@ -23,12 +23,22 @@ import orjson
 from pymilvus import DataType, Function, FunctionType, MilvusClient
 
 from tailbridge.settings import Settings
+from tailbridge.streams.events import (
+    CATEGORY_SEPARATOR,
+    INDEXED_DESCRIPTION_BYTES,
+    INDEXED_TEXT_BYTES,
+    MAX_ATTRIBUTES_BYTES,
+    MAX_BRAND_BYTES,
+    MAX_CATEGORY_BYTES,
+    MAX_CATEGORY_PATH_BYTES,
+    MAX_ITEM_ID_BYTES,
+    MAX_TITLE_BYTES,
+)
 
 CONTENT_FIELDS = ("title", "description", "brand", "category", "category_path", "price", "attributes")
 # Collections made when rows still carried behaviour stats require these fields on every write;
 # nothing reads them any more (``legacy_padding``).
 LEGACY_STATS_FIELDS = ("ctr_24h", "cvr_24h", "purchases_24h")
-MAX_TEXT = 4000
 
 # pymilvus pings every 10 s even when idle, and a gRPC server on default settings (Milvus Lite)
 # answers "too many pings" with GOAWAY, breaking the connection. pymilvus shares one connection
@@ -55,17 +65,18 @@ def connect(settings: Settings) -> MilvusClient:
 
 def _schema(dim: int):
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=128)
+    # The event contract's limits (``streams.events``): every upsert it accepts fits.
+    schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ITEM_ID_BYTES)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-    schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT, enable_analyzer=True)
+    schema.add_field("text", DataType.VARCHAR, max_length=INDEXED_TEXT_BYTES, enable_analyzer=True)
     schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-    schema.add_field("title", DataType.VARCHAR, max_length=1024)
-    schema.add_field("description", DataType.VARCHAR, max_length=MAX_TEXT)
-    schema.add_field("brand", DataType.VARCHAR, max_length=256)
-    schema.add_field("category", DataType.VARCHAR, max_length=256)
-    schema.add_field("category_path", DataType.VARCHAR, max_length=1024)
+    schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE_BYTES)
+    schema.add_field("description", DataType.VARCHAR, max_length=INDEXED_DESCRIPTION_BYTES)
+    schema.add_field("brand", DataType.VARCHAR, max_length=MAX_BRAND_BYTES)
+    schema.add_field("category", DataType.VARCHAR, max_length=MAX_CATEGORY_BYTES)
+    schema.add_field("category_path", DataType.VARCHAR, max_length=MAX_CATEGORY_PATH_BYTES)
     schema.add_field("price", DataType.FLOAT)
-    schema.add_field("attributes", DataType.VARCHAR, max_length=2048)
+    schema.add_field("attributes", DataType.VARCHAR, max_length=MAX_ATTRIBUTES_BYTES)
     schema.add_field("model_version", DataType.VARCHAR, max_length=128)
     schema.add_field("updated_ms", DataType.INT64)
     schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25,
@@ -128,6 +139,11 @@ def legacy_padding(client: MilvusClient, collection: str) -> dict[str, float]:
     return {field: 0.0 for field in LEGACY_STATS_FIELDS if field in names}
 
 
+def shorten(text: str, limit: int) -> str:
+    """The longest start of ``text`` within ``limit`` UTF-8 bytes (never half a character)."""
+    return text.encode()[:limit].decode(errors="ignore")
+
+
 def rows(items: Sequence[Mapping[str, Any]], vectors: np.ndarray, version: str,
          item_text: Callable[[Mapping[str, Any]], str], padding: Mapping[str, float] | None = None) -> list[dict]:
     now_ms = int(time.time() * 1000)
@@ -137,14 +153,14 @@ def rows(items: Sequence[Mapping[str, Any]], vectors: np.ndarray, version: str,
         out.append({
             "item_id": item["item_id"],
             "vector": vector.astype(np.float32).tolist(),
-            "text": item_text(item)[:MAX_TEXT],
-            "title": item["title"][:1024],
-            "description": (item.get("description") or "")[:MAX_TEXT],
-            "brand": (item.get("brand") or "")[:256],
-            "category": path[-1][:256] if path else "",
-            "category_path": " > ".join(path)[:1024],
+            "text": shorten(item_text(item), INDEXED_TEXT_BYTES),
+            "title": item["title"],
+            "description": shorten(item.get("description") or "", INDEXED_DESCRIPTION_BYTES),
+            "brand": item.get("brand") or "",
+            "category": path[-1] if path else "",
+            "category_path": CATEGORY_SEPARATOR.join(path),
             "price": float(item.get("price") or 0.0),
-            "attributes": orjson.dumps(item.get("attributes") or {}).decode()[:2048],
+            "attributes": orjson.dumps(item.get("attributes") or {}).decode(),
             **(padding or {}),
             "model_version": version,
             "updated_ms": now_ms,
@@ -166,7 +182,7 @@ def catalog_rows(client: MilvusClient, collection: str, batch_size: int = 512):
 def _as_item(row: Mapping[str, Any]) -> dict:
     return {
         "item_id": row["item_id"], "title": row["title"], "description": row["description"],
-        "brand": row["brand"], "category_path": [p for p in row["category_path"].split(" > ") if p],
+        "brand": row["brand"], "category_path": [p for p in row["category_path"].split(CATEGORY_SEPARATOR) if p],
         "price": row["price"], "attributes": orjson.loads(row["attributes"] or "{}"),
     }
 
