@@ -4,23 +4,38 @@ the partitions of each topic.
 The worker runs the processors of ``streams.registry.PROCESSORS`` (``streams.processor``):
 for each, one agent over the topics it reads and one timer per periodic job. Agents take
 bounded batches (the processor's batch size, else ``worker_batch_size``) and hand them to
-the processor's plain synchronous ``apply`` on a thread, so the event loop keeps
-heartbeating. faust acks a batch only after the agent body returns, so offsets are committed
-only after the writes they cover. A write that fails (a batch, a periodic job, a start-up
-step) is retried with backoff and, for a batch, never acked meanwhile: a slow or down
-dependency slows the worker instead of losing events or growing memory. Events that do not
-parse go to ``<topic>.dlq`` with the reason in the headers and the original bytes as the
-value, and the worker moves on.
+the processor's plain synchronous ``apply`` on a daemon thread, so the event loop keeps
+heartbeating and a call stuck in a dead dependency never blocks a stop.
+
+No event may stall the worker (``streams.failures``): events that do not parse, and events
+that make ``apply`` fail on their own (after the batch was retried in smaller groups to
+find them, and ``worker_poison_attempts`` tries alone), go to ``<topic>.dlq`` with the reason
+and their source topic, partition and offset in the headers and the original bytes as the
+value; the rest of the batch is applied and the partition moves on. A transient failure (a
+dependency down or slow) holds the batch and is retried with backoff, as is any failure of a
+periodic job or a start-up step.
+
+Offsets: the agent holds a reference on each event's message until the event was applied or
+dead-lettered, so faust marks an offset committable only after the writes it covers, whatever
+``take_events`` acknowledges when a batch ends or is abandoned. Stopping (SIGTERM, SIGINT)
+cancels the agents at once, even in a retry; what was applied is committed by the consumer's
+last commit and the rest is redelivered (the processors are idempotent). So faust must not
+wait for held events before stopping or rebalancing (``stream_wait_empty``): it would wait
+forever for a batch that cannot be applied yet.
+
+Every ``heartbeat.HEARTBEAT_S`` the worker writes its status record (``streams.heartbeat``),
+and every ``REPORT_EVERY_S`` it logs its counts and what is stuck.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 
 import faust
 import redis
@@ -28,17 +43,18 @@ import redis
 from tailbridge.feature_repo.online import resolve_online_store
 from tailbridge.feature_repo.store import feature_store
 from tailbridge.settings import Settings
-from tailbridge.streams import event_time
+from tailbridge.streams import event_time, heartbeat
 from tailbridge.streams.events import EventValidationError, decode
+from tailbridge.streams.failures import Status, apply_isolating, describe, is_transient, on_thread, retry
+from tailbridge.streams.heartbeat import Progress, WorkerRecord
 from tailbridge.streams.item_index import connect as connect_milvus
 from tailbridge.streams.processor import Factory, Periodic, Processor, Resources
 from tailbridge.streams.registry import PROCESSORS
 from tailbridge.streams.topics import CONSUMER_HEARTBEAT_MS, CONSUMER_SESSION_TIMEOUT_MS, TOPICS
 
 log = logging.getLogger("tailbridge.worker")
-T = TypeVar("T")
-MAX_BACKOFF_S = 10.0
 REPORT_EVERY_S = 10.0
+MAX_REASON = 4000  # characters of the error header
 
 
 def _redis_for(settings: Settings) -> redis.Redis:
@@ -49,17 +65,18 @@ def _redis_for(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(online.redis_url, socket_timeout=10, socket_connect_timeout=5)
 
 
-async def _retry(what: str, work: Callable[[], Awaitable[T]]) -> T:
-    """Await ``work()`` until it succeeds. Nothing may escape an agent's batch body: faust
-    acks the batch when the body exits, even by an exception, and those events would be lost."""
-    delay = 0.5
-    while True:
-        try:
-            return await work()
-        except Exception:
-            log.exception("%s failed; retrying in %.1f s (the batch is not acknowledged)", what, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_BACKOFF_S)
+class _MilvusOnFirstUse:
+    """The Milvus client, connected on first use (and again after a failed attempt): the worker
+    starts, and the processors that do not need Milvus run, while Milvus is down."""
+
+    def __init__(self, settings: Settings):
+        self._settings, self._client, self._lock = settings, None, threading.Lock()
+
+    def __getattr__(self, name: str):
+        with self._lock:
+            if self._client is None:
+                self._client = connect_milvus(self._settings)
+        return getattr(self._client, name)
 
 
 def faust_app(settings: Settings, name: str = "worker") -> faust.App:
@@ -80,21 +97,72 @@ def faust_app(settings: Settings, name: str = "worker") -> faust.App:
         broker_heartbeat_interval=CONSUMER_HEARTBEAT_MS / 1000,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=settings.worker_batch_size * 2,
+        stream_wait_empty=False,  # see the module docstring
     )
 
 
+@dataclass
+class Tracked:
+    """A processor's (or periodic job's) progress, and for an agent the events it holds."""
+
+    progress: Progress = field(default_factory=Progress)
+    topics: frozenset[str] = frozenset()
+    held: dict = field(default_factory=dict)  # (tp, offset) -> broker timestamp (epoch s)
+    released: dict = field(default_factory=dict)  # tp -> the offset after the last event released
+
+    def hold(self, events) -> None:
+        if not self.held:  # waiting starts now: an idle processor was not stuck
+            self.progress.last_progress = time.time()
+        self.held.update(((e.message.tp, e.message.offset), e.message.timestamp) for e in events)
+
+    def release(self, events) -> None:
+        """Applied or dead-lettered: let faust commit their offsets."""
+        for event in events:
+            event.ack()  # our reference (``take_events`` drops the stream's)
+            message = event.message
+            self.held.pop((message.tp, message.offset), None)
+            self.released[message.tp] = max(self.released.get(message.tp, 0), message.offset + 1)
+        self.progress.last_progress = time.time()
+
+    def forget(self, events) -> None:
+        """Abandoned (partition revoked): another worker applies them; they stay uncommitted here."""
+        for event in events:
+            self.held.pop((event.message.tp, event.message.offset), None)
+
+    def measure(self, consumer) -> None:
+        progress = self.progress
+        progress.held = len(self.held)
+        try:
+            partitions = [tp for tp in consumer.assignment() if tp.topic in self.topics]
+            waiting = None
+            for tp in partitions:
+                high = consumer.highwater(tp)  # from fetch responses: right on Tansu, unlike ListOffsets
+                start = min((offset for (t, offset) in self.held if t == tp), default=self.released.get(tp))
+                if high is not None and start is not None:
+                    waiting = (waiting or 0) + max(high - start, 0)
+        except Exception:  # noqa: BLE001  consumer not started or rebalancing: not measurable now
+            waiting = None
+        progress.waiting = waiting
+        if self.held:
+            progress.oldest_unapplied = min(self.held.values())
+        elif not waiting:
+            progress.oldest_unapplied = None
+            progress.last_progress = time.time()  # nothing to do is progress
+
+
 def create_app(settings: Settings, factories: Sequence[Factory] = PROCESSORS) -> faust.App:
-    resources = Resources(settings, _redis_for(settings), feature_store(settings), connect_milvus(settings))
+    resources = Resources(settings, _redis_for(settings), feature_store(settings), _MilvusOnFirstUse(settings))
     app = faust_app(settings)
     counts: Counter = Counter()
-    install(app, [factory(resources) for factory in factories], settings, counts)
-    _report(app, counts)
+    tracked = install(app, [factory(resources) for factory in factories], settings, counts)
+    _heartbeat(app, settings, tracked, counts)
     return app
 
 
-def install(app: faust.App, processors: Sequence[Processor], settings: Settings, counts: Counter) -> None:
+def install(app: faust.App, processors: Sequence[Processor], settings: Settings,
+            counts: Counter) -> dict[str, Tracked]:
     """An agent per processor that reads topics, a timer per periodic job, a task per start-up
-    step. ``counts`` adds up what they return."""
+    step. ``counts`` adds up what they return; the result tracks each one's progress."""
     names = [p.name for p in processors]
     if len(set(names)) != len(names):
         raise ValueError(f"processor names must be unique: {names}")
@@ -105,84 +173,148 @@ def install(app: faust.App, processors: Sequence[Processor], settings: Settings,
     specs = {spec.topic(settings): spec for spec in TOPICS.values()}
     dlqs = {name: topic(spec.dlq(settings)) for name, spec in specs.items()}
 
-    async def parse(batch) -> tuple[list, event_time.Progress]:
-        """Decode a batch, clamping event times too far ahead (``streams.event_time``), and say
-        how far it goes in event time per partition; what does not parse goes to the topic's
-        DLQ (awaited, before the ack)."""
-        events, reached = [], {}
-        for event in batch:
-            message = event.message
-            try:
-                parsed, clamped = event_time.trusted(decode(event.value, allowed=specs[message.topic].events),
-                                                     message.timestamp, settings.max_event_skew_seconds)
-            except EventValidationError as exc:
-                headers = [("error", str(exc).encode()), ("source_topic", message.topic.encode()),
-                           ("source_partition", str(message.partition).encode()),
-                           ("source_offset", str(message.offset).encode())]
-                sent = await dlqs[message.topic].send(key=event.key, value=event.value, headers=headers, force=True)
-                await sent
-                counts["dead_lettered"] += 1
-                log.warning("dead-lettered %s[%s]@%s: %s", message.topic, message.partition, message.offset, exc)
-                continue
-            if clamped:  # its time is the arrival's, not the stream's: it says nothing of progress
-                counts["future_event_time_clamped"] += 1
-                log.warning("%s[%s]@%s: event_time more than %s s ahead of its arrival, clamped to %s", message.topic,
-                            message.partition, message.offset, settings.max_event_skew_seconds, parsed.event_time)
-            else:
-                event_time.note(reached, specs[message.topic].name, message.partition, parsed)
-            events.append(parsed)
-        return events, reached
+    async def dead_letter(event, reason: str, status: Status) -> None:
+        """To the topic's DLQ with the reason (awaited: before the offset may be committed)."""
+        message = event.message
+        headers = [("error", reason[:MAX_REASON].encode()), ("source_topic", message.topic.encode()),
+                   ("source_partition", str(message.partition).encode()),
+                   ("source_offset", str(message.offset).encode())]
 
+        async def send() -> None:
+            await (await dlqs[message.topic].send(key=event.key, value=event.value, headers=headers, force=True))
+
+        await retry(f"dead-lettering {message.topic}[{message.partition}]@{message.offset}", send, status)
+        counts["dead_lettered"] += 1
+        log.warning("dead-lettered %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason)
+
+    tracked: dict[str, Tracked] = {}
     for processor in processors:
+        topics = frozenset(TOPICS[t].topic(settings) for t in processor.topics)
+        own = tracked[processor.name] = Tracked(topics=topics)
         if processor.topics:
-            _agent(app, processor, topic(*(TOPICS[t].topic(settings) for t in processor.topics)), parse, settings,
-                   counts)
+            _agent(app, processor, topic(*sorted(topics)), specs, dead_letter, settings, counts, own)
         for job in processor.periodic:
-            _timer(app, processor.name, job, counts)
+            _timer(app, processor.name, job, counts, tracked.setdefault(f"{processor.name}.{job.name}", Tracked()))
         if processor.start is not None:
-            _start(app, processor)
+            _start(app, processor, own)
+    return tracked
 
 
-def _agent(app: faust.App, processor: Processor, channel, parse, settings: Settings, counts: Counter) -> None:
-    apply = processor.apply
+def _agent(app: faust.App, processor: Processor, channel, specs, dead_letter, settings: Settings, counts: Counter,
+           own: Tracked) -> None:
     size = processor.batch_size or settings.worker_batch_size
+    status = own.progress.status
+
+    async def apply(group: list) -> dict:
+        return await on_thread(processor.apply, [parsed for _, parsed in group])
+
+    def applied(group: list, result) -> None:
+        counts.update(result)
+        own.release([event for event, _ in group])
+
+    def trusted(event, parsed, reached: event_time.Progress):
+        """``parsed`` with its time clamped if too far ahead (``streams.event_time``); an event
+        not clamped counts into ``reached`` (a clamped one's time is its arrival's, not the stream's)."""
+        message = event.message
+        parsed, clamped = event_time.trusted(parsed, message.timestamp, settings.max_event_skew_seconds)
+        if clamped:
+            counts["future_event_time_clamped"] += 1
+            log.warning("%s[%s]@%s: event_time more than %s s ahead of its arrival, clamped to %s", message.topic,
+                        message.partition, message.offset, settings.max_event_skew_seconds, parsed.event_time)
+        else:
+            event_time.note(reached, specs[message.topic].name, message.partition, parsed)
+        return parsed
+
+    async def give_up(item, exc: BaseException) -> None:
+        event = item[0]
+        await dead_letter(event, f"{processor.name} could not apply it: {describe(exc, MAX_REASON)}", status)
+        own.progress.dead_lettered += 1
+        own.release([event])
 
     async def handle(batch) -> None:
-        events, reached = await parse(batch)
-        if events:
-            counts.update(await asyncio.to_thread(apply, events))
-            if processor.clock is not None and reached:  # only once the batch's writes are done
-                await asyncio.to_thread(processor.clock.advance, reached)
+        for event in batch:
+            event.message.incref()  # held until applied or dead-lettered (see the module docstring)
+        own.hold(batch)
+        items, reached = [], {}  # reached: how far the batch goes in event time per partition
+        for event in batch:
+            try:
+                items.append((event, trusted(event, decode(event.value, allowed=specs[event.message.topic].events),
+                                             reached)))
+            except EventValidationError as exc:
+                await dead_letter(event, str(exc), status)
+                own.progress.dead_lettered += 1
+                own.release([event])
+        partitions = {event.message.tp for event in batch}
+        done = await apply_isolating(
+            items, apply, what=f"{processor.name} batch", attempts=settings.worker_poison_attempts,
+            transient=partial(is_transient, extra=processor.transient), applied=applied, give_up=give_up,
+            status=status, still_ours=lambda: partitions <= app.consumer.assignment())
+        if done and processor.clock is not None and reached:  # only once the batch's events are applied
+            await retry(f"{processor.name} event clock", lambda: on_thread(processor.clock.advance, reached), status)
+        if not done:
+            log.warning("%s: partitions %s went to another worker; left the rest of the batch to it",
+                        processor.name, sorted(partitions))
+            own.forget(batch)
 
     async def agent(stream):
-        async for batch in stream.take_events(size, within=settings.worker_batch_seconds):
-            await _retry(f"{processor.name} batch", lambda: handle(batch))
+        batches = stream.take_events(size, within=settings.worker_batch_seconds)
+        try:
+            async for batch in batches:
+                await handle(batch)
+        finally:  # when cancelled too: ``take_events`` drops its references now, before the last commit
+            await batches.aclose()
 
     app.agent(channel, name=processor.name)(agent)
 
 
-def _timer(app: faust.App, owner: str, job: Periodic, counts: Counter) -> None:
+def _timer(app: faust.App, owner: str, job: Periodic, counts: Counter, own: Tracked) -> None:
     async def tick() -> None:
-        counts.update(await _retry(f"{owner} {job.name}", lambda: asyncio.to_thread(job.run)))
+        counts.update(await retry(f"{owner} {job.name}", lambda: on_thread(job.run), own.progress.status))
+        own.progress.last_progress = time.time()
 
     app.timer(interval=job.every_s, name=f"{owner}.{job.name}")(tick)
 
 
-def _start(app: faust.App, processor: Processor) -> None:
+def _start(app: faust.App, processor: Processor, own: Tracked) -> None:
     async def start() -> None:
-        await _retry(f"{processor.name} start", lambda: asyncio.to_thread(processor.start))
+        await retry(f"{processor.name} start", lambda: on_thread(processor.start), own.progress.status)
 
     app.task(start)
 
 
-def _report(app: faust.App, counts: Counter) -> None:
+def _heartbeat(app: faust.App, settings: Settings, tracked: dict[str, Tracked], counts: Counter) -> None:
+    """The status record every HEARTBEAT_S (``streams.heartbeat``), and the log report every
+    REPORT_EVERY_S: counts per second and what is stuck or lagging."""
+    client = redis.Redis.from_url(resolve_online_store(settings).redis_url, socket_timeout=1, socket_connect_timeout=1)
+    worker, started = heartbeat.worker_id(), time.time()
     last = {"at": time.monotonic(), "counts": Counter()}
+
+    def record() -> WorkerRecord:
+        for own in tracked.values():
+            own.measure(app.consumer)
+        return WorkerRecord(worker, started, time.time(), {name: own.progress.as_json() for name, own in tracked.items()})
+
+    async def beat() -> None:
+        try:
+            await on_thread(heartbeat.write, client, settings, record())
+        except redis.RedisError as exc:  # the processors that need Redis report it themselves
+            log.debug("status record not written: %s", exc)
 
     async def report() -> None:
         elapsed = time.monotonic() - last["at"]
         delta = counts - last["counts"]
         log.warning("last %.0f s: %s", elapsed, ", ".join(f"{k} {v} ({v / elapsed:.0f}/s)" for k, v in sorted(delta.items()))
                     or "idle")
+        for name, issue in heartbeat.problems(record(), settings).items():
+            log.warning("%s %s", name, issue)
         last.update(at=time.monotonic(), counts=counts.copy())
 
+    async def forget(*args, **kwargs) -> None:
+        try:
+            await on_thread(heartbeat.remove, client, settings, worker)
+        except redis.RedisError:
+            pass  # the record expires by itself
+
+    app.timer(interval=heartbeat.HEARTBEAT_S, name="heartbeat")(beat)
     app.timer(interval=REPORT_EVERY_S, name="report")(report)
+    app.on_before_shutdown.connect(forget)

@@ -22,6 +22,7 @@ from tailbridge.vocab import item_text
 from tailbridge.streams import item_index
 from tailbridge.streams.behaviour import Keys
 from tailbridge.streams.events import CatalogDelete, CatalogUpsert
+from tailbridge.streams.failures import Unavailable
 from tailbridge.streams.processor import Counts, Processor, Resources
 from tailbridge.settings import Settings
 
@@ -55,7 +56,11 @@ class Indexer:
     def encoder(self, version: str) -> Encoder:
         with self._lock:
             if version not in self._encoders:
-                self._encoders[version] = self._load_encoder(version)
+                try:
+                    self._encoders[version] = self._load_encoder(version)
+                except (ValueError, OSError) as exc:  # every event would fail: retry, never dead-letter
+                    raise Unavailable(f"the encoder of live collection version {version!r} cannot be loaded: "
+                                      f"{exc}") from exc
             return self._encoders[version]
 
     def warm_up(self) -> None:

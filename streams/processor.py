@@ -3,8 +3,16 @@
 A processor is plain data: the topics it reads (names in ``streams.topics.TOPICS``), what it
 applies to each batch of parsed events, what it runs periodically (each with its period),
 and what it does once at start. All its callables are plain synchronous code; the worker
-runs them on a thread, retries a failure with backoff and acknowledges a batch only after
-``apply`` returned. Each returns counts (name -> number) for the worker's periodic report.
+runs them on a thread and acknowledges an event only after ``apply`` returned for it. Each
+returns counts (name -> number) for the worker's periodic report.
+
+Failures (``streams.failures``): a transient one (a dependency down or slow; the worker knows
+connection errors and timeouts of Redis, Milvus, gRPC and the OS; a processor names more in
+``transient``, or raises ``failures.Unavailable`` for a failure that is not its events' fault)
+holds the batch and is retried with backoff. Any other exception from ``apply`` is taken to
+come from the events: the worker applies the batch again in smaller groups, in order, and
+dead-letters the one event that keeps failing. So ``apply`` must be idempotent and tolerate a
+group it applied in part before raising being applied again.
 
 A processor module exposes a factory, ``processor(resources) -> Processor``, and is one line
 in ``streams.registry.PROCESSORS``. The factories share one ``Resources`` per worker (the
@@ -44,6 +52,7 @@ class Processor:
     periodic: tuple[Periodic, ...] = ()
     start: Callable[[], None] | None = None  # once when the worker starts (e.g. load a model)
     clock: EventClock | None = None  # the worker advances it with each batch, once ``apply`` returned
+    transient: tuple[type[BaseException], ...] = ()  # more exceptions of apply that mean "retry later"
 
     def __post_init__(self) -> None:
         if bool(self.topics) != (self.apply is not None):

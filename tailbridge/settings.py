@@ -63,6 +63,15 @@ class Settings(BaseSettings):
     worker_index_seal_seconds: float = Field(
         5.0, gt=0, description="Longest time index writes stay unflushed in Milvus (unflushed rows slow every search)."
     )
+    worker_poison_attempts: int = Field(
+        3, ge=1, description="Tries of an event that fails on its own (not a dependency down) before it is dead-lettered."
+    )
+    worker_stuck_seconds: float = Field(
+        60.0, gt=0, description="A worker that made no progress this long while events wait is reported stuck."
+    )
+    worker_max_event_age_seconds: float = Field(
+        300.0, gt=0, description="A worker whose oldest unapplied event is older than this is reported lagging."
+    )
 
     serve_host: str = Field("127.0.0.1", description="Address `tailbridge serve` listens on.")
     serve_port: int = Field(8000, ge=1, le=65535, description="Port `tailbridge serve` listens on.")

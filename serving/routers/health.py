@@ -1,14 +1,16 @@
-"""GET /healthz (the process answers), /readyz (each dependency's state; 503 until search can
-answer) and /metrics (Prometheus)."""
+"""GET /healthz (the process answers), /readyz (each dependency's state, and the stream
+workers'; 503 until search can answer) and /metrics (Prometheus)."""
 
 from __future__ import annotations
 
+import redis
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tailbridge.serving.dependencies import Components, ComponentsDep
 from tailbridge.serving.schemas import Readiness
 from tailbridge.serving.search import SearchUnavailable
+from tailbridge.streams import heartbeat
 
 router = APIRouter()
 
@@ -50,6 +52,19 @@ def dependency_states(deps: Components) -> dict[str, str]:
         outcome = service.rewrites_guard.call(deps.rewrites.ping)
         state["rewrites"] = "ok" if outcome.ok else outcome.error
     state["kafka"] = deps.publisher.state
+    state["stream_worker"] = stream_worker_state(deps)
     state["ranker"] = f"ok ({service.ranker.version})" if service.ranker is not None else \
         "none (results in retrieval order; train one with `tailbridge train ranker`)"
     return state
+
+
+def stream_worker_state(deps: Components) -> str:
+    """From the workers' status records (``streams.heartbeat``): 'ok (...)', or a worker that
+    is stuck or lagging. Search answers either way (with staler features), so it does not
+    decide readiness."""
+    if deps.user_states is None:
+        return "unknown: no Redis (the online store is SQLite), where workers keep their status"
+    try:
+        return heartbeat.summary(heartbeat.read_workers(deps.user_states, deps.settings), deps.settings)
+    except redis.RedisError as exc:
+        return f"unknown: Redis at {deps.redis_url} failed: {type(exc).__name__}: {exc}"

@@ -25,12 +25,14 @@ features_app = typer.Typer(help="Feast feature repository.", no_args_is_help=Tru
 data_app = typer.Typer(help="Demo data: generate a catalog and queries, replay behaviour.", no_args_is_help=True)
 train_app = typer.Typer(help="Train models (models/).", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate models offline against baselines.", no_args_is_help=True)
+worker_app = typer.Typer(invoke_without_command=True)  # help: the callback's (`worker` below)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 app.add_typer(features_app, name="features")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
+app.add_typer(worker_app, name="worker")
 
 console = Console()
 
@@ -231,16 +233,86 @@ def data_replay(
 # ------------------------------------------------------------------ stream processing
 
 
-@app.command()
-def worker(loglevel: Annotated[str, typer.Option(help="faust log level.")] = "warning") -> None:
+@worker_app.callback()
+def worker(ctx: typer.Context, loglevel: Annotated[str, typer.Option(help="faust log level.")] = "warning") -> None:
     """Run the stream processors (user context, item stats, item indexer, feedback log).
-    Start several side by side to share the partitions; Ctrl-C or SIGTERM stops one cleanly."""
+    Start several side by side to share the partitions; Ctrl-C or SIGTERM stops one within
+    seconds, even while it retries. `tailbridge worker status` shows how each is doing."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import logging
+    import os
+    import sys
+
     import faust
 
     from tailbridge.streams.app import create_app
 
-    app_ = create_app(get_settings())
-    faust.Worker(app_, loglevel=loglevel, quiet=True).execute_from_commandline()
+    try:
+        app_ = create_app(get_settings())
+    except KeyboardInterrupt:  # before the worker's own signal handling is in place
+        raise typer.Exit(130) from None
+    code = 0
+    try:
+        faust.Worker(app_, loglevel=loglevel, quiet=True).execute_from_commandline()
+    except SystemExit as stopped:
+        code = stopped.code if isinstance(stopped.code, int) else 1
+    # Offsets are committed and the producer flushed: skip the interpreter's teardown, whose
+    # garbage collection of models and clients takes seconds on a busy machine.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@worker_app.command("status")
+def worker_status(as_json: JsonOption = False) -> None:
+    """Each running worker's processors and jobs: last progress, events held and waiting, the
+    oldest unapplied event, retries, dead letters; then what is stuck or lagging, and why.
+    Exit 1 if no worker runs, or one is stuck or lagging."""
+    import time
+
+    import redis
+
+    from tailbridge.feature_repo.online import resolve_online_store
+    from tailbridge.streams import heartbeat
+
+    settings = get_settings()
+    online = resolve_online_store(settings)
+    if online.kind != "redis":
+        _fail("the online store is SQLite: no worker runs without Redis")
+    try:
+        records = heartbeat.read_workers(redis.Redis.from_url(online.redis_url, socket_timeout=2,
+                                                              socket_connect_timeout=2), settings)
+    except redis.RedisError as exc:
+        _fail(f"Redis at {online.redis_url} failed: {type(exc).__name__}: {exc}")
+    now = time.time()
+    problems = {r.worker: heartbeat.problems(r, settings, now) for r in records}
+    if as_json:
+        typer.echo(orjson.dumps([asdict(r) | {"problems": problems[r.worker]} for r in records]).decode())
+    elif not records:
+        console.print("no worker running")
+    else:
+        for record in records:
+            console.print(_worker_table(record, problems[record.worker], now))
+            for name, issue in problems[record.worker].items():
+                console.print(f"[red]{name} {issue}[/]", soft_wrap=True)
+    if not records or any(problems.values()):
+        raise typer.Exit(1)
+
+
+def _worker_table(record, problems: dict[str, str], now: float) -> Table:
+    ago = lambda t: "" if t is None else f"{now - t:.0f} s"  # noqa: E731
+    table = Table(title=f"worker {record.worker} (up {ago(record.started)})")
+    table.add_column("processor / job", no_wrap=True)
+    for column in ("state", "last progress", "held", "waiting", "oldest unapplied", "retrying for", "dead-lettered"):
+        table.add_column(column, justify="left" if column == "state" else "right")
+    for name, p in sorted(record.processors.items()):
+        state = f"[red]{problems[name].split(':')[0]}[/]" if name in problems else "ok"
+        table.add_row(name, state, ago(p["last_progress"]) + " ago", str(p["held"]),
+                      "" if p["waiting"] is None else str(p["waiting"]), ago(p["oldest_unapplied"]),
+                      ago(p["retrying_since"]), str(p["dead_lettered"]))
+    return table
 
 
 @app.command()
@@ -396,8 +468,8 @@ def eval_ranker(
 # ------------------------------------------------------------------ demo
 
 
-@app.command()
-def demo(
+@app.command("demo")
+def run_demo(  # not `demo`: that name is the module tailbridge.cli.demo, which this imports
     items: Annotated[int, typer.Option(min=10)] = 5000,
     users: Annotated[int, typer.Option(min=1)] = 200,
     events: Annotated[int, typer.Option(min=1)] = 5000,
@@ -412,23 +484,28 @@ def demo(
     from tailbridge.cli import demo as live
 
     settings = get_settings()
-    console.rule("1/7 stack")
-    stack_up(as_json=False)
-    console.rule("2/7 demo data")
-    data_synth(items=items, users=users, seed=seed, out=None)
-    console.rule("3/7 topics")
-    topics_create()
-    console.rule("4/7 features")
-    features_apply()
-    console.rule("5/7 live replay through the stream worker")
-    dataset = _load_demo_data(_default_data_dir())
-    reports = live.live_replay(settings, dataset, rate, events, seed, console)
-    print_published(reports)
-    live.print_topic_counts(settings, console)
-    console.rule("6/7 ranker, trained on the feedback log the worker just wrote")
-    live.train_demo_ranker(settings, _default_data_dir(), console)
-    console.rule("7/7 query handler")
-    live.serve(settings, dataset, console, keep_serving=serve)
+    try:
+        console.rule("1/7 stack")
+        stack_up(as_json=False)
+        console.rule("2/7 demo data")
+        data_synth(items=items, users=users, seed=seed, out=None)
+        console.rule("3/7 topics")
+        topics_create()
+        console.rule("4/7 features")
+        features_apply()
+        console.rule("5/7 live replay through the stream worker")
+        dataset = _load_demo_data(_default_data_dir())
+        reports = live.live_replay(settings, dataset, rate, events, seed, console)
+        print_published(reports)
+        live.print_topic_counts(settings, console)
+        console.rule("6/7 ranker, trained on the feedback log the worker just wrote")
+        live.train_demo_ranker(settings, _default_data_dir(), console)
+        console.rule("7/7 query handler")
+        live.serve(settings, dataset, console, keep_serving=serve)
+    except KeyboardInterrupt:  # Ctrl-C: each step stops what it started (the worker included)
+        console.print("\n[yellow]demo interrupted[/]: its stream worker, if started, is stopped; the stack "
+                      "stays up (`tailbridge stack down` stops it).")
+        raise typer.Exit(130) from None
     console.print("The stack is still running: `tailbridge stack status`, `tailbridge stack down`.")
 
 

@@ -35,6 +35,7 @@ DEMO_WORKER_ENV = {"TAILBRIDGE_FEEDBACK_WINDOW_SECONDS": str(DEMO_FEEDBACK_WINDO
                    "TAILBRIDGE_WORKER_IDLE_SECONDS": "3"}
 CATCH_UP_TIMEOUT_S = 120
 WATCHED_USERS = 3
+WORKER_STOP_S = 10
 
 
 def start_worker(settings: Settings, env_overrides: dict[str, str]) -> subprocess.Popen:
@@ -44,6 +45,19 @@ def start_worker(settings: Settings, env_overrides: dict[str, str]) -> subproces
     with log.open("ab") as out:
         return subprocess.Popen([str(Path(sys.executable).parent / "tailbridge"), "worker"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    """SIGTERM to the worker's process group (it stops within seconds, even while it retries);
+    SIGKILL if it has not stopped after WORKER_STOP_S, or on a second Ctrl-C while waiting."""
+    if worker.poll() is not None:
+        return
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(WORKER_STOP_S)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
 
 
 def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int, console: Console) -> list:
@@ -78,8 +92,7 @@ def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int
                 if dashboard.caught_up() and dashboard.feedback_rows or time.monotonic() > deadline:
                     break
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(30)
+        stop_worker(worker)
     if not dashboard.caught_up():
         console.print(f"[yellow]the worker had not caught up after {CATCH_UP_TIMEOUT_S} s; "
                       f"see {log_file(settings, 'worker')}[/]")
@@ -263,5 +276,4 @@ def serve(settings: Settings, dataset, console: Console, keep_serving: bool) -> 
     finally:
         server.should_exit = True
         thread.join(10)
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(30)
+        stop_worker(worker)
