@@ -1,10 +1,10 @@
 """Feast definitions: the entities, sources and feature views of tailbridge, in one file.
 
-The stream processors write these views online with ``write_to_online_store`` (one view per
-processor, because every column of a view is required on each write); the parquet sources
-are where the offline copies and training data live, relative to the data dir.
-Timestamps written per entity must strictly increase: Feast's Redis store silently drops a
-second write with the same event timestamp.
+The stream processors write these views online in Feast's Redis layout, inside their own
+Redis writes (``feature_repo.redis_rows``; one view per processor, because every column of a
+view is written each time); the parquet sources are where the offline copies and training
+data live, relative to the data dir. Timestamps written per entity must strictly increase:
+Feast's Redis store silently drops a second write with the same event timestamp.
 """
 
 from datetime import timedelta

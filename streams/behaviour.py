@@ -4,11 +4,12 @@ runs it: batches of the queries and interactions topics, and periodic jobs.
 
 One batch is applied in one Redis transaction (WATCH on the users' state keys, then MULTI):
 the new user states, the item counter increments and the open feedback queries land together
-or not at all. Duplicates are recognised by the event ids the user-context fold keeps
-(``models.data.user_context``: the one fold, which training runs over the feedback log too),
-so redelivery after a crash, or a replay of the same events, changes nothing. The Feast rows
-are written after the transaction from the states it committed, with strictly increasing
-timestamps per user (Feast's Redis store drops a second write with the same timestamp).
+or not at all, and with them the users' Feast ``user_context`` rows, written straight into
+Feast's Redis layout (``feature_repo.redis_rows``) with strictly increasing timestamps per
+user. The writes go as one script call (``streams.redis_writes``). Duplicates are recognised
+by the event ids the user-context fold keeps (``models.data.user_context``: the one fold,
+which training runs over the feedback log too), so redelivery after a crash, or a replay of
+the same events, changes nothing.
 
 Feedback windows are in event time: a search's actions count if they are no later than the
 search's time plus ``feedback_window_seconds``, and the search is written to the log once the
@@ -26,15 +27,16 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from functools import cached_property
 
 import orjson
-import pandas as pd
 import redis
 from feast import FeatureStore
 
+from tailbridge.feature_repo.redis_rows import RedisRows
 from tailbridge.models.data import user_context
 from tailbridge.streams import feedback, item_stats
+from tailbridge.streams.redis_writes import Applier, Writes
 from tailbridge.streams.event_time import EventClock
 from tailbridge.streams.events import InteractionEvent, QueryEvent
 from tailbridge.streams.processor import Counts, Periodic, Processor, Resources
@@ -42,15 +44,6 @@ from tailbridge.settings import Settings
 
 FEEDBACK_LEASE_MS = 60_000
 
-# Keep the later ('max') or the earlier ('min', ARGV[3]) of two event times in a hash field
-# (HSET cannot compare).
-_KEEP = """
-local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '')
-local value = tonumber(ARGV[2])
-if current == nil or (ARGV[3] == 'max' and value > current) or (ARGV[3] == 'min' and value < current) then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-end
-"""
 # Claim the feedback queries whose window closed by the event-time clock (ARGV[1]), and ones
 # whose earlier claim expired by the wall clock (ARGV[2]), for LEASE ms.
 _CLAIM = """
@@ -134,7 +127,7 @@ class BehaviourProcessor:
         self.redis = redis_client
         self.store = store
         self.keys = Keys(settings)
-        self._keep = redis_client.register_script(_KEEP)
+        self._writes = Applier(redis_client)
         self._claim = redis_client.register_script(_CLAIM)
         self.user_ttl_s = settings.redis_key_ttl_seconds or None
         self.feedback_ttl_s = int(settings.feedback_window_seconds * 4) + 3600
@@ -143,37 +136,55 @@ class BehaviourProcessor:
         self.clock = EventClock(redis_client, self.keys.event_clock("interactions"), "interactions",
                                 settings.topic_partitions, settings.worker_idle_seconds)
 
+    @cached_property
+    def user_rows(self) -> RedisRows:  # on first use: a worker starts before the views are registered
+        return RedisRows(self.store, "user_context")
+
+    @cached_property
+    def item_rows(self) -> RedisRows:
+        return RedisRows(self.store, "item_stats")
+
     # ------------------------------------------------------------------ events
 
     def process(self, events: Sequence[QueryEvent | InteractionEvent]) -> BatchResult:
-        started = time.perf_counter()
-        result = BatchResult()
+        timings = Counter()  # seconds per stage, added up over WATCH retries
+        clock = time.perf_counter
+        started = clock()
+        result = BatchResult(timings=timings)
         users = sorted({event.user_id for event in events})
         user_keys = [self.keys.user(user) for user in users]
         items = sorted({e.item_id for e in events if isinstance(e, InteractionEvent)})
         categories = dict(zip(items, self.redis.hmget(self.keys.item_category, items))) if items else {}
+        timings["read_s"] += clock() - started
 
         while True:
             with self.redis.pipeline() as pipe:
                 try:
+                    t = clock()
                     pipe.watch(*user_keys)
                     states = self._states(pipe, users)
+                    timings["read_s"] += clock() - t
+                    t = clock()
                     counters, opened, actions, pending, result.applied, result.duplicates = self._fold(
                         events, states, categories)
+                    timings["fold_s"] += clock() - t
+                    t = clock()
+                    writes = Writes()
+                    self._stage_writes(writes, states, counters, opened, actions, pending, result)
+                    timings["stage_s"] += clock() - t
+                    t = clock()
                     pipe.multi()
-                    self._stage_writes(pipe, states, counters, opened, actions, pending, result)
+                    self._writes.stage(pipe, writes)
                     pipe.execute()
+                    timings["write_s"] += clock() - t
                     break
                 except redis.WatchError:  # another worker touched one of these users: fold again
+                    timings["write_s"] += clock() - t
                     continue
-        result.timings["redis_s"] = time.perf_counter() - started
-
-        # Every user of the batch, not only the changed ones: if a crash fell between an earlier
-        # commit and its Feast write, the redelivered events are all duplicates and this is the
-        # write that was missed. Rewriting an unchanged row is harmless.
-        self._write_user_rows(states, users)
+        # Every user of the batch gets its state and Feast row rewritten, changed or not: harmless,
+        # and the row's timestamp (written_ms) moves with its state's.
         result.users_written = len(users)
-        result.timings["total_s"] = time.perf_counter() - started
+        timings["total_s"] = clock() - started
         return result
 
     def _states(self, pipe, users) -> dict[str, user_context.UserState]:
@@ -205,42 +216,44 @@ class BehaviourProcessor:
                 pending.append(event)
         return (counters, last_ms), opened, actions, pending, applied, duplicates
 
-    def _stage_states(self, pipe, states) -> None:
+    def _stage_states(self, writes: Writes, states) -> None:
+        """Each user's state and its Feast row, with a timestamp newer than the last one written."""
         now_ms = int(time.time() * 1000)
+        rows = self.user_rows
         for user, state in states.items():  # written_ms moves for every user: see process()
             state["written_ms"] = max(now_ms, state.get("written_ms", 0) + 1)
-            pipe.set(self.keys.user(user), orjson.dumps(state), ex=self.user_ttl_s)
+            writes.set(self.keys.user(user), orjson.dumps(state), self.user_ttl_s)
+            writes.hset(rows.key(user), rows.fields(user_context.feature_row(user, state), state["written_ms"]),
+                        rows.ttl_s)
 
-    def _stage_writes(self, pipe, states, counters, opened, actions, pending, result: BatchResult) -> None:
-        self._stage_states(pipe, states)
+    def _stage_writes(self, writes: Writes, states, counters, opened, actions, pending, result: BatchResult) -> None:
+        self._stage_states(writes, states)
         increments, last_ms = counters
         for item, fields in increments.items():
             key = self.keys.counters(item)
-            for name, count in fields.items():
-                pipe.hincrby(key, name, count)
-            self._keep(keys=[key], args=[item_stats.LAST_EVENT_FIELD, last_ms[item], "max"], client=pipe)
-            pipe.expire(key, item_stats.COUNTER_TTL_S)
+            writes.hincrby(key, fields)
+            writes.keep(key, item_stats.LAST_EVENT_FIELD, last_ms[item], "max")
+            writes.expire(key, item_stats.COUNTER_TTL_S)
         if increments:
-            pipe.sadd(self.keys.dirty_items, *increments)
+            writes.sadd(self.keys.dirty_items, increments)
         for query in opened:  # closes when the event-time clock passes the search's time + window
             key = self.keys.feedback(query.query_id)
-            pipe.hset(key, feedback.QUERY_FIELD, orjson.dumps(query.model_dump(mode="json")))
-            pipe.expire(key, self.feedback_ttl_s)
-            close_ms = user_context.epoch_ms(query.event_time) + self.window_ms
-            pipe.zadd(self.keys.feedback_open, {query.query_id: close_ms}, nx=True)
+            writes.hset(key, {feedback.QUERY_FIELD: orjson.dumps(query.model_dump(mode="json"))}, self.feedback_ttl_s)
+            writes.zadd_nx(self.keys.feedback_open, query.query_id,
+                           user_context.epoch_ms(query.event_time) + self.window_ms)
         for event in actions:  # each action's earliest time: the label counts it if inside the window
             key = self.keys.feedback(event.query_id)
-            self._keep(keys=[key], args=[feedback.action_field(event.item_id, event.action),
-                                         user_context.epoch_ms(event.event_time), "min"], client=pipe)
-            pipe.expire(key, self.feedback_ttl_s)
+            writes.keep(key, feedback.action_field(event.item_id, event.action), user_context.epoch_ms(event.event_time),
+                        "min")
+            writes.expire(key, self.feedback_ttl_s)
         for event in pending:
-            key = self.keys.pending(event.item_id)
-            pipe.rpush(key, orjson.dumps([event.user_id, event.action, user_context.epoch_ms(event.event_time)]))
-            pipe.expire(key, self.user_ttl_s or self.feedback_ttl_s)
+            writes.rpush(self.keys.pending(event.item_id),
+                         orjson.dumps([event.user_id, event.action, user_context.epoch_ms(event.event_time)]),
+                         self.user_ttl_s or self.feedback_ttl_s)
         if pending:
-            pipe.sadd(self.keys.pending_items, *{event.item_id for event in pending})
-        pipe.incrby(self.keys.applied, result.applied)
-        pipe.incrby(self.keys.duplicates, result.duplicates)
+            writes.sadd(self.keys.pending_items, {event.item_id for event in pending})
+        writes.incrby(self.keys.applied, result.applied)
+        writes.incrby(self.keys.duplicates, result.duplicates)
 
     def resolve_categories(self, limit: int = 200) -> int:
         """Add the affinities of pending interactions (see the module docstring) whose item's
@@ -271,25 +284,17 @@ class BehaviourProcessor:
                     states = self._states(pipe, users) if users else {}
                     for category, (user, action, event_ms) in entries:
                         user_context.add_affinity(states[user], category, action, event_ms)
+                    writes = Writes()
+                    self._stage_states(writes, states)
                     pipe.multi()
-                    self._stage_states(pipe, states)
+                    self._writes.stage(pipe, writes)
                     pipe.delete(*pending_keys)
                     pipe.srem(self.keys.pending_items, *known)
                     pipe.execute()
                     break
                 except redis.WatchError:  # a batch or another worker touched them: again
                     continue
-        if users:
-            self._write_user_rows(states, users)
         return len(entries)
-
-    def _write_user_rows(self, states, users) -> None:
-        rows = []
-        for user in users:
-            row = user_context.feature_row(user, states[user])
-            row["event_timestamp"] = datetime.fromtimestamp(states[user]["written_ms"] / 1000, UTC)
-            rows.append(row)
-        self.store.write_to_online_store("user_context", pd.DataFrame(rows))
 
     # ------------------------------------------------------------------ periodic flushes
 
@@ -319,9 +324,15 @@ class BehaviourProcessor:
             stale[item] = item_stats.stale_fields(counters, int(counters.get(item_stats.LAST_EVENT_FIELD, 0)))
         if not rows:
             return 0
-        now = datetime.now(UTC)
-        self.store.write_to_online_store("item_stats", pd.DataFrame([r | {"event_timestamp": now} for r in rows]))
+        # The flush time as the rows' timestamp. Unlike write_to_online_store this does not skip a
+        # row older than the stored one: an item flushed by two workers at once (dirty again and
+        # popped by the other within this call) may keep the older counts until its next flush.
+        now_ms = int(time.time() * 1000)
+        writes = Writes()
+        for row in rows:
+            writes.hset(self.item_rows.key(row["item_id"]), self.item_rows.fields(row, now_ms), self.item_rows.ttl_s)
         with self.redis.pipeline(transaction=False) as pipe:
+            self._writes.stage(pipe, writes)
             for item, fields in stale.items():
                 if fields:
                     pipe.hdel(self.keys.counters(item), *fields)

@@ -1,0 +1,73 @@
+"""Feature rows as Feast's Redis online store keeps them, for writers that stage them on their
+own Redis pipeline (the stream processors: in the same transaction as the state they come from).
+
+``FeatureStore.write_to_online_store`` turns a DataFrame into Arrow, then into protobuf values,
+reads each entity's stored timestamp (one round trip) and writes in another: about 40 ms per
+200 rows on the worker, more than its Redis transaction. ``RedisRows`` encodes a row straight
+into the hash Feast reads (``get_online_features`` sees no difference): the key is the
+serialized entity key plus the project, each feature a murmur3 field holding a ``Value``
+proto, ``_ts:<view>`` the row's timestamp. Feast skips a write whose timestamp is not newer
+than the stored one; a writer that stages rows itself must give each entity strictly
+increasing timestamps (the behaviour processor does: ``written_ms``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from typing import Any
+
+from feast import FeatureStore
+from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.infra.online_stores.helpers import _mmh3, compute_versioned_name
+from feast.infra.online_stores.redis import RedisOnlineStoreConfig
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.protos.feast.types.Value_pb2 import DoubleList, FloatList, Int64List, StringList, Value
+from feast.value_type import ValueType
+from google.protobuf.timestamp_pb2 import Timestamp
+
+# Feast value type -> the Value proto holding a Python value of it (the types our views use).
+_VALUES: dict[ValueType, Callable[[Any], Value]] = {
+    ValueType.STRING: lambda v: Value(string_val=v),
+    ValueType.INT64: lambda v: Value(int64_val=v),
+    ValueType.FLOAT: lambda v: Value(float_val=v),
+    ValueType.DOUBLE: lambda v: Value(double_val=v),
+    ValueType.STRING_LIST: lambda v: Value(string_list_val=StringList(val=v)),
+    ValueType.INT64_LIST: lambda v: Value(int64_list_val=Int64List(val=v)),
+    ValueType.FLOAT_LIST: lambda v: Value(float_list_val=FloatList(val=v)),
+    ValueType.DOUBLE_LIST: lambda v: Value(double_list_val=DoubleList(val=v)),
+}
+
+
+class RedisRows:
+    """One feature view's rows in Feast's Redis layout (its store must use the Redis online store)."""
+
+    def __init__(self, store: FeatureStore, view_name: str):
+        config = store.config
+        if not isinstance(config.online_store, RedisOnlineStoreConfig):
+            raise ValueError(f"RedisRows needs Feast's Redis online store, not {type(config.online_store).__name__}")
+        view = store.get_feature_view(view_name)
+        name = compute_versioned_name(view, config.registry.enable_online_feature_view_versioning)
+        [self.join_key] = view.join_keys
+        self.project = config.project.encode()
+        self.key_version = config.entity_key_serialization_version
+        self.ttl_s = config.online_store.key_ttl_seconds  # Feast expires the whole key after each write
+        self.timestamp_field = f"_ts:{name}".encode()
+        unsupported = [f.name for f in view.features if f.dtype.to_value_type() not in _VALUES]
+        if unsupported:
+            raise ValueError(f"RedisRows cannot encode the types of {view_name} features {unsupported}")
+        self.features = [(f.name, _mmh3(f"{name}:{f.name}"), _VALUES[f.dtype.to_value_type()]) for f in view.features]
+        self.key = lru_cache(maxsize=100_000)(self._key)  # the same users and items come again and again
+
+    def _key(self, entity: str) -> bytes:
+        entity_key = EntityKey(join_keys=[self.join_key], entity_values=[Value(string_val=entity)])
+        return serialize_entity_key(entity_key, entity_key_serialization_version=self.key_version) + self.project
+
+    def fields(self, row: Mapping[str, Any], timestamp_ms: int) -> dict[bytes, bytes]:
+        """The hash fields of one row (every feature of the view; a None value is written empty,
+        as Feast writes a missing value)."""
+        seconds, ms = divmod(timestamp_ms, 1000)
+        out = {self.timestamp_field: Timestamp(seconds=seconds, nanos=ms * 1_000_000).SerializeToString()}
+        for name, field, value in self.features:
+            out[field] = (Value() if row[name] is None else value(row[name])).SerializeToString()
+        return out
