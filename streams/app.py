@@ -48,6 +48,7 @@ from tailbridge.streams.events import EventValidationError, decode
 from tailbridge.streams.failures import Status, apply_isolating, describe, is_transient, on_thread, retry
 from tailbridge.streams.heartbeat import Progress, WorkerRecord
 from tailbridge.streams.item_index import connect as connect_milvus
+from tailbridge.streams.kafka_transport import use_fetch_wait
 from tailbridge.streams.processor import Factory, Periodic, Processor, Resources
 from tailbridge.streams.registry import PROCESSORS
 from tailbridge.streams.topics import CONSUMER_HEARTBEAT_MS, CONSUMER_SESSION_TIMEOUT_MS, TOPICS
@@ -82,7 +83,7 @@ class _MilvusOnFirstUse:
 def faust_app(settings: Settings, name: str = "worker") -> faust.App:
     """The faust app as every tailbridge consumer configures it (agents are added by the caller)."""
     (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)  # faust makes only the leaf
-    return faust.App(
+    app = faust.App(
         f"{settings.topic_prefix}-{name}",
         broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
         store="memory://",  # no faust tables: state that must survive lives in Redis, Feast, Milvus
@@ -95,10 +96,12 @@ def faust_app(settings: Settings, name: str = "worker") -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=CONSUMER_SESSION_TIMEOUT_MS / 1000,
         broker_heartbeat_interval=CONSUMER_HEARTBEAT_MS / 1000,
-        broker_commit_interval=1.0,
+        broker_commit_interval=settings.worker_commit_seconds,
         stream_buffer_maxsize=settings.worker_batch_size * 2,
         stream_wait_empty=False,  # see the module docstring
     )
+    use_fetch_wait(app, settings.worker_fetch_wait_ms)
+    return app
 
 
 @dataclass

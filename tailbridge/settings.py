@@ -58,7 +58,17 @@ class Settings(BaseSettings):
         "then moves on with the wall clock, so the feedback windows of a quiet stream close."
     )
     worker_batch_size: int = Field(500, ge=1, description="Most events a stream processor handles at once.")
-    worker_batch_seconds: float = Field(0.2, gt=0, description="Longest wait to fill a batch.")
+    worker_batch_seconds: float = Field(
+        0.05, gt=0, description="Longest wait to fill a batch (a full batch goes at once): part of feature freshness."
+    )
+    worker_fetch_wait_ms: int = Field(
+        100, ge=1, le=10_000, description="Longest time the broker may hold the worker's fetch before it answers "
+        "(faust's own is 1,500 ms): on the embedded broker records reach the worker up to this late."
+    )
+    worker_commit_seconds: float = Field(
+        1.0, gt=0, description="Period of the consumer's offset commits (events applied since are redelivered after "
+        "a crash, and skipped as duplicates)."
+    )
     worker_flush_seconds: float = Field(1.0, gt=0, description="Period of item-stats and feedback-log flushes.")
     worker_index_seal_seconds: float = Field(
         5.0, gt=0, description="Longest time index writes stay unflushed in Milvus (unflushed rows slow every search)."
