@@ -71,3 +71,20 @@ def test_the_index_seal_flushes_only_after_a_milvus_write(resources):
     assert seal.run() == {"index_seals": 1}
     assert not resources.milvus_written.is_set()
     assert seal.run() == {}
+
+
+def test_the_app_takes_the_latency_knobs_from_the_settings(resources):
+    import asyncio
+
+    settings = resources.settings.model_copy(update={"worker_fetch_wait_ms": 77, "worker_commit_seconds": 2.5})
+    app = faust_app(settings, name="knobs-test")
+    assert app.conf.broker_commit_interval == 2.5
+
+    async def fetch_wait() -> int:  # the consumer faust would start (made in a loop, never started here)
+        consumer = app.consumer._thread._create_worker_consumer(app.transport)
+        try:
+            return consumer._fetch_max_wait_ms
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(fetch_wait()) == 77  # faust's own would be 1,500
