@@ -225,38 +225,56 @@ def listening_pid(port: int) -> int | None:
 
 class CpuWindow:
     """Cores used over a window by each named process (with its descendants, except the names
-    in ``alone``), by the whole machine, and by everything else ("others"); optionally the
-    busiest of the others. On a shared machine this shows what a measurement competed with."""
+    in ``alone``) and each group of processes (added up), by the whole machine, and by
+    everything else ("others"); ``parts`` are shown as well but already counted in a group;
+    optionally the busiest of the others. On a shared machine this shows what a measurement
+    competed with."""
 
-    def __init__(self, pids: Mapping[str, int | None], alone: Iterable[str] = ("bench",), top_others: int = 0):
-        self.pids = {name: pid for name, pid in pids.items() if pid}
+    def __init__(self, pids: Mapping[str, int | None], alone: Iterable[str] = ("bench",), top_others: int = 0,
+                 groups: Mapping[str, Iterable[int | None]] | None = None, parts: Mapping[str, int | None] | None = None):
+        self.pids = {name: [pid] for name, pid in pids.items() if pid}
+        self.pids |= {name: [pid for pid in group if pid] for name, group in (groups or {}).items()}
+        self.parts = {name: [pid] for name, pid in (parts or {}).items() if pid}
         self.alone, self.top_others = set(alone), top_others
         self.start()
+
+    def _tree(self, name: str, pids: list[int]) -> list[int]:
+        return pids if name in self.alone else [p for pid in pids for p in descendants(pid)]
 
     def _ticks(self) -> tuple[dict[str, int], dict[int, int]]:
         every = {pid: cpu_ticks(pid) for pid in _pids()} if self.top_others else {}
         tick = lambda pid: every[pid] if pid in every else cpu_ticks(pid)  # noqa: E731
-        named = {name: sum(tick(p) for p in ([pid] if name in self.alone else descendants(pid)))
-                 for name, pid in self.pids.items()}
+        named = {name: sum(tick(p) for p in self._tree(name, pids)) for name, pids in (self.pids | self.parts).items()}
         return named, every
 
     def start(self) -> None:
         self.t0, (self.named0, self.every0), self.machine0 = time.monotonic(), self._ticks(), machine_busy_ticks()
 
+    def snapshot(self) -> tuple[float, dict[str, int], int]:
+        """The counters now, for ``between`` (a window whose start is chosen afterwards)."""
+        return time.monotonic(), self._ticks()[0], machine_busy_ticks()
+
+    def between(self, first: tuple[float, dict[str, int], int], last: tuple[float, dict[str, int], int]) -> dict:
+        return self._cores(last[0] - first[0], first[1], last[1], first[2], last[2])
+
     def stop(self) -> dict[str, Any]:
-        wall = max(time.monotonic() - self.t0, 1e-9)
-        named, every = self._ticks()
-        cores = lambda now, before: max(now - before, 0) / CLOCK_TICKS / wall  # noqa: E731
-        out: dict[str, Any] = {name: round(cores(named[name], self.named0.get(name, 0)), 2) for name in named}
-        ours = sum(out.values())
-        out["machine"] = round(cores(machine_busy_ticks(), self.machine0), 2)
-        out["others"] = round(max(out["machine"] - ours, 0.0), 2)
+        now, (named, every), busy = time.monotonic(), self._ticks(), machine_busy_ticks()
+        out = self._cores(now - self.t0, self.named0, named, self.machine0, busy)
         if self.top_others:
-            counted = {p for name, pid in self.pids.items()
-                       for p in ([pid] if name in self.alone else descendants(pid))}
+            cores = lambda t, before: max(t - before, 0) / CLOCK_TICKS / max(now - self.t0, 1e-9)  # noqa: E731
+            counted = {p for name, pids in self.pids.items() for p in self._tree(name, pids)}
             busiest = sorted(((cores(t, self.every0[pid]), pid) for pid, t in every.items()
                               if pid not in counted and pid in self.every0), reverse=True)[:self.top_others]
             out["top_others"] = [f"{c:.2f} {' '.join(cmdline(pid))[:70] or pid}" for c, pid in busiest if c >= 0.05]
+        return out
+
+    def _cores(self, wall: float, named0: dict[str, int], named: dict[str, int], busy0: int, busy: int) -> dict:
+        wall = max(wall, 1e-9)
+        cores = lambda now, before: max(now - before, 0) / CLOCK_TICKS / wall  # noqa: E731
+        out: dict[str, Any] = {name: round(cores(named[name], named0.get(name, 0)), 2) for name in named}
+        ours = sum(out[name] for name in self.pids)
+        out["machine"] = round(cores(busy, busy0), 2)
+        out["others"] = round(max(out["machine"] - ours, 0.0), 2)
         out["window_s"] = round(wall, 2)
         return out
 

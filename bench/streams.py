@@ -1,6 +1,6 @@
 """Benchmark of the stream worker (`tailbridge worker`): throughput and freshness.
 
-    .venv/bin/python -m tailbridge.bench.streams [--runs 3] [--json out.json] [--quick | --smoke]
+    .venv/bin/python -m tailbridge.bench.streams [--runs 3] [--json out.json] [--quick | --smoke] [--workers 2]
                                                  [--phases throughput,freshness,vectors,stages,consume]
                                                  [--stack-from-env]
 
@@ -11,7 +11,7 @@ must be up). In every run it measures the phases of ``tailbridge.bench.stream_ph
 in a namespace of its own (a unique topic prefix and Feast project, so nothing is shared
 between measurements):
 
-1. throughput  - events/s a worker applies from a backlog of simulated behaviour events;
+1. throughput  - events/s W workers (--workers, default 2) apply from a backlog of simulated behaviour events;
 2. freshness   - time from a probe click's send until Feast serves it, at 1,000 events/s;
 3. vectors     - time from a catalog update's send until Milvus serves it, at 50 updates/s;
 4. consume     - the same on a faust agent that only decodes: the ceiling below the worker;
@@ -42,21 +42,23 @@ from tailbridge.bench.common import (BenchError, code_version, console, exit_on_
                                      memory_of, run_meta, stack_down, stack_pids, stack_status, stack_up, write_json)
 from tailbridge.bench.stream_phases import consume, freshness, stages, throughput, vectors
 from tailbridge.bench.stream_phases.namespace import Config, Setup
-from tailbridge.bench.stream_phases.report import brief, diagnose, log_problems, print_results, summarise, verdicts
+from tailbridge.bench.stream_phases.report import brief, diagnose, log_problems, print_results, print_targets, \
+    summarise, verdicts
 from tailbridge.settings import Settings
 from tailbridge.synthetic import catalog as synth
 
 PHASES = {"throughput": throughput.run, "freshness": freshness.run, "vectors": vectors.run,
           "stages": stages.run, "consume": consume.run}
 # The code the measured processes run: a result says whether it differed from the commit.
-CODE_PATHS = ("streams", "feature_repo", "infra", "tailbridge", "models/retrieval/encoders.py")
+CODE_PATHS = ("streams", "feature_repo", "infra", "tailbridge", "models/retrieval/encoders.py",
+              "models/retrieval/export.py", "models/data/user_context.py")
 
 
 def make_config(args) -> Config:
     mode = "smoke" if args.smoke else "quick" if args.quick else "default"
     sizes = {  # mode: (dataset items, throughput events, stream seconds, catalog items, stage batches)
-        "default": (5000, 30_000, 20.0, 1000, 10),
-        "quick": (5000, 5_000, 8.0, 300, 4),
+        "default": (5000, 60_000, 20.0, 1000, 10),
+        "quick": (5000, 10_000, 8.0, 300, 4),
         "smoke": (300, 2_000, 3.0, 40, 1),
     }[mode]
     items, events, seconds, catalog, batches = sizes
@@ -64,7 +66,7 @@ def make_config(args) -> Config:
     return Config(
         runs=1 if smoke else args.runs, mode=mode, seed=args.seed,
         dataset_items=items, dataset_users=20 if smoke else 200,
-        throughput_events=args.events or events,
+        throughput_events=args.events or events, throughput_workers=args.workers,
         freshness_rate=300.0 if smoke else 1000.0, freshness_seconds=seconds,
         probe_rate=10.0, probe_users=10 if smoke else 40,
         vector_rate=20.0 if smoke else 50.0, vector_seconds=seconds,
@@ -81,7 +83,9 @@ def parse_args(argv: list[str] | None):
     size.add_argument("--quick", action="store_true", help="5,000 events, 8 s streams, smaller catalog")
     size.add_argument("--smoke", action="store_true",
                       help="one run at tiny sizes (seconds per phase): checks the benchmark works, measures nothing")
-    parser.add_argument("--events", type=int, help="events for the throughput phase (default 30,000; quick 5,000)")
+    parser.add_argument("--events", type=int, help="events for the throughput phase (default 60,000; quick 10,000)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="workers side by side in the throughput phase, sharing the partitions (default 2)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma separated subset of {','.join(PHASES)}")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--stack-from-env", action="store_true",
@@ -183,13 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     meta["loadavg_end"] = os.getloadavg()
     meta["finished"] = datetime.now(UTC).isoformat()
     print_results(cfg.mode, runs, summary, verdict, stack_memory)
-    for line in diagnose(runs, summary, verdict):
-        console.print(line)
+    diagnosis = diagnose(runs, summary, verdict, os.cpu_count() or 1)
+    print_targets(diagnosis, runs)
     if errors:
         console.print(f"[red]{len(errors)} phase(s) failed[/]: " + "; ".join(e.splitlines()[0] for e in errors))
     console.print(f"[dim]The machine is shared: numbers are noisy (load average {loadavg_text(meta['loadavg_start'])} "
                   f"at start, {loadavg_text(meta['loadavg_end'])} at end).[/]")
-    write_json(args.json, {"meta": meta, "targets": verdict, "summary": summary, "runs": runs,
+    write_json(args.json, {"meta": meta, "targets": verdict, "diagnosis": diagnosis, "summary": summary, "runs": runs,
                            "stack_memory": stack_memory, "errors": errors})
     return 1 if errors else 0
 

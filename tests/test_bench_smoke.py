@@ -160,6 +160,9 @@ def test_streams_smoke(stack_runs):
 
     throughput = run["throughput"]
     assert throughput["events"] == 2000 and throughput["events_per_s"] > 0 and throughput["publish_events_per_s"] > 0
+    assert throughput["workers"] == 2 and len(throughput["memory_workers_final"]) == 2  # they share the partitions
+    assert throughput["target_events_per_s"] > 0 and throughput["target_rate_basis"] in ("all workers joined",
+                                                                                           "first to last")
     assert throughput["startup_s"] > 0 and throughput["cpu_cores"]["worker"] > 0
     assert throughput["memory_worker"]["peak_mib"] > 0
 
@@ -167,7 +170,7 @@ def test_streams_smoke(stack_runs):
     probes = freshness["probes"]
     assert probes["count"] == len(freshness["latencies_ms"]) > 0
     assert 0 < probes["p50_ms"] <= probes["p99_ms"] <= probes["max_ms"]
-    assert freshness["kafka_delivery"]["count"] == probes["count"]
+    assert freshness["kafka_delivery"]["count"] == probes["count"] == freshness["after_delivery"]["count"]
 
     vectors = run["vectors"]
     assert vectors["updates"]["count"] == vectors["published"] == 60  # 20 updates/s for 3 s, every one seen
@@ -176,15 +179,22 @@ def test_streams_smoke(stack_runs):
 
     consume = run["consume"]
     assert consume["events_per_s"] > 0 and consume["probes"]["count"] > 0 and consume["probes"]["p50_ms"] > 0
+    assert consume["cpu_us_per_event"] > 0 and consume["plain_aiokafka"]["events_per_s"] > 0
 
     stages = run["stages"]
     assert stages["behaviour_batch"]["total_ms"] > 0 and stages["behaviour_batch"]["events_per_s_in_process"] > 0
     assert stages["index_batch"]["encode_ms"] > 0 and stages["item_stats_flush"]["items"] > 0
+    assert stages["encoder"] == "OnnxMiniLMEncoder"  # the worker's item encoder
+    assert stages["behaviour_batch"]["cpu_ms"] > 0 and stages["behaviour_batch"]["redis_write_ms"] > 0
 
     for phase in ("throughput", "freshness", "vectors"):  # each namespace is removed after its phase
         assert run[phase]["cleanup"]["redis_keys_deleted"] > 0 and "milvus_cleanup_error" not in run[phase]["cleanup"]
     assert result["summary"]["freshness.pooled"]["count"] == probes["count"]
-    assert result["targets"]["throughput"]["value"] == throughput["events_per_s"]
+    assert result["targets"]["throughput"]["value"] == throughput["target_events_per_s"]
+    # Every target with PASS or MISS and what limits it.
+    assert [d["target"] for d in result["diagnosis"]] == ["throughput", "freshness", "vectors"]
+    assert all(d["pass"] in (True, False) and d["limit"] for d in result["diagnosis"])
+    assert "what limits it" in output and ("PASS" in output or "MISS" in output)
 
 
 @pytest.mark.integration

@@ -1,7 +1,9 @@
 """The ceiling below the worker: a faust app with the worker's app settings (broker, batching,
-consumer timeouts) whose agent only decodes, run as a subprocess. Its events/s on N
-pre-published events, and its probe latency at the freshness phase's rate. When this alone
-misses a target, no change to Redis or Feast code can meet it.
+consumer timeouts, fetch wait) whose agent only decodes, run as a subprocess. Its events/s
+and CPU per event on N pre-published events, and its probe latency at the freshness phase's
+rate. When this alone misses a target, no change to Redis or Feast code can meet it. Beside
+it, the same events read and decoded by a plain aiokafka consumer in batches (``getmany``):
+what the broker and the Kafka client cost without faust's per-message delivery.
 
 Run as a module, this file is that no-op worker:
 ``python -m tailbridge.bench.stream_phases.consume`` (with the namespace's TAILBRIDGE_*
@@ -117,6 +119,8 @@ def run(setup: Setup, run_index: int) -> dict:
         result["cpu_cores"] = cpu.stop()
         (first_at, first_n), (last_at, last_n) = tail.samples[0], tail.samples[-1]
         result["events_per_s"] = (last_n - first_n) / max(last_at - first_at, 1e-9)
+        result["cpu_us_per_event"] = result["cpu_cores"]["worker"] / max(result["events_per_s"], 1e-9) * 1e6
+        result["plain_aiokafka"] = plain_consumer(ns.settings, len(events))
 
         # Latency at the freshness phase's rate, with the same probes: Kafka + faust, no processing.
         feed = probe_feed(setup, ns, seed=cfg.seed * 100 + 60 + run_index)
@@ -142,6 +146,42 @@ def run(setup: Setup, run_index: int) -> dict:
     finally:
         result["cleanup"] = ns.close()
     return result
+
+
+def plain_consumer(settings: Settings, total: int) -> dict:
+    """Read and decode ``total`` events of the behaviour topics with a plain aiokafka consumer
+    (every partition assigned, from the start, batches of up to 500): events/s and CPU per event
+    of its thread (this process, while nothing else of the benchmark runs)."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    allowed = TOPICS["queries"].events + TOPICS["interactions"].events
+
+    async def consume() -> dict:
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", fetch_max_wait_ms=settings.worker_fetch_wait_ms)
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition(TOPICS[name].topic(settings), p)
+                             for name in ("queries", "interactions") for p in range(settings.topic_partitions)])
+            await consumer.seek_to_beginning()
+            seen, wall, cpu = 0, None, None
+            deadline = time.monotonic() + 120
+            while seen < total and time.monotonic() < deadline:
+                batches = await consumer.getmany(timeout_ms=1000, max_records=500)
+                if wall is None and batches:
+                    wall, cpu = time.perf_counter(), time.thread_time()
+                for records in batches.values():
+                    seen += len([decode(record.value, allowed=allowed) for record in records])
+            if seen < total:
+                raise BenchError(f"a plain consumer read {seen} of {total} events in 120 s")
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            return {"events_per_s": seen / wall, "cpu_us_per_event": cpu / seen * 1e6}
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(consume())
 
 
 if __name__ == "__main__":

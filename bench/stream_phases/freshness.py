@@ -1,7 +1,8 @@
 """Feature freshness: with a worker running, simulated events are published at a fixed rate
 (1,000/s) with probe clicks of dedicated probe users interleaved; the time from each probe's
-send until Feast ``get_online_features`` shows it. A passive Kafka consumer notes when each
-probe reaches a consumer: the broker's share of that time."""
+send until Feast ``get_online_features`` shows it. A passive Kafka consumer with the worker's
+fetch wait notes when each probe reaches a consumer: the broker's share of that time; the rest
+(faust's delivery, batching, the Redis transaction) is the worker's."""
 
 from __future__ import annotations
 
@@ -75,9 +76,9 @@ def probe_feed(setup: Setup, ns: Namespace, seed: int) -> ProbeFeed:
 
 
 class DeliveryProbe(threading.Thread):
-    """A passive aiokafka consumer (no group, every partition assigned, ``fetch_max_wait_ms=1500``
-    as faust's aiokafka driver sets it) noting when each probe reaches a consumer: the Kafka
-    share of feature freshness."""
+    """A passive aiokafka consumer (no group, every partition assigned, the worker's fetch wait:
+    ``worker_fetch_wait_ms``) noting when each probe reaches a consumer: the Kafka share of
+    feature freshness."""
 
     def __init__(self, settings: Settings, topic: str, marker: bytes):
         super().__init__(name="delivery-probe", daemon=True)
@@ -101,7 +102,8 @@ class DeliveryProbe(threading.Thread):
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,
-                                    enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=1500,
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    fetch_max_wait_ms=self.settings.worker_fetch_wait_ms,
                                     client_id="tailbridge-bench-probe")
         await consumer.start()
         try:
@@ -158,6 +160,7 @@ def run(setup: Setup, run_index: int) -> dict:
 
         latencies: list[float] = []
         from_event_time: list[float] = []
+        visible_at: dict[str, float] = {}  # probe event id -> when Feast showed it
 
         def poll() -> tuple[int, str]:
             with feed.lock:
@@ -172,6 +175,7 @@ def run(setup: Setup, run_index: int) -> dict:
                         for event_ms, sent_wall, event_id in feed.pending[user]:
                             if shown >= event_ms:
                                 latencies.append((now - sent_wall) * 1000)
+                                visible_at[event_id] = now
                                 from_event_time.append(now * 1000 - event_ms)
                             else:
                                 keep.append((event_ms, sent_wall, event_id))
@@ -210,6 +214,7 @@ def run(setup: Setup, run_index: int) -> dict:
         delivery.join(10)
         kafka_ms = [(delivery.received[i] - sent_wall) * 1000 for i, (_, _, sent_wall) in feed.sent.items()]
         result["kafka_delivery"] = latency_summary(kafka_ms)
+        result["after_delivery"] = latency_summary([(at - delivery.received[i]) * 1000 for i, at in visible_at.items()])
         result["probes_from_event_time"] = latency_summary(from_event_time)
         result["latencies_ms"] = [round(v, 1) for v in latencies]
         result["poll_ms_median"] = (pct(poll_times, 50) or 0) * 1000

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import redis
 
 from tailbridge.bench.common import BenchError, CpuWindow, Worker, progress_bar
@@ -38,6 +37,7 @@ class Config:
     dataset_items: int
     dataset_users: int
     throughput_events: int
+    throughput_workers: int
     freshness_rate: float
     freshness_seconds: float
     probe_rate: float
@@ -91,8 +91,12 @@ class Namespace:
         self.workers.append(worker)
         return worker
 
-    def cpu_window(self, worker: Worker | None) -> CpuWindow:
-        return CpuWindow({**self.setup.stack_pids, "bench": os.getpid(), "worker": worker.pid if worker else None})
+    def cpu_window(self, workers: Worker | list[Worker] | None) -> CpuWindow:
+        """CPU of the stack, this process and the workers ("worker": all of them together)."""
+        workers = _listed(workers)
+        parts = {f"worker {k + 1}": w.pid for k, w in enumerate(workers)} if len(workers) > 1 else {}
+        return CpuWindow({**self.setup.stack_pids, "bench": os.getpid()}, groups={"worker": [w.pid for w in workers]},
+                         parts=parts)
 
     def applied(self) -> int:
         return int(self.redis.get(self.keys.applied) or 0)
@@ -136,25 +140,9 @@ class Namespace:
 
 
 def seed_catalog(ns: Namespace, items: list[synth.Item]) -> None:
-    """What the indexer would have left behind for these items: their categories in Redis and
-    rows in a serving Milvus collection (random unit vectors, no encoder needed), so the worker's
-    item-stats flush does its real Milvus work while behaviour events flow."""
-    from tailbridge.vocab import item_text
-
+    """What the indexer would have left behind for these items that the behaviour path reads:
+    their categories in Redis (so interactions add affinities at once, as in production)."""
     ns.redis.hset(ns.keys.item_category, mapping={it.item_id: it.category_path[-1] for it in items})
-    version = ns.settings.encoder_version
-    item_index.create_collection(ns.milvus, ns.settings, version, 384)
-    item_index.point_alias(ns.milvus, ns.settings, version)
-    rng = np.random.default_rng(0)
-    dicts = [{"item_id": it.item_id, "title": it.title, "description": it.description, "brand": it.brand,
-              "category_path": list(it.category_path), "price": it.price, "attributes": dict(it.attributes)}
-             for it in items]
-    for start in range(0, len(dicts), 1000):
-        chunk = dicts[start:start + 1000]
-        vectors = rng.standard_normal((len(chunk), 384)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        ns.milvus.insert(item_index.collection_name(ns.settings, version),
-                         item_index.rows(chunk, vectors, version, item_text))
 
 
 def check_publish(report, expected: int, what: str) -> None:
@@ -163,10 +151,16 @@ def check_publish(report, expected: int, what: str) -> None:
                          f"failed {dict(report.failed)}; errors {report.errors[:3]}")
 
 
+def _listed(workers: Worker | list[Worker] | None) -> list[Worker]:
+    return [] if workers is None else list(workers) if isinstance(workers, list) else [workers]
+
+
 def stall_guard(read: Callable[[], int], target: int, stall_s: float, first_timeout_s: float, what: str,
-                worker: Worker, on_sample: Callable[[float, int], None], interval: float = 0.02) -> None:
+                workers: Worker | list[Worker], on_sample: Callable[[float, int], None],
+                interval: float = 0.02) -> None:
     """Poll a counter until it reaches ``target``: at most ``first_timeout_s`` for the first
-    increment, then at most ``stall_s`` without progress."""
+    increment, then at most ``stall_s`` without progress (and stop if a worker exits)."""
+    workers = _listed(workers)
     started = last_change = time.monotonic()
     last = read()
     on_sample(time.time(), last)
@@ -178,11 +172,12 @@ def stall_guard(read: Callable[[], int], target: int, stall_s: float, first_time
         if value != last:
             last, last_change = value, now
             continue
-        worker.check_alive()
+        for worker in workers:
+            worker.check_alive()
         limit = first_timeout_s if value == 0 else stall_s
         if now - (last_change if value else started) > limit:
-            raise BenchError(f"{what}: stuck at {value} of {target} for {limit:.0f} s\n"
-                             f"--- worker log tail ({worker.log_path}) ---\n{worker.log_tail()}")
+            tails = "".join(f"\n--- worker log tail ({w.log_path}) ---\n{w.log_tail()}" for w in workers)
+            raise BenchError(f"{what}: stuck at {value} of {target} for {limit:.0f} s{tails}")
 
 
 def publish_while_polling(settings: Settings, events: Iterable, rate: float, on_sent: Callable[[Any], None], *,
@@ -221,9 +216,19 @@ def publish_while_polling(settings: Settings, events: Iterable, rate: float, on_
     return box["report"]
 
 
-def finish_worker(result: dict, worker: Worker) -> None:
-    """Stop a phase's worker and note its memory (before and at the end) and what its log says."""
-    result.setdefault("memory_worker", worker.memory())
-    worker.stop()
-    result["memory_worker_final"] = worker.final_memory
-    result["worker_log"] = worker.log_summary()
+def finish_worker(result: dict, workers: Worker | list[Worker]) -> None:
+    """Stop a phase's workers and note their memory (the first one's before and at the end; the
+    others' at the end) and what their logs say (added up)."""
+    workers = _listed(workers)
+    result.setdefault("memory_worker", workers[0].memory())
+    for worker in workers:
+        worker.stop()
+    result["memory_worker_final"] = workers[0].final_memory
+    result["memory_workers_final"] = [w.final_memory for w in workers]
+    logs = [w.log_summary() for w in workers]
+    result["worker_log"] = logs[0] if len(logs) == 1 else {
+        "log": ", ".join(log["log"] for log in logs),
+        **{k: sum(log[k] for log in logs) for k in ("retries", "tracebacks", "errors", "dead_lettered",
+                                                      "overlapping_timers")},
+        "reports": [r for log in logs for r in log["reports"]],
+        "first_problem": next((log["first_problem"] for log in logs if log["first_problem"]), None)}

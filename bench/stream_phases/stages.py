@@ -1,8 +1,10 @@
 """Where the worker's time goes, in-process (no Kafka): ``BehaviourProcessor.process`` on
-batches of ``worker_batch_size`` events, split into decode, Redis round trips, fold, staging
-the pipeline, building and writing the Feast rows; one item-stats flush (Feast write, Milvus
-query, Milvus partial upsert); ``Indexer.process`` on batches of 50 items, split into encode,
-Milvus upsert and the rest. Medians over the batches after a warm-up batch."""
+batches of ``worker_batch_size`` events, split into decode, Redis reads (categories, WATCH,
+user states), the fold, staging the writes (Feast rows among them) and the Redis write (one
+script call in MULTI/EXEC); one item-stats flush; ``Indexer.process`` on batches of 50 items,
+split into encode (the worker's item encoder: MiniLM on ONNX int8), Milvus upsert and the rest.
+Medians over the batches after a warm-up batch; CPU seconds per batch of this process beside
+the wall time, and of Redis (the script runs there)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import itertools
 import time
 from typing import Any
 
-from tailbridge.bench.common import pct, progress_bar
+from tailbridge.bench.common import cpu_ticks, CLOCK_TICKS, pct, progress_bar
 from tailbridge.bench.stream_phases.namespace import Namespace, Setup, seed_catalog
 from tailbridge.streams.behaviour import BehaviourProcessor
 from tailbridge.streams.events import decode, encode
@@ -58,9 +60,9 @@ def behaviour_stages(setup: Setup, ns: Namespace, run_index: int) -> dict:
     seed_catalog(ns, setup.dataset.items)
     processor = BehaviourProcessor(ns.settings, ns.redis, ns.store)
     bucket: dict[str, float] = {}
-    for name in ("_fold", "_stage_writes", "_write_user_rows"):
-        _timed(processor, name, bucket)
-    _timed(ns.store, "write_to_online_store", bucket)
+    _timed(processor.user_rows, "fields", bucket)
+    _timed(processor.item_rows, "fields", bucket)
+    redis_pid = setup.stack_pids.get("redis")
     batch_size = ns.settings.worker_batch_size
     stream = simulate(setup.dataset, seed=cfg.seed * 100 + 80 + run_index)
     allowed = TOPICS["queries"].events + TOPICS["interactions"].events
@@ -70,50 +72,49 @@ def behaviour_stages(setup: Setup, ns: Namespace, run_index: int) -> dict:
         for n in range(cfg.behaviour_batches + 1):  # the first batch is a warm-up
             raw = [encode(e) for e in itertools.islice(stream, batch_size)]
             bucket.clear()
+            cpu, redis_cpu = time.process_time(), cpu_ticks(redis_pid) if redis_pid else 0
             t = time.perf_counter()
             events = [decode(r, allowed=allowed) for r in raw]
             decode_s = time.perf_counter() - t
             res = processor.process(events)
+            cpu = time.process_time() - cpu
+            redis_cpu = (cpu_ticks(redis_pid) - redis_cpu) / CLOCK_TICKS if redis_pid else None
             progress.advance(task)
             if n == 0:
                 continue
-            fold, stage = bucket.get("_fold", 0.0), bucket.get("_stage_writes", 0.0)
-            feast_total, feast_write = bucket.get("_write_user_rows", 0.0), bucket.get("write_to_online_store", 0.0)
+            timings = res.timings
             rows.append({
                 "decode_ms": decode_s * 1000,
-                "redis_round_trips_ms": (res.timings["redis_s"] - fold - stage) * 1000,
-                "fold_ms": fold * 1000,
-                "stage_writes_ms": stage * 1000,
-                "feast_rows_ms": (feast_total - feast_write) * 1000,
-                "feast_write_ms": feast_write * 1000,
-                "total_ms": (decode_s + res.timings["total_s"]) * 1000,
+                "redis_read_ms": timings["read_s"] * 1000,
+                "fold_ms": timings["fold_s"] * 1000,
+                "stage_writes_ms": (timings["stage_s"] - bucket.get("fields", 0.0)) * 1000,
+                "feast_rows_ms": bucket.get("fields", 0.0) * 1000,
+                "redis_write_ms": timings["write_s"] * 1000,
+                "total_ms": (decode_s + timings["total_s"]) * 1000,
+                "cpu_ms": cpu * 1000,
+                **({"redis_cpu_ms": redis_cpu * 1000} if redis_cpu is not None else {}),
                 "users": res.users_written,
             })
         # The worker's flush timer (every worker_flush_seconds, on a thread beside the batches).
         bucket.clear()
-        _timed(ns.milvus, "query", bucket)
-        _timed(ns.milvus, "upsert", bucket)
         t = time.perf_counter()
         flushed = processor.flush_item_stats()
-        result["item_stats_flush"] = {
-            "items": flushed, "ms": (time.perf_counter() - t) * 1000,
-            "feast_write_ms": bucket.get("write_to_online_store", 0.0) * 1000,
-            "milvus_query_ms": bucket.get("query", 0.0) * 1000,
-            "milvus_upsert_ms": bucket.get("upsert", 0.0) * 1000}
+        result["item_stats_flush"] = {"items": flushed, "ms": (time.perf_counter() - t) * 1000,
+                                      "feast_rows_ms": bucket.get("fields", 0.0) * 1000}
     block = {k: pct([r[k] for r in rows], 50) for k in rows[0]}
     block["batch_size"] = batch_size
     block["events_per_s_in_process"] = batch_size / (block["total_ms"] / 1000)
+    block["cpu_us_per_event"] = block["cpu_ms"] * 1000 / batch_size
     result["behaviour_batch"] = block
     return result
 
 
 def indexer_stages(setup: Setup, ns: Namespace) -> dict:
-    from tailbridge.models.retrieval.encoders import load_encoder
     from tailbridge.streams.indexer import Indexer
 
     cfg = setup.cfg
     result: dict[str, Any] = {}
-    indexer = Indexer(ns.settings, ns.milvus, ns.redis, load_encoder)
+    indexer = Indexer(ns.settings, ns.milvus, ns.redis)  # the worker's encoders
     bucket: dict[str, float] = {}
     _timed(ns.milvus, "upsert", bucket)
     _timed(indexer, "live", bucket)
@@ -124,13 +125,16 @@ def indexer_stages(setup: Setup, ns: Namespace) -> dict:
         for n in range(cfg.index_batches + 1):  # the first batch loads the model, creates the collection
             raw = [encode(e) for e in items[n * INDEX_BATCH:(n + 1) * INDEX_BATCH]]
             bucket.clear()
+            cpu = time.process_time()
             t = time.perf_counter()
             events = [decode(r, allowed=TOPICS["catalog"].events) for r in raw]
             decode_s = time.perf_counter() - t
             res = indexer.process(events)
+            cpu = time.process_time() - cpu
             progress.update(task, advance=1, info="")
             if n == 0:
                 result["indexer_first_batch_s"] = res.timings["total_s"]
+                result["encoder"] = type(indexer.encoder(ns.settings.encoder_version)).__name__
                 continue
             encode_s = res.timings.get("encode_s", 0.0)
             upsert, live = bucket.get("upsert", 0.0), bucket.get("live", 0.0)
@@ -141,6 +145,7 @@ def indexer_stages(setup: Setup, ns: Namespace) -> dict:
                 "live_collections_ms": live * 1000,
                 "rows_and_redis_ms": (res.timings["total_s"] - encode_s - upsert - live) * 1000,
                 "total_ms": (decode_s + res.timings["total_s"]) * 1000,
+                "cpu_ms": cpu * 1000,
             })
     block = {k: pct([r[k] for r in rows], 50) for k in rows[0]}
     block["batch_size"] = INDEX_BATCH
