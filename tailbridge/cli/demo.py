@@ -1,5 +1,7 @@
 """The live part of `make demo`: a stream worker processes the replay while a dashboard shows
-user features and item stats (Feast) and item vectors (Milvus) changing."""
+user features and item stats (Feast) and item vectors (Milvus) changing. The replay ends once
+every catalog item is indexed, every event applied and every search's feedback window closed
+and logged; then what was published is put beside what the worker made of it."""
 
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ from tailbridge.feature_repo.online import resolve_online_store
 from tailbridge.infra.stack import log_file
 from tailbridge.streams import item_index
 from tailbridge.streams.behaviour import Keys, feedback_dir
-from tailbridge.streams.events import InteractionEvent
+from tailbridge.streams.events import InteractionEvent, QueryEvent
 from tailbridge.streams.feedback import read_examples
+from tailbridge.models.data.user_context import epoch_ms
 from tailbridge.synthetic.replay import replay_dataset
 from tailbridge.streams.topics import all_topic_names, count_messages
 from tailbridge.settings import Settings
+from tailbridge.vocab import LABEL_OF_ACTION
 
 DEMO_FEEDBACK_WINDOW_S = 10  # short, so the demo shows labelled feedback before it ends
 # The replay's events are stamped as they are sent: a partition quiet for 3 s has nothing late
@@ -64,9 +68,11 @@ def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int
     worker = start_worker(settings, DEMO_WORKER_ENV)
     sent = Counter()
     active_users, engaged_items = Counter(), Counter()
+    tally = EngagedPairs(DEMO_FEEDBACK_WINDOW_S)
 
     def on_behaviour(event) -> None:
         sent["behaviour"] += 1
+        tally.add(event)
         if isinstance(event, InteractionEvent) and event.action != "impression":
             active_users[event.user_id] += 1
             engaged_items[event.item_id] += 1
@@ -76,11 +82,11 @@ def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int
         settings, dataset, rate, events, seed, catalog=True,
         on_catalog=lambda e: sent.update(["catalog"]), on_behaviour=on_behaviour)), daemon=True)
     dashboard = Dashboard(settings, len(dataset.items), events, sent, active_users, engaged_items,
-                          {item.item_id: item.title for item in dataset.items})
+                          {item.item_id: item.title for item in dataset.items}, tally)
     publisher.start()
     try:
         with Live(dashboard.render(), console=console, refresh_per_second=2) as live:
-            deadline = None
+            deadline, progress = None, None
             while True:
                 time.sleep(0.5)
                 live.update(dashboard.render())
@@ -88,37 +94,72 @@ def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int
                     raise SystemExit(f"the worker exited; see {log_file(settings, 'worker')}")
                 if publisher.is_alive():
                     continue
-                deadline = deadline or time.monotonic() + CATCH_UP_TIMEOUT_S
-                if dashboard.caught_up() and dashboard.feedback_rows or time.monotonic() > deadline:
+                if dashboard.progress() != progress:  # give up only once nothing moves for the timeout
+                    progress, deadline = dashboard.progress(), time.monotonic() + CATCH_UP_TIMEOUT_S
+                if dashboard.caught_up() and not dashboard.open_searches or time.monotonic() > deadline:
                     break
     finally:
         stop_worker(worker)
     if not dashboard.caught_up():
-        console.print(f"[yellow]the worker had not caught up after {CATCH_UP_TIMEOUT_S} s; "
+        console.print(f"[yellow]the worker made no progress for {CATCH_UP_TIMEOUT_S} s before it caught up; "
                       f"see {log_file(settings, 'worker')}[/]")
+    dashboard.print_counts(console)
     return reports
 
 
+class EngagedPairs:
+    """The engaged (search, item) pairs of the replayed stream that the feedback log should label:
+    a click, add to cart or purchase of an item on the search's page, no later than the search's
+    time plus the feedback window (event time, as the worker attributes them)."""
+
+    def __init__(self, window_s: float):
+        self.window_ms = int(window_s * 1000)
+        self.searches: dict[str, tuple[int, set[str]]] = {}  # query id -> (time ms, served item ids)
+        self.actions: dict[tuple[str, str], int] = {}  # (query id, item id) -> earliest engaged action ms
+
+    def add(self, event) -> None:
+        if isinstance(event, QueryEvent):
+            self.searches[event.query_id] = (epoch_ms(event.event_time), {s.item_id for s in event.served})
+        elif isinstance(event, InteractionEvent) and event.query_id and event.action in LABEL_OF_ACTION:
+            pair, at = (event.query_id, event.item_id), epoch_ms(event.event_time)
+            self.actions[pair] = min(at, self.actions.get(pair, at))
+
+    def count(self) -> int:
+        searches, actions = dict(self.searches), list(self.actions.items())  # copies: the publisher adds meanwhile
+        return sum(1 for (query, item), at in actions
+                   if query in searches and item in searches[query][1] and at <= searches[query][0] + self.window_ms)
+
+
 class Dashboard:
-    def __init__(self, settings, catalog_size, behaviour_total, sent, active_users, engaged_items, titles):
+    def __init__(self, settings, catalog_size, behaviour_total, sent, active_users, engaged_items, titles,
+                 tally: EngagedPairs):
         self.settings, self.catalog_size, self.behaviour_total = settings, catalog_size, behaviour_total
         self.sent, self.active_users, self.engaged_items, self.titles = sent, active_users, engaged_items, titles
+        self.tally = tally
         self.keys = Keys(settings)
         self.redis = redis.Redis.from_url(resolve_online_store(settings).redis_url)
         self.store = feature_store(settings)
         self.milvus = item_index.connect(settings)
-        self.indexed = self.applied = self.feedback_rows = 0
+        self.indexed = self.applied = self.feedback_rows = self.engaged_rows = self.open_searches = 0
         self.applied_before = int(self.redis.get(self.keys.applied) or 0)  # an earlier demo on this Redis
 
     def caught_up(self) -> bool:
         return self.indexed >= self.catalog_size and self.applied >= self.behaviour_total
+
+    def progress(self) -> tuple[int, ...]:
+        return self.indexed, self.applied, self.feedback_rows, self.open_searches
 
     def _refresh(self) -> None:
         self.applied = int(self.redis.get(self.keys.applied) or 0) - self.applied_before
         alias = item_index.alias_name(self.settings)
         self.indexed = item_index.count(self.milvus, alias) if item_index.serving_collection(
             self.milvus, self.settings) else 0
-        self.feedback_rows = len(read_examples(feedback_dir(self.settings)))
+        rows = read_examples(feedback_dir(self.settings))
+        rows = rows[rows["query_id"].isin(list(self.tally.searches))]  # this replay's: the log may hold earlier demos
+        self.feedback_rows = len(rows)
+        self.engaged_rows = int((rows["label"] != "shown_unclicked").sum())
+        # Searches whose window is open, or closed and being written to the log.
+        self.open_searches = self.redis.zcard(self.keys.feedback_open) + self.redis.zcard(self.keys.feedback_flushing)
 
     def render(self) -> Group:
         self._refresh()
@@ -128,7 +169,24 @@ class Dashboard:
         flow.add_row("catalog upserts -> Milvus vectors", str(self.sent["catalog"]), str(self.indexed))
         flow.add_row("queries + interactions -> Feast", str(self.sent["behaviour"]), str(self.applied))
         flow.add_row(f"labelled feedback rows ({DEMO_FEEDBACK_WINDOW_S} s window)", "", str(self.feedback_rows))
+        flow.add_row("engaged (search, item) pairs -> engaged rows in the log", str(self.tally.count()),
+                     str(self.engaged_rows))
+        flow.add_row("searches with their feedback window open", "", str(self.open_searches))
         return Group(flow, self._users(), self._items())
+
+    def print_counts(self, console: Console) -> None:
+        """What the replay published beside what the worker made of it (they match once caught up)."""
+        self._refresh()
+        table = Table(title="the replay, end to end")
+        for column in ("", "published", "processed"):
+            table.add_column(column, justify="right" if column else "left")
+        table.add_row("catalog items -> indexed in Milvus", str(self.catalog_size), str(self.indexed))
+        table.add_row(f"engaged (search, item) pairs in the stream -> labelled engaged rows in the feedback log "
+                      f"({DEMO_FEEDBACK_WINDOW_S} s window)", str(self.tally.count()), str(self.engaged_rows))
+        console.print(table)
+        if self.open_searches:
+            console.print(f"[yellow]{self.open_searches} searches still had their feedback window open (not logged "
+                          f"yet) when the demo stopped waiting[/]")
 
     def _users(self) -> Table:
         table = Table(title="user_context in Feast (most active shoppers)")
