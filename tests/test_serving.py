@@ -321,8 +321,8 @@ def test_search_answers_without_user_context_when_redis_is_down(env, own_redis):
     apply(feature_store(own))
     with TestClient(create_app(own)) as client:
         # The first searches may miss a 50 ms deadline on cold connections of a loaded machine.
-        wait_until(lambda: search(client, query="sofa", k=5, user_id="u_down")["degraded"] == [], 15,
-                   "a search with every dependency healthy")
+        healthy = wait_until(lambda: (b := search(client, query="sofa", k=5, user_id="u_down"))["degraded"] == []
+                             and b, 15, "a search with every dependency healthy")
         proc.kill()
         proc.wait(5)
         for attempt in range(3):  # the first pays the deadline, later ones skip the dead store
