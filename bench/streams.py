@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             elif errors or log_problems(runs):  # keep the logs to read, not the data
                 shutil.rmtree(workdir / "state" / "milvus", True)
                 shutil.rmtree(workdir / "data", True)
+                shutil.rmtree(workdir / "models", True)
                 console.print(f"kept the logs in {workdir} (a phase failed or a worker logged retries)")
             else:
                 shutil.rmtree(workdir, True)

@@ -74,6 +74,7 @@ class Namespace:
         self.settings = setup.base.model_copy(update={
             "topic_prefix": f"tbbench-{tag}-{rid}", "feast_project": f"tbbench_{tag}_{rid}",
             "data_dir": setup.workdir / "data" / self.tag, **(overrides or {})})
+        share_minilm_export(setup.workdir, self.settings.data_dir)
         self.keys = Keys(self.settings)
         create_topics(self.settings)
         self.store = feature_store(self.settings)
@@ -137,6 +138,19 @@ class Namespace:
             done["topics_deleted"] = f"no: {exc!r}"[:200]
         self.redis.close()
         return done
+
+
+def share_minilm_export(workdir: Path, data_dir: Path) -> None:
+    """Give the namespace's data dir the benchmark's one MiniLM ONNX export (made here once). A
+    worker exports it on first use of a data dir (10-20 s of CPU, torch and quantisation) while
+    it already consumes; a deployment does that once, a benchmark would in every measurement."""
+    from tailbridge.models.retrieval.export import MINILM_ONNX_DIR, OnnxMiniLMEncoder
+
+    shared = workdir / "models" / MINILM_ONNX_DIR
+    if not shared.is_dir():
+        OnnxMiniLMEncoder(shared)  # exports
+    (data_dir / "models").mkdir(parents=True, exist_ok=True)
+    (data_dir / "models" / MINILM_ONNX_DIR).symlink_to(shared, target_is_directory=True)
 
 
 def seed_catalog(ns: Namespace, items: list[synth.Item]) -> None:
