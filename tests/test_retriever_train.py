@@ -111,7 +111,7 @@ def test_evaluation_report_chart_and_trec_runs(demo, trained, tmp_path):
         assert set(system) >= {"overall", "head", "torso", "tail"}
         assert sum(system[s]["queries"] for s in ("head", "torso", "tail")) == system["overall"]["queries"]
         assert all(0 <= system["overall"][m] <= 1 for m in ("ndcg@10", "recall@100", "mrr@10", "grade_acc"))
-    assert json.loads((tmp_path / "eval" / "eval-test.json").read_text()) == report
+    assert report["complete"] and json.loads((tmp_path / "eval" / "eval-test.json").read_text()) == report
     assert (tmp_path / "eval" / "eval-test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Anyone can recompute the metrics from the TREC runs and the qrels.
@@ -125,11 +125,12 @@ def test_evaluation_report_chart_and_trec_runs(demo, trained, tmp_path):
             qid, q0, item, rank, score, name = line.split()
             assert q0 == "Q0" and name == system
             ranked.setdefault(qid, []).append((int(rank), item, float(score)))
-        assert set(ranked) == set(qrels) and all(len(r) == 100 for r in ranked.values())
+        if system != "bm25":  # BM25 retrieves only items that share a term with the query
+            assert set(ranked) == set(qrels) and all(len(r) == 100 for r in ranked.values())
         for rows in ranked.values():
-            assert [r for r, _, _ in rows] == list(range(1, 101))
+            assert [r for r, _, _ in rows] == list(range(1, len(rows) + 1)) and len(rows) <= 100
             assert all(a[2] >= b[2] for a, b in zip(rows, rows[1:]))
-        recomputed = np.mean([ndcg_at([i for _, i, _ in sorted(ranked[q])], qrels[q]) for q in sorted(qrels)])
+        recomputed = np.mean([ndcg_at([i for _, i, _ in sorted(ranked.get(q, []))], qrels[q]) for q in sorted(qrels)])
         assert recomputed == pytest.approx(report["systems"][system]["overall"]["ndcg@10"], abs=1e-4)
 
 

@@ -4,14 +4,17 @@ Every system ranks the *whole* catalog exactly (no ANN), so index approximation 
 the comparison:
 
 * ``bm25``            bm25s (Lucene BM25, English stopwords, Snowball stemming) on the item text
+                      (``models.retrieval.lexical``; a query with no indexable term retrieves nothing)
 * ``minilm``          off-the-shelf all-MiniLM-L6-v2, cosine
-* ``hybrid-rrf``      reciprocal rank fusion (k = 60) of the two full rankings
+* ``hybrid-rrf``      reciprocal rank fusion (k = 60) of the two rankings' best 1,000
 * ``tailbridge``      the trained unified retriever, no user
 * ``tailbridge+user`` the same with each query's user context (when the data has a way to get one)
 
 Metrics per query (``models.metrics``): nDCG@10 (linear gain), Recall@100 and MRR@10
 (relevant = grade >= 1), and grade-ordering accuracy over judged pairs with different positive
-grades. Reported overall and per stratum (head / torso / tail) when the data has strata.
+grades. Reported overall and per stratum (head / torso / tail) when the data has strata. The
+report is rewritten after each system, so a crash or a stop keeps what finished; catalog
+vectors are cached per model version and catalog, so a re-run does not re-encode.
 
 User context for a test query (never built from test judgements or from behaviour on held-out
 queries; the history is the feedback log minus every search of a held-out query text):
@@ -24,7 +27,9 @@ queries; the history is the feedback log minus every search of a held-out query 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,10 +39,12 @@ from typing import Any
 import numpy as np
 
 from tailbridge.models.data.loaders import STRATA, RetrievalData, load_dataset
+from tailbridge.models.retrieval.lexical import bm25_scorer, top_k
 from tailbridge.models.metrics import grade_order_accuracy, mrr_at, ndcg_at, recall_at
 
 TOP_K = 100
 RRF_K = 60
+FUSION_DEPTH = 1000  # each system's ranking kept for the fusion
 METRICS = ("ndcg@10", "recall@100", "mrr@10", "grade_acc")
 
 
@@ -47,8 +54,9 @@ class EvalError(ValueError):
 
 @dataclass
 class SystemRun:
-    top: list[list[tuple[str, float]]]  # per query: (item id, score), best first
+    top: list[list[tuple[str, float]]]  # per query: (item id, score), best first (at most TOP_K)
     judged_scores: list[dict[str, float]]  # per query: score of every judged item
+    ranking: list[np.ndarray]  # per query: catalog rows of the best FUSION_DEPTH, best first (for fusion)
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,62 +64,81 @@ class SystemRun:
 # --------------------------------------------------------------------------------------------
 
 
-def _ranks(row: np.ndarray) -> np.ndarray:
-    """1-based rank of every item in a score row (ties broken by position, like the top list)."""
-    order = np.argsort(-row, kind="stable")
-    ranks = np.empty(len(row), dtype=np.int64)
-    ranks[order] = np.arange(1, len(row) + 1)
-    return ranks
-
-
-def _collect(row: np.ndarray, item_ids: Sequence[str], rows_of: Mapping[str, int], judged: Mapping[str, int],
-             run: SystemRun) -> None:
-    k = min(TOP_K, len(row))
-    top = np.argpartition(-row, k - 1)[:k]
-    top = top[np.lexsort((top, -row[top]))]
-    run.top.append([(item_ids[j], float(row[j])) for j in top])
-    run.judged_scores.append({d: float(row[rows_of[d]]) for d in judged})
-
-
-def score_all(score_rows: Mapping[str, Callable[[int, int], np.ndarray]], n_queries: int, item_ids: Sequence[str],
-              judged: Sequence[Mapping[str, int]], fuse: Sequence[str], advance: Callable[[int], None]
-              ) -> dict[str, SystemRun]:
-    """Run every system over all queries in chunks; ``score_rows[name](start, end)`` gives the
-    [end - start, n_items] score matrix. RRF of the ``fuse`` systems is added as hybrid-rrf."""
+def run_system(scorer: Callable[[int, int], np.ndarray], n_queries: int, item_ids: Sequence[str],
+               judged: Sequence[Mapping[str, int]], advance: Callable[[int], None]) -> SystemRun:
+    """Rank the catalog for every query in chunks; ``scorer(start, end)`` gives the
+    [end - start, n_items] score matrix (``-inf``: not retrieved)."""
     rows_of = {d: j for j, d in enumerate(item_ids)}
-    runs = {name: SystemRun([], []) for name in score_rows}
-    if fuse:
-        runs["hybrid-rrf"] = SystemRun([], [])
+    run = SystemRun([], [], [])
     chunk = 128
     for start in range(0, n_queries, chunk):
         end = min(n_queries, start + chunk)
-        matrices = {name: fn(start, end) for name, fn in score_rows.items()}
-        for i in range(end - start):
-            for name, matrix in matrices.items():
-                _collect(matrix[i], item_ids, rows_of, judged[start + i], runs[name])
-            if fuse:
-                rrf = sum(1.0 / (RRF_K + _ranks(matrices[name][i])) for name in fuse)
-                _collect(rrf, item_ids, rows_of, judged[start + i], runs["hybrid-rrf"])
+        matrix = scorer(start, end)
+        for i, cols in enumerate(top_k(matrix, FUSION_DEPTH)):
+            cols = cols[cols >= 0]
+            run.ranking.append(cols)
+            run.top.append([(item_ids[j], float(matrix[i, j])) for j in cols[:TOP_K]])
+            run.judged_scores.append({d: float(matrix[i, rows_of[d]]) for d in judged[start + i]})
         advance(end - start)
-    return runs
+    return run
 
 
-def bm25_scorer(items: Sequence[Mapping[str, Any]], queries: Sequence[str]) -> Callable[[int, int], np.ndarray]:
-    import bm25s
-    import Stemmer
-
-    from tailbridge.vocab import item_text
-
-    stemmer = Stemmer.Stemmer("english")
-    index = bm25s.BM25()
-    index.index(bm25s.tokenize([item_text(it) for it in items], stopwords="en", stemmer=stemmer, show_progress=False),
-                show_progress=False)
-    tokens = bm25s.tokenize(list(queries), stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
-    return lambda start, end: np.stack([index.get_scores(t) for t in tokens[start:end]]).astype(np.float32)
+def fuse_rrf(runs: Sequence[SystemRun], item_ids: Sequence[str], judged: Sequence[Mapping[str, int]]) -> SystemRun:
+    """Reciprocal rank fusion (k = RRF_K) of each system's best FUSION_DEPTH items; an item a
+    system did not rank there adds nothing from it."""
+    out = SystemRun([], [], [])
+    rows_of = {d: j for j, d in enumerate(item_ids)}
+    for q in range(len(judged)):
+        fused: dict[int, float] = {}
+        for run in runs:
+            for rank, col in enumerate(run.ranking[q].tolist(), 1):
+                fused[col] = fused.get(col, 0.0) + 1.0 / (RRF_K + rank)
+        order = sorted(fused, key=lambda c: (-fused[c], c))
+        out.ranking.append(np.asarray(order, dtype=np.int64))
+        out.top.append([(item_ids[c], fused[c]) for c in order[:TOP_K]])
+        out.judged_scores.append({d: fused.get(rows_of[d], 0.0) for d in judged[q]})
+    return out
 
 
 def dense_scorer(item_vectors: np.ndarray, query_vectors: np.ndarray) -> Callable[[int, int], np.ndarray]:
     return lambda start, end: query_vectors[start:end] @ item_vectors.T
+
+
+def catalog_fingerprint(items: Sequence[Mapping[str, Any]]) -> str:
+    """Changes when any item (id, text, fields) or their order changes."""
+    import orjson
+
+    digest = hashlib.blake2b(digest_size=8)
+    for item in items:
+        digest.update(orjson.dumps(item, option=orjson.OPT_SORT_KEYS))
+    return digest.hexdigest()
+
+
+def encode_catalog(encoder: Any, items: Sequence[Mapping[str, Any]], cache_dir: Path | None,
+                   say: Callable[[str], None]) -> np.ndarray:
+    """The encoder's vectors of the catalog, from ``cache_dir`` when this model version (and,
+    for a trained one, these exact weights) already encoded this exact catalog."""
+    if cache_dir is None:
+        return encoder.encode_items(items)
+    stamp = encoder.version
+    model_dir = getattr(encoder, "model_dir", None)
+    if model_dir is not None:  # a version name can be retrained in place: key on the weights too
+        weights = Path(model_dir) / "model.safetensors"
+        stamp += f"-{weights.stat().st_size}-{weights.stat().st_mtime_ns}"
+    name = hashlib.blake2b(f"{stamp}|{catalog_fingerprint(items)}".encode(), digest_size=8).hexdigest()
+    path = Path(cache_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', encoder.version)}-{name}.npy"
+    if path.is_file():
+        vectors = np.load(path)
+        if hasattr(encoder, "remember_items"):  # user contexts look recent items up by id
+            encoder.remember_items([str(it["item_id"]) for it in items], vectors)
+        say(f"{encoder.version}: catalog vectors from the cache ({path})")
+        return vectors
+    vectors = encoder.encode_items(items)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, vectors)
+    tmp.replace(path)
+    return vectors
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,9 +285,12 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
 
 def evaluate(data_dir: Path, split: str = "test", model: str | None = None, run_dir: Path | None = None,
              out_dir: Path | None = None, feedback_dir: Path | None = None,
-             progress_factory: Callable | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate the baselines and (with ``model``) the trained retriever; write JSON + PNG to
-    ``out_dir`` (and TREC runs to ``run_dir``); return the report."""
+             progress_factory: Callable | None = None, say: Callable[[str], None] = print,
+             cache_dir: Path | None = None) -> dict[str, Any]:
+    """Evaluate the baselines and (with ``model``) the trained retriever; write JSON to
+    ``out_dir`` as each system finishes (``"complete": false`` until the last; then the PNG),
+    TREC runs to ``run_dir``; catalog vectors are cached per model version in ``cache_dir``.
+    Returns the report."""
     from contextlib import nullcontext
 
     from tailbridge.models.retrieval.encoders import MiniLMEncoder, load_encoder
@@ -276,47 +306,53 @@ def evaluate(data_dir: Path, split: str = "test", model: str | None = None, run_
     texts = [data.queries[q] for q in qids]
     item_ids = sorted(data.items)
     items = [data.items[i] for i in item_ids]
+    strata = [data.strata.get(q) for q in qids]
     say(f"{data.name}/{split}: {len(qids)} queries, {len(items)} items")
+    report: dict[str, Any] = {"data": data.name, "data_dir": str(data_dir), "split": split, "queries": len(qids),
+                              "items": len(items), "model": None if model is None else str(model),
+                              "user_context": None, "complete": False, "systems": {}}
+    runs: dict[str, SystemRun] = {}
 
-    scorers: dict[str, Callable[[int, int], np.ndarray]] = {}
+    def finished(name: str, run: SystemRun) -> None:
+        """A system's results are on disk the moment it is done (a later crash loses only the rest)."""
+        runs[name] = run
+        report["systems"][name] = summarise(query_metrics(run, judged), strata)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"eval-{split}.json").write_text(json.dumps(report, indent=2))
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_trec(run, qids, name, run_dir / f"{name}.trec")
+
+    def ranked(name: str, scorer: Callable[[int, int], np.ndarray]) -> None:
+        with bar(f"{name}: exact search over the catalog", len(qids)) as advance:
+            finished(name, run_system(scorer, len(qids), item_ids, judged, advance))
+
     with bar("bm25: indexing", 1) as advance:
-        scorers["bm25"] = bm25_scorer(items, texts)
+        bm25 = bm25_scorer(items, texts)
         advance(1)
+    ranked("bm25", bm25)
     minilm = MiniLMEncoder()
     with bar("minilm: encoding catalog", 1) as advance:
-        scorers["minilm"] = dense_scorer(minilm.encode_items(items), minilm.encode_queries(texts))
+        minilm_items = encode_catalog(minilm, items, cache_dir, say)
         advance(1)
-    user_note = None
+    ranked("minilm", dense_scorer(minilm_items, minilm.encode_queries(texts)))
+    finished("hybrid-rrf", fuse_rrf([runs["bm25"], runs["minilm"]], item_ids, judged))
     if model is not None:
         encoder = load_encoder(model)
         with bar(f"{encoder.version}: encoding catalog", 1) as advance:
-            item_vectors = encoder.encode_items(items)
+            item_vectors = encode_catalog(encoder, items, cache_dir, say)
             advance(1)
-        scorers["tailbridge"] = dense_scorer(item_vectors, encoder.encode_queries(texts))
         if feedback_dir is None and (data_dir / "feedback").is_dir():
             feedback_dir = data_dir / "feedback"
-        contexts, user_note = eval_contexts(data_dir, data, qids, feedback_dir)
+        contexts, report["user_context"] = eval_contexts(data_dir, data, qids, feedback_dir)
+        say(f"user context: {report['user_context']}")
+        ranked("tailbridge", dense_scorer(item_vectors, encoder.encode_queries(texts)))
         if contexts:
             with_user = encoder.encode_queries(texts, [contexts.get(q) for q in qids])
-            scorers["tailbridge+user"] = dense_scorer(item_vectors, with_user)
-        say(f"user context: {user_note}")
-    with bar("scoring (exact search over the catalog)", len(qids)) as advance:
-        runs = score_all(scorers, len(qids), item_ids, judged, ("bm25", "minilm"), advance)
-    order = ["bm25", "minilm", "hybrid-rrf", "tailbridge", "tailbridge+user"]
-    runs = {name: runs[name] for name in order if name in runs}
-
-    strata = [data.strata.get(q) for q in qids]
-    report: dict[str, Any] = {"data": data.name, "data_dir": str(data_dir), "split": split, "queries": len(qids),
-                              "items": len(items), "model": None if model is None else str(model),
-                              "user_context": user_note, "systems": {}}
-    for name, run in runs.items():
-        report["systems"][name] = summarise(query_metrics(run, judged), strata)
+            ranked("tailbridge+user", dense_scorer(item_vectors, with_user))
+    report["complete"] = True
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"eval-{split}.json").write_text(json.dumps(report, indent=2))
         write_chart(report, out_dir / f"eval-{split}.png")
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name, run in runs.items():
-            write_trec(run, qids, name, run_dir / f"{name}.trec")
     return report

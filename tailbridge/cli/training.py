@@ -89,9 +89,12 @@ def eval_retriever(data: Path, split: str, model: str | None, out: Path, run_dir
 
     if model is not None and not retriever_dir(model).is_dir():
         raise CommandError(f"no trained retriever at {retriever_dir(model)} (train one with `tailbridge train retriever`)")
+    from tailbridge.settings import get_settings
+
     _threads(threads)
     try:
-        report = evaluate(data, split, model, run_dir, out, feedback, progress_bar, console.print)
+        report = evaluate(data, split, model, run_dir, out, feedback, progress_bar, console.print,
+                          cache_dir=get_settings().data_dir / "cache" / "encodings")
     except _known_errors() as exc:
         raise CommandError(str(exc)) from None
     table = Table(title=f"{report['data']} / {split}: {report['queries']} queries, {report['items']} items, exact search")
