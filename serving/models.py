@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from tailbridge.models.registry import Registry, models_root
 from tailbridge.models.retrieval.encoders import MINILM_VERSION, Encoder, UnifiedEncoder, retriever_dir
+from tailbridge.serving.ranker_reload import ReloadingRanker
 from tailbridge.settings import Settings
 
 
@@ -61,8 +63,14 @@ def load_ranker(settings: Settings) -> Any | None:
     if choice == "none":
         return None
     root = settings.data_dir / "models" / "ranker"
-    if choice == "auto":
+    if choice == "auto":  # the registry's serving version (followed as it changes), else the newest trained
+        registry = Registry(models_root(settings.data_dir))
+        serving = registry.read().serving("ranker")
         trained = [root / version for version in ranker.known_versions(root)]
-        return ranker.load_ranker(max(trained, key=lambda p: p.stat().st_mtime)) if trained else None
+        if serving is None and not trained:
+            return None
+        initial = ranker.load_ranker(Path(serving.path) if serving is not None
+                                     else max(trained, key=lambda p: p.stat().st_mtime))
+        return ReloadingRanker(registry, ranker.load_ranker, initial)
     path = Path(choice).expanduser()
     return ranker.load_ranker(path if path.is_dir() else root / choice)
