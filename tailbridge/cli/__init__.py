@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tailbridge.cli import models as models_cli
 from tailbridge.settings import get_settings
 
 # Library deprecation notices (kafka-python, Feast) are for their maintainers, not our users.
@@ -33,6 +34,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(worker_app, name="worker")
+app.add_typer(models_cli.app, name="models")
 
 console = Console()
 
