@@ -35,7 +35,7 @@ from feast import FeatureStore
 
 from tailbridge.feature_repo.redis_rows import RedisRows
 from tailbridge.models.data import user_context
-from tailbridge.streams import feedback, item_stats
+from tailbridge.streams import feedback, item_stats, rewrite_feedback
 from tailbridge.streams.redis_writes import Applier, Writes
 from tailbridge.streams.event_time import EventClock
 from tailbridge.streams.events import InteractionEvent, QueryEvent
@@ -129,6 +129,7 @@ class BehaviourProcessor:
         self.keys = Keys(settings)
         self._writes = Applier(redis_client)
         self._claim = redis_client.register_script(_CLAIM)
+        self.rewrite_feedback = rewrite_feedback.Emitter(settings)  # feedback of the rewrites closed searches used
         self.user_ttl_s = settings.redis_key_ttl_seconds or None
         self.feedback_ttl_s = int(settings.feedback_window_seconds * 4) + 3600
         self.window_ms = int(settings.feedback_window_seconds * 1000)
@@ -355,6 +356,7 @@ class BehaviourProcessor:
         closed = [{k.decode(): v for k, v in h.items()} for h in hashes if h]
         written = feedback.append(feedback_dir(self.settings), [h for h in closed if feedback.QUERY_FIELD in h],
                                   window_s=self.settings.feedback_window_seconds)
+        self.rewrite_feedback.emit(closed)  # also before forgetting them: a crash re-emits (deduplicated)
         with self.redis.pipeline(transaction=False) as pipe:  # only now forget them: a crash re-flushes
             pipe.zrem(self.keys.feedback_flushing, *claimed)
             pipe.delete(*(self.keys.feedback(q) for q in claimed))

@@ -191,6 +191,16 @@ class RewriteFeedback(_Event):
     rewriter_version: NonEmpty
     outcome: RewriteOutcome
     item_id: ItemId | None = Field(None, description="The item behind the outcome, if any.")
+    # The page split by route (items counted once, at their best outcome), so the rewrite's
+    # routes can be compared with the original query's on the same page (streams.rewrite_feedback).
+    shown: int = Field(0, ge=0, le=MAX_POSITION, description="Served items that came from this rewrite's routes.")
+    engaged: int = Field(0, ge=0, le=MAX_POSITION, description="Of those, clicked, carted or purchased.")
+    carts: int = Field(0, ge=0, le=MAX_POSITION, description="Of those, carted or purchased.")
+    purchases: int = Field(0, ge=0, le=MAX_POSITION)
+    original_shown: int = Field(0, ge=0, le=MAX_POSITION, description="Served items from the original query's routes.")
+    original_engaged: int = Field(0, ge=0, le=MAX_POSITION)
+    original_carts: int = Field(0, ge=0, le=MAX_POSITION)
+    original_purchases: int = Field(0, ge=0, le=MAX_POSITION)
 
 
 Event = Annotated[

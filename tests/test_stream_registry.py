@@ -27,7 +27,7 @@ def resources(stack_settings, tmp_path_factory):
 
 def test_the_registry_runs_todays_processors(resources):
     processors = {p.name: p for p in (factory(resources) for factory in PROCESSORS)}
-    assert set(processors) == {"behaviour", "item_indexer", "index_seal"}
+    assert set(processors) == {"behaviour", "item_indexer", "index_seal", "rewrite_stats"}
     assert processors["behaviour"].topics == ("queries", "interactions")
     assert processors["item_indexer"].topics == ("catalog",) and processors["item_indexer"].batch_size == 256
     assert processors["item_indexer"].start is not None  # loads the encoders at start
@@ -46,7 +46,7 @@ def test_a_new_processor_gets_its_agent_timers_and_start_task(resources):
     app = faust_app(settings, name="registry-test")
     registry = [factory(resources) for factory in PROCESSORS]
     install(app, [*registry, toy], settings, Counter())
-    assert set(app.agents) == {"behaviour", "item_indexer", "toy"}  # index_seal reads no topic
+    assert set(app.agents) == {"behaviour", "item_indexer", "toy", "rewrite_stats"}  # index_seal reads no topic
     assert app.agents["toy"].channel.topics == (TOPICS["rewrite_feedback"].topic(settings),)
     assert set(app.agents["behaviour"].channel.topics) == {TOPICS["queries"].topic(settings),
                                                            TOPICS["interactions"].topic(settings)}
