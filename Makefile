@@ -8,9 +8,24 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test clean
+.PHONY: install browser socat demo test clean
 
-install: $(STAMP) browser
+install: $(STAMP) browser socat
+
+# The embedded Milvus server runs in a network namespace of its own (it binds every interface
+# otherwise) and is reached through a unix socket that socat bridges (infra/stack.py). Installed
+# only when missing, like the browser below.
+socat:
+	@if ! command -v socat >/dev/null; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	    echo "installing socat (apt)"; \
+	    $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat >/dev/null; \
+	  else \
+	    echo "warning: no apt-get: install socat yourself, or set TAILBRIDGE_MILVUS_ENGINE=lite" >&2; \
+	  fi; \
+	fi
 
 # The search page test (tests/test_search_page.py) drives Debian's chromium headless through
 # chromedriver. Installed only when missing, so this is a no-op on an installed machine; sudo

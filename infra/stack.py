@@ -1,5 +1,12 @@
-"""The embedded local stack: a Kafka-protocol broker (Tansu), Redis and a Milvus Lite server
-on loopback, started as child processes with pid and log files under the state dir.
+"""The embedded local stack: a Kafka-protocol broker (Tansu), Redis and a Milvus server on
+loopback, started as child processes with pid and log files under the state dir.
+
+Milvus is the Milvus 2.3.5 server (``milvus_engine=milvus``, the default) or Milvus Lite 3.2.2
+(``lite``). The 2.3.5 server binds every interface whatever its configuration says, so it runs
+inside a private network namespace of its own (``unshare --net``, only ``lo`` up) and is
+reached through a unix socket under the state dir (socat bridges the socket into the
+namespace; for a ``http://127.0.0.1:PORT`` URI a second socat listens on that loopback port).
+It ignores SIGTERM for a long time: ``down`` kills it after a short grace (its data survives).
 
 Each component is used as it is when its configured address already answers ("external");
 otherwise, for a loopback address, ``up`` starts the embedded one there. Redis is special: a
@@ -14,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -63,6 +71,28 @@ def kafka_address(settings: Settings) -> tuple[str, int]:
 
 def milvus_address(settings: Settings) -> tuple[str, int]:
     return _host_port(settings.milvus_uri, 19530)
+
+
+def milvus_socket(settings: Settings) -> Path:
+    """The unix socket of the embedded Milvus server: the URI's own path for ``unix:`` URIs."""
+    if settings.milvus_uri.startswith("unix:"):
+        return Path(settings.milvus_uri.removeprefix("unix:"))
+    return _run_dir(settings) / "milvus.sock"
+
+
+def _milvus_reachable(settings: Settings) -> bool:
+    if settings.milvus_uri.startswith("unix:"):
+        path = milvus_socket(settings)
+        if not path.is_socket():
+            return False
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(0.5)
+            try:
+                sock.connect(str(path))
+                return True
+            except OSError:
+                return False
+    return port_open(*milvus_address(settings))
 
 
 def _is_loopback(host: str) -> bool:
@@ -122,7 +152,7 @@ def redis_ready(url: str) -> bool:
 
 
 def milvus_ready(settings: Settings) -> bool:
-    if not port_open(*milvus_address(settings)):
+    if not _milvus_reachable(settings):
         return False
     from pymilvus import MilvusClient
 
@@ -165,7 +195,10 @@ def _write_state(settings: Settings, state: dict) -> None:
 
 # What /proc/PID/cmdline must contain for a pid file to still mean our process: a stale pid
 # file must never make `down` kill an unrelated process that reused the number.
-_MARKERS = {"kafka": "tansu", "redis": "redis-server", "milvus": "milvus-lite"}
+_MARKERS = {"kafka": ("tansu",), "redis": ("redis-server",), "milvus": ("milvus-lite", "milvus-server")}
+# Seconds `down` waits after SIGTERM before SIGKILL: the Milvus 2.3.5 server ignores SIGTERM
+# for 20-90 s, and its data survives SIGKILL.
+STOP_GRACE_S = {"kafka": 10.0, "redis": 10.0, "milvus": 3.0}
 
 
 def _cmdline(pid: int) -> str:
@@ -189,7 +222,7 @@ def _live_pid(settings: Settings, name: str) -> int | None:
     except (ValueError, OSError):
         path.unlink(missing_ok=True)
         return None
-    if _MARKERS[name] not in cmdline:
+    if not any(marker in cmdline for marker in _MARKERS[name]):
         path.unlink(missing_ok=True)
         return None
     return pid
@@ -230,16 +263,33 @@ def _exited(pid: int) -> bool:
         return not Path(f"/proc/{pid}").exists()
 
 
-def _stop_pid(settings: Settings, name: str, pid: int, timeout: float = 10.0) -> None:
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+def group_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group: a component's children (the Milvus
+    binary under its Python launcher, socat) outlive the leader when it alone obeys SIGTERM."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # Fields after the command name, which may hold spaces: state, ppid, pgrp.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _stop_pid(settings: Settings, name: str, pid: int) -> None:
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S[name]), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
             break
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and not _exited(pid):
+        while time.monotonic() < deadline and not (_exited(pid) and not group_pids(pid)):
             time.sleep(0.1)
-        if _exited(pid):
+        if _exited(pid) and not group_pids(pid):
             break
     _pid_file(settings, name).unlink(missing_ok=True)
 
@@ -258,12 +308,40 @@ def tansu_binary() -> Path:
     return binary
 
 
-def milvus_lite_binary() -> Path:
-    candidate = Path(sys.executable).parent / "milvus-lite"
-    found = candidate if candidate.exists() else shutil.which("milvus-lite")
+def _venv_binary(name: str, package: str) -> Path:
+    candidate = Path(sys.executable).parent / name
+    found = candidate if candidate.exists() else shutil.which(name)
     if not found:
-        raise StackError("milvus-lite not installed (pip install milvus-lite)")
+        raise StackError(f"{name} not installed (pip install {package}; make install does)")
     return Path(found)
+
+
+def milvus_lite_binary() -> Path:
+    return _venv_binary("milvus-lite", "milvus-lite==3.2.2")
+
+
+def milvus_server_binaries() -> Path:
+    """The Milvus 2.3.5 wheel ships its binaries xz-compressed and unpacks them (246 MB, ~25 s)
+    into every data dir it starts on. Unpacked once into a cache shared by all state dirs, which
+    the launcher then finds up to date and skips (it compares checksum files)."""
+    spec = importlib.util.find_spec("milvus")
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError("the Milvus server is not installed (pip install milvus==2.3.5; make install does)")
+    package = Path(spec.submodule_search_locations[0])
+    version = (package / "__init__.py").read_text().split("__version__ = '", 1)[1].split("'", 1)[0]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tailbridge" / f"milvus-{version}-bin"
+    if cache.is_dir():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    subprocess.run([sys.executable, "-c", "import sys, milvus; milvus._initialize_data_files(sys.argv[1])",
+                    str(staging)], check=True, capture_output=True)
+    try:
+        (staging / "bin").rename(cache)  # atomic: a concurrent unpack loses the race harmlessly
+    except OSError:
+        pass
+    shutil.rmtree(staging, ignore_errors=True)
+    return cache
 
 
 # ---------------------------------------------------------------- components
@@ -289,23 +367,72 @@ def _start_kafka(settings: Settings) -> ComponentStatus:
 
 
 def _start_milvus(settings: Settings) -> ComponentStatus:
+    unix = settings.milvus_uri.startswith("unix:")
     host, port = milvus_address(settings)
     pid = _live_pid(settings, "milvus")
     if pid and milvus_ready(settings):
         return ComponentStatus("milvus", settings.milvus_uri, "embedded", True, pid, "already running")
     if pid is None and milvus_ready(settings):
         return ComponentStatus("milvus", settings.milvus_uri, "external", True)
-    if not _is_loopback(host):
+    if pid is not None:  # a leftover that does not answer (killed launcher, dead binary): replace it
+        _stop_pid(settings, "milvus", pid)
+    if not unix and not _is_loopback(host):
         raise StackError(f"Milvus at {settings.milvus_uri} does not answer, and only loopback servers are started here")
-    if port_open(host, port):
+    if not unix and port_open(host, port):
         raise StackError(f"{host}:{port} is taken by something that is not a Milvus server")
-    data_dir = settings.state_dir / "milvus"
-    argv = [str(milvus_lite_binary()), "server", "--data-dir", str(data_dir), "--host", host, "--port", str(port)]
+    if settings.milvus_engine == "lite":
+        if unix:
+            raise StackError("Milvus Lite serves TCP only: set TAILBRIDGE_MILVUS_URI=http://127.0.0.1:PORT")
+        data_dir = settings.state_dir / "milvus"
+        argv = [str(milvus_lite_binary()), "server", "--data-dir", str(data_dir), "--host", host, "--port", str(port)]
+        engine = "Milvus Lite 3.2.2"
+    else:
+        data_dir = settings.state_dir / "milvus-server"
+        argv = _confined_milvus_argv(settings, data_dir, None if unix else (host, port))
+        engine = "Milvus 2.3.5 server in its own network namespace"
     pid = _spawn(settings, "milvus", argv)
     _wait_ready(settings, "milvus", pid, lambda: milvus_ready(settings))
     loaded = _load_collections(settings)
-    return ComponentStatus("milvus", settings.milvus_uri, "embedded", True, pid, f"started (Milvus Lite, data {data_dir}"
+    return ComponentStatus("milvus", settings.milvus_uri, "embedded", True, pid, f"started ({engine}, data {data_dir}"
                            + (f", {loaded} collections loaded)" if loaded else ")"))
+
+
+# Inside its namespace the server keeps its default ports; nothing outside can reach them.
+_CONFINED_PROXY_PORT = 19530
+# The proxy's time tick every 50 ms (default 200): a search waits for the tick that covers its
+# guarantee timestamp, so Strong consistency costs ~50 ms instead of ~200 ms. Bounded reads
+# (the query handler's) accept data up to gracefulTime old without waiting: 1 s keeps the
+# indexing freshness targets, the default 5 s would not.
+_CONFINED_EXTRA_CONFIG = ("proxy.timeTickInterval=50", "common.gracefulTime=1000")
+
+
+def _confined_milvus_argv(settings: Settings, data_dir: Path, tcp: tuple[str, int] | None) -> list[str]:
+    """One shell, the process-group leader: the optional loopback TCP bridge outside, then
+    `unshare --net` into a namespace where the unix-socket bridge and the server run."""
+    for tool in ("socat", "unshare", "ip"):
+        if shutil.which(tool) is None:
+            raise StackError(f"{tool} is needed to confine the Milvus server (apt-get install socat iproute2 "
+                             "util-linux; make install does), or set TAILBRIDGE_MILVUS_ENGINE=lite")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    binaries, link = milvus_server_binaries(), data_dir / "bin"
+    if not link.exists():
+        link.symlink_to(binaries, target_is_directory=True)
+    sock = milvus_socket(settings)
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    sock.unlink(missing_ok=True)
+    server = [str(_venv_binary("milvus-server", "milvus==2.3.5")), "--data", str(data_dir)]
+    for item in _CONFINED_EXTRA_CONFIG:
+        server += ["--extra-config", item]
+    inner = (f"ip link set lo up && socat UNIX-LISTEN:{shlex.quote(str(sock))},fork,mode=600 "
+             f"TCP:127.0.0.1:{_CONFINED_PROXY_PORT} & exec {shlex.join(server)}")
+    # Without root, a user namespace (mapped to root inside) is what allows a network namespace.
+    unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--map-root-user", "--net"]
+    outer = f"exec {shlex.join([*unshare, 'sh', '-c', inner])}"
+    if tcp is not None:
+        host, port = tcp
+        outer = (f"socat TCP-LISTEN:{port},bind={host},reuseaddr,fork UNIX-CONNECT:{shlex.quote(str(sock))} & "
+                 + outer)
+    return ["sh", "-c", outer]
 
 
 def _load_collections(settings: Settings) -> int:

@@ -3,6 +3,9 @@ blue/green reindex that moves serving to a new encoder version without a gap.
 
 Upserts carry the whole product, so applying one twice changes nothing; within a batch only
 the last event per item counts (events of one item share a partition, so they arrive in order).
+Where a live collection has no BM25 (``item_index.has_bm25``), the indexer also writes the
+term index (``streams.term_index``) after the collections, with the same version; the batch's
+offsets are committed only after both, so a crash between them is repaired by the replay.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pymilvus import MilvusClient
 from tailbridge.models.retrieval.encoders import Encoder
 from tailbridge.models.retrieval.export import load_item_encoder
 from tailbridge.vocab import item_text
-from tailbridge.streams import item_index
+from tailbridge.streams import item_index, term_index
 from tailbridge.streams.behaviour import Keys
 from tailbridge.streams.events import CatalogDelete, CatalogUpsert
 from tailbridge.streams.failures import Unavailable
@@ -48,6 +51,7 @@ class Indexer:
         self._encoders: dict[str, Encoder] = {}
         self._live: dict[str, str] = {}
         self._padding: dict[str, dict[str, float]] = {}  # per live collection: item_index.legacy_padding
+        self._terms: term_index.TermIndex | None = None  # open while a live collection lacks BM25
         self._live_at = 0.0
         # The start-up warm-up and the first batch run on different threads: one must not see
         # a collection the other is still creating, nor load the same encoder twice.
@@ -80,6 +84,8 @@ class Indexer:
                     item_index.point_alias(self.milvus, self.settings, version)
                     self._live = item_index.live_collections(self.milvus, self.settings)
                 self._padding = {name: item_index.legacy_padding(self.milvus, name) for name in self._live}
+                if not all(item_index.has_bm25(self.milvus, name) for name in self._live):
+                    self._terms = self._terms or item_index.terms(self.settings)
                 self._live_at = time.monotonic()
             return self._live
 
@@ -98,6 +104,7 @@ class Indexer:
             if deletes:
                 pipe.hdel(self.keys.item_category, *deletes)
             pipe.execute()
+        now_ms = int(time.time() * 1000)  # the version of every write of this batch
         for attempt in range(2):
             try:
                 for collection, version in self.live(refresh=attempt > 0).items():
@@ -106,13 +113,18 @@ class Indexer:
                         vectors = self.encoder(version).encode_items(upserts)
                         result.timings["encode_s"] = result.timings.get("encode_s", 0.0) + time.perf_counter() - t
                         self.milvus.upsert(collection, item_index.rows(upserts, vectors, version, item_text,
-                                                                       self._padding.get(collection)))
+                                                                       self._padding.get(collection), now_ms))
                     if deletes:
                         self.milvus.delete(collection, ids=deletes)
                 break
             except Exception:  # a collection dropped by a finished reindex: look again once
                 if attempt:
                     raise
+        if self._terms is not None:
+            t = time.perf_counter()
+            self._terms.upsert(item_index.content_rows(upserts, item_text, now_ms))
+            self._terms.delete(deletes, now_ms)
+            result.timings["terms_s"] = time.perf_counter() - t
         result.timings["total_s"] = time.perf_counter() - started
         return result
 
@@ -160,9 +172,20 @@ def reindex(settings: Settings, version: str, milvus: MilvusClient, encoder: Enc
                 milvus.upsert(target, item_index.rows(todo, vectors, version, item_text, padding))
             copied += len(items)
             progress(copied, total)
+    if not item_index.has_bm25(milvus, target):
+        backfill_terms(settings, milvus, target)
     milvus.flush(target)
     milvus.load_collection(target)
     item_index.point_alias(milvus, settings, version)
     if source and not keep_old:
         milvus.drop_collection(source)
     return {"from": source, "to": target, "items": copied, "dropped_old": bool(source and not keep_old)}
+
+
+def backfill_terms(settings: Settings, milvus: MilvusClient, collection: str) -> int:
+    """Write what ``collection`` holds into the term index at each row's own version: repairs a
+    term index that misses rows (lost or new file) and never reverts a newer write or a delete."""
+    terms, written = item_index.terms(settings), 0
+    for items in item_index.catalog_rows(milvus, collection):
+        written += terms.upsert([item_index.content_rows([item], item_text, item["updated_ms"])[0] for item in items])
+    return written

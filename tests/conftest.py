@@ -135,3 +135,22 @@ def stack_settings(tmp_path_factory) -> Iterator[Settings]:
             run.callback(stack.down, settings)
         stack.up(settings)
         yield settings
+
+
+@pytest.fixture(scope="session")
+def bm25_milvus_settings(stack_settings, tmp_path_factory) -> Iterator[Settings]:
+    """The session's stack with a BM25-capable Milvus instead of its own: a Milvus Lite 3.2.2
+    server (server-side BM25 and hybrid search; the stack's default engine has neither) in a
+    state dir of its own. Kafka and Redis are the session's, used as external servers."""
+    if BACKEND == "testcontainers":  # the container is a Milvus 2.5+ server: it has BM25 itself
+        yield stack_settings
+        return
+    settings = stack_settings.model_copy(update={
+        "state_dir": tmp_path_factory.mktemp("bm25-milvus") / "state", "milvus_engine": "lite",
+        "milvus_uri": f"http://127.0.0.1:{free_port()}",
+        "redis_url": stack.resolve_online_store(stack_settings).redis_url or stack_settings.redis_url})
+    try:
+        stack.up(settings)
+        yield settings
+    finally:
+        stack.down(settings)

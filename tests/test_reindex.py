@@ -99,8 +99,8 @@ def test_collections_made_when_rows_carried_stats_keep_working(settings, minilm,
     milvus = item_index.connect(settings)
     current_schema = item_index._schema
 
-    def schema_with_stats(dim):
-        schema = current_schema(dim)
+    def schema_with_stats(dim, bm25=True):
+        schema = current_schema(dim, bm25)
         for field in item_index.LEGACY_STATS_FIELDS:
             schema.add_field(field, DataType.FLOAT)
         return schema
@@ -117,6 +117,6 @@ def test_collections_made_when_rows_carried_stats_keep_working(settings, minilm,
 
     result = reindex(settings, "minilm-l6-v2-without-stats", milvus, minilm)
     assert result["items"] == 8 and item_index.legacy_padding(milvus, result["to"]) == {}
-    hits = milvus.search(item_index.alias_name(settings), data=["wool rug"], anns_field="sparse", limit=2,
-                         output_fields=["item_id"])[0]
+    terms = None if item_index.has_bm25(milvus, result["to"]) else item_index.terms(settings)
+    [hits] = item_index.lexical_search(milvus, result["to"], ["wool rug"], 2, "", ["item_id"], 10, terms)
     assert {hit["entity"]["item_id"] for hit in hits} == {"item_002", "item_006"}

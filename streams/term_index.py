@@ -1,0 +1,164 @@
+"""The lexical route beside a vector engine without BM25 (the Milvus 2.3.5 server).
+
+SQLite FTS5, BM25-ranked, one file per item alias under the state dir, opened by every process
+that needs it (the indexer writes, query handlers read; WAL mode, so readers never wait for the
+writer). It holds what the lexical route returns and filters on: the same text Milvus' BM25
+function would analyse (``item_index.rows``), the displayed fields and the filter fields.
+
+Consistency with the vector collection: the indexer writes both for each catalog batch and
+commits the batch's Kafka offsets only after both, so a crash between the two writes is
+repaired when the batch is replayed (the topic is the outbox). Every write carries a version
+(the indexer's write time, the Milvus rows' ``updated_ms``) and a row is only ever replaced
+by a newer one; deletes leave a versioned tombstone. So replays are idempotent and a backfill
+from Milvus (``reindex``) never resurrects a deleted item or reverts a newer one. Nothing else
+writes here: clicks never change an item's lexical score.
+
+Tokens are Unicode letters and digits, case- and accent-folded, unstemmed, as Milvus' default
+analyzer; a query word made of several tokens ("WH-1000XM4", "10.5") also counts as the exact
+sequence, so model numbers and sizes rank the items that carry them exactly first.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tailbridge.settings import Settings
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    rid INTEGER PRIMARY KEY,          -- the FTS rowid of the item's text
+    item_id TEXT NOT NULL UNIQUE,
+    version INTEGER NOT NULL,         -- a write older than this never replaces the row
+    deleted INTEGER NOT NULL DEFAULT 0,
+    title TEXT NOT NULL DEFAULT '', brand TEXT NOT NULL DEFAULT '', category TEXT NOT NULL DEFAULT '',
+    category_path TEXT NOT NULL DEFAULT '', price REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS items_category ON items(category);
+CREATE INDEX IF NOT EXISTS items_brand ON items(brand);
+CREATE VIRTUAL TABLE IF NOT EXISTS terms USING fts5(text, tokenize = 'unicode61 remove_diacritics 2');
+"""
+FIELDS = ("item_id", "title", "brand", "category", "category_path", "price")
+_WORD = re.compile(r"\S+")
+_TOKEN = re.compile(r"[^\W_]+")  # what unicode61 keeps: letters and digits; the rest separates
+
+
+def path_for(settings: Settings, alias: str) -> Path:
+    return settings.state_dir / "terms" / f"{alias}.sqlite"
+
+
+@dataclass(frozen=True)
+class TermFilters:
+    """The search filters, as SQL over the items table (values always bound, never spliced)."""
+
+    category: str | None = None
+    brand: str | None = None
+    price_min: float | None = None
+    price_max: float | None = None
+
+    def sql(self) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        for column, op, value in (("category", "=", self.category), ("brand", "=", self.brand),
+                                  ("price", ">=", self.price_min), ("price", "<=", self.price_max)):
+            if value is not None:
+                clauses.append(f"i.{column} {op} ?")
+                params.append(value)
+        return "".join(f" AND {c}" for c in clauses), params
+
+
+def match_query(text: str) -> str | None:
+    """The FTS5 query for a search text: any of its tokens, plus each multi-token word as a
+    phrase (the exact sequence scores as a term of its own). None when it has no token."""
+    terms: list[str] = []
+    for word in _WORD.findall(text.lower()):
+        tokens = _TOKEN.findall(word)
+        if len(tokens) > 1:
+            terms.append('"' + " ".join(tokens) + '"')
+        terms += [f'"{token}"' for token in tokens]
+    unique = list(dict.fromkeys(terms))
+    return " OR ".join(unique) if unique else None
+
+
+class TermIndex:
+    """One SQLite file; a connection per thread (sqlite3 connections are not shared)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as conn:
+            conn.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a power loss may drop the last commits, replay restores them
+            self._local.conn = conn
+        return conn
+
+    def upsert(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Rows as ``item_index.rows`` makes them (``text``, ``updated_ms`` and the fields);
+        returns how many replaced an older version. One transaction: all or nothing."""
+        return self._write([(row, False) for row in rows])
+
+    def delete(self, item_ids: Iterable[str], version: int) -> int:
+        return self._write([({"item_id": item_id, "updated_ms": version}, True) for item_id in item_ids])
+
+    def _write(self, writes: Sequence[tuple[Mapping[str, Any], bool]]) -> int:
+        conn, changed = self._conn(), 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for row, deleted in writes:
+                found = conn.execute("SELECT rid, version, deleted FROM items WHERE item_id = ?",
+                                     (row["item_id"],)).fetchone()
+                if found and found[1] > row["updated_ms"]:
+                    continue  # a newer write is already here
+                if found:
+                    if not found[2]:
+                        conn.execute("DELETE FROM terms WHERE rowid = ?", (found[0],))
+                    conn.execute("DELETE FROM items WHERE rid = ?", (found[0],))
+                values = [row.get(f, "" if f != "price" else 0.0) for f in FIELDS]
+                cur = conn.execute(f"INSERT INTO items ({', '.join(FIELDS)}, version, deleted) VALUES "
+                                   f"({', '.join('?' * len(FIELDS))}, ?, ?)", [*values, row["updated_ms"], int(deleted)])
+                if not deleted:
+                    conn.execute("INSERT INTO terms (rowid, text) VALUES (?, ?)", (cur.lastrowid, row["text"]))
+                changed += 1
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return changed
+
+    def search(self, texts: Sequence[str], limit: int, filters: TermFilters = TermFilters()) -> list[list[dict]]:
+        """BM25 hits per text, best first, shaped as pymilvus search hits (``id``, ``distance``:
+        higher is better, ``entity``: the fields)."""
+        where, params = filters.sql()
+        sql = (f"SELECT {', '.join('i.' + f for f in FIELDS)}, -bm25(terms) AS score FROM terms "
+               f"JOIN items i ON i.rid = terms.rowid WHERE terms MATCH ?{where} ORDER BY score DESC, i.item_id LIMIT ?")
+        out = []
+        for text in texts:
+            query = match_query(text)
+            rows = self._conn().execute(sql, [query, *params, limit]).fetchall() if query else []
+            out.append([{"id": row[0], "distance": row[-1], "entity": dict(zip(FIELDS, row[:-1]))} for row in rows])
+        return out
+
+    def versions(self) -> dict[str, tuple[int, bool]]:
+        """item id -> (version, deleted), for checks and repairs."""
+        return {item_id: (version, bool(deleted)) for item_id, version, deleted in
+                self._conn().execute("SELECT item_id, version, deleted FROM items")}
+
+    def count(self) -> int:
+        return self._conn().execute("SELECT count(*) FROM items WHERE deleted = 0").fetchone()[0]
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
