@@ -2,9 +2,12 @@
 the partitions of each topic.
 
 The worker runs the processors of ``streams.registry.PROCESSORS`` (``streams.processor``):
-for each, one agent over the topics it reads and one timer per periodic job. Agents take
-bounded batches (the processor's batch size, else ``worker_batch_size``) and hand them to
-the processor's plain synchronous ``apply`` on a daemon thread, so the event loop keeps
+for each, one consumer of the topics it reads and one timer per periodic job. The consumer is a
+faust agent, or for a processor with ``fetch="batch"`` (the high-rate behaviour topics) an
+aiokafka consumer that fetches whole batches (``streams.batch_consumer``), run as a task of
+the app. Either takes bounded batches (the processor's batch size, else
+``worker_batch_size``) and hands them to one handler (``streams.delivery``), which runs the
+processor's plain synchronous ``apply`` on a daemon thread, so the event loop keeps
 heartbeating and a call stuck in a dead dependency never blocks a stop.
 
 No event may stall the worker (``streams.failures``): events that do not parse, and events
@@ -15,8 +18,8 @@ value; the rest of the batch is applied and the partition moves on. A transient 
 dependency down or slow) holds the batch and is retried with backoff, as is any failure of a
 periodic job or a start-up step.
 
-Offsets: the agent holds a reference on each event's message until the event was applied or
-dead-lettered, so faust marks an offset committable only after the writes it covers, whatever
+Offsets (the batch path's: ``streams.batch_consumer``): the agent holds a reference on each
+event's message until the event was applied or dead-lettered, so faust marks an offset committable only after the writes it covers, whatever
 ``take_events`` acknowledges when a batch ends or is abandoned. Stopping (SIGTERM, SIGINT)
 cancels the agents at once, even in a retry; what was applied is committed by the consumer's
 last commit and the rest is redelivered (the processors are idempotent). So faust must not
@@ -34,8 +37,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from functools import partial
 
 import faust
 import redis
@@ -43,10 +44,11 @@ import redis
 from tailbridge.feature_repo.online import resolve_online_store
 from tailbridge.feature_repo.store import feature_store
 from tailbridge.settings import Settings
-from tailbridge.streams import event_time, heartbeat
-from tailbridge.streams.events import EventValidationError, decode
-from tailbridge.streams.failures import Status, apply_isolating, describe, is_transient, on_thread, retry
-from tailbridge.streams.heartbeat import Progress, WorkerRecord
+from tailbridge.streams import heartbeat
+from tailbridge.streams.batch_consumer import BatchConsumer
+from tailbridge.streams.delivery import MAX_REASON, Delivered, Handler, Tracked, batch_handler
+from tailbridge.streams.failures import Status, on_thread, retry
+from tailbridge.streams.heartbeat import WorkerRecord
 from tailbridge.streams.item_index import connect as connect_milvus
 from tailbridge.streams.kafka_transport import use_fetch_wait
 from tailbridge.streams.processor import Factory, Periodic, Processor, Resources
@@ -55,7 +57,6 @@ from tailbridge.streams.topics import CONSUMER_HEARTBEAT_MS, CONSUMER_SESSION_TI
 
 log = logging.getLogger("tailbridge.worker")
 REPORT_EVERY_S = 10.0
-MAX_REASON = 4000  # characters of the error header
 
 
 def _redis_for(settings: Settings) -> redis.Redis:
@@ -104,55 +105,6 @@ def faust_app(settings: Settings, name: str = "worker") -> faust.App:
     return app
 
 
-@dataclass
-class Tracked:
-    """A processor's (or periodic job's) progress, and for an agent the events it holds."""
-
-    progress: Progress = field(default_factory=Progress)
-    topics: frozenset[str] = frozenset()
-    held: dict = field(default_factory=dict)  # (tp, offset) -> broker timestamp (epoch s)
-    released: dict = field(default_factory=dict)  # tp -> the offset after the last event released
-
-    def hold(self, events) -> None:
-        if not self.held:  # waiting starts now: an idle processor was not stuck
-            self.progress.last_progress = time.time()
-        self.held.update(((e.message.tp, e.message.offset), e.message.timestamp) for e in events)
-
-    def release(self, events) -> None:
-        """Applied or dead-lettered: let faust commit their offsets."""
-        for event in events:
-            event.ack()  # our reference (``take_events`` drops the stream's)
-            message = event.message
-            self.held.pop((message.tp, message.offset), None)
-            self.released[message.tp] = max(self.released.get(message.tp, 0), message.offset + 1)
-        self.progress.last_progress = time.time()
-
-    def forget(self, events) -> None:
-        """Abandoned (partition revoked): another worker applies them; they stay uncommitted here."""
-        for event in events:
-            self.held.pop((event.message.tp, event.message.offset), None)
-
-    def measure(self, consumer) -> None:
-        progress = self.progress
-        progress.held = len(self.held)
-        try:
-            partitions = [tp for tp in consumer.assignment() if tp.topic in self.topics]
-            waiting = None
-            for tp in partitions:
-                high = consumer.highwater(tp)  # from fetch responses: right on Tansu, unlike ListOffsets
-                start = min((offset for (t, offset) in self.held if t == tp), default=self.released.get(tp))
-                if high is not None and start is not None:
-                    waiting = (waiting or 0) + max(high - start, 0)
-        except Exception:  # noqa: BLE001  consumer not started or rebalancing: not measurable now
-            waiting = None
-        progress.waiting = waiting
-        if self.held:
-            progress.oldest_unapplied = min(self.held.values())
-        elif not waiting:
-            progress.oldest_unapplied = None
-            progress.last_progress = time.time()  # nothing to do is progress
-
-
 def create_app(settings: Settings, factories: Sequence[Factory] = PROCESSORS) -> faust.App:
     resources = Resources(settings, _redis_for(settings), feature_store(settings), _MilvusOnFirstUse(settings))
     app = faust_app(settings)
@@ -164,8 +116,9 @@ def create_app(settings: Settings, factories: Sequence[Factory] = PROCESSORS) ->
 
 def install(app: faust.App, processors: Sequence[Processor], settings: Settings,
             counts: Counter) -> dict[str, Tracked]:
-    """An agent per processor that reads topics, a timer per periodic job, a task per start-up
-    step. ``counts`` adds up what they return; the result tracks each one's progress."""
+    """A consumer per processor that reads topics (a faust agent, or a task running a batch
+    consumer), a timer per periodic job, a task per start-up step. ``counts`` adds up what they
+    return; the result tracks each one's progress."""
     names = [p.name for p in processors]
     if len(set(names)) != len(names):
         raise ValueError(f"processor names must be unique: {names}")
@@ -176,26 +129,29 @@ def install(app: faust.App, processors: Sequence[Processor], settings: Settings,
     specs = {spec.topic(settings): spec for spec in TOPICS.values()}
     dlqs = {name: topic(spec.dlq(settings)) for name, spec in specs.items()}
 
-    async def dead_letter(event, reason: str, status: Status) -> None:
+    async def dead_letter(record: Delivered, reason: str, status: Status) -> None:
         """To the topic's DLQ with the reason (awaited: before the offset may be committed)."""
-        message = event.message
-        headers = [("error", reason[:MAX_REASON].encode()), ("source_topic", message.topic.encode()),
-                   ("source_partition", str(message.partition).encode()),
-                   ("source_offset", str(message.offset).encode())]
+        headers = [("error", reason[:MAX_REASON].encode()), ("source_topic", record.topic.encode()),
+                   ("source_partition", str(record.partition).encode()),
+                   ("source_offset", str(record.offset).encode())]
 
         async def send() -> None:
-            await (await dlqs[message.topic].send(key=event.key, value=event.value, headers=headers, force=True))
+            await (await dlqs[record.topic].send(key=record.key, value=record.value, headers=headers, force=True))
 
-        await retry(f"dead-lettering {message.topic}[{message.partition}]@{message.offset}", send, status)
+        await retry(f"dead-lettering {record.topic}[{record.partition}]@{record.offset}", send, status)
         counts["dead_lettered"] += 1
-        log.warning("dead-lettered %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason)
+        log.warning("dead-lettered %s[%s]@%s: %s", record.topic, record.partition, record.offset, reason)
 
     tracked: dict[str, Tracked] = {}
     for processor in processors:
         topics = frozenset(TOPICS[t].topic(settings) for t in processor.topics)
         own = tracked[processor.name] = Tracked(topics=topics)
         if processor.topics:
-            _agent(app, processor, topic(*sorted(topics)), specs, dead_letter, settings, counts, own)
+            handle = batch_handler(processor, specs, dead_letter, settings, counts, own)
+            if processor.fetch == "batch":
+                _batch_consumer(app, BatchConsumer(settings, processor, handle, own))
+            else:
+                _agent(app, processor, topic(*sorted(topics)), handle, settings, own)
         for job in processor.periodic:
             _timer(app, processor.name, job, counts, tracked.setdefault(f"{processor.name}.{job.name}", Tracked()))
         if processor.start is not None:
@@ -203,71 +159,27 @@ def install(app: faust.App, processors: Sequence[Processor], settings: Settings,
     return tracked
 
 
-def _agent(app: faust.App, processor: Processor, channel, specs, dead_letter, settings: Settings, counts: Counter,
-           own: Tracked) -> None:
+def _agent(app: faust.App, processor: Processor, channel, handle: Handler, settings: Settings, own: Tracked) -> None:
     size = processor.batch_size or settings.worker_batch_size
-    status = own.progress.status
-
-    async def apply(group: list) -> dict:
-        return await on_thread(processor.apply, [parsed for _, parsed in group])
-
-    def applied(group: list, result) -> None:
-        counts.update(result)
-        own.release([event for event, _ in group])
-
-    def trusted(event, parsed, reached: event_time.Progress):
-        """``parsed`` with its time clamped if too far ahead (``streams.event_time``); an event
-        not clamped counts into ``reached`` (a clamped one's time is its arrival's, not the stream's)."""
-        message = event.message
-        parsed, clamped = event_time.trusted(parsed, message.timestamp, settings.max_event_skew_seconds)
-        if clamped:
-            counts["future_event_time_clamped"] += 1
-            log.warning("%s[%s]@%s: event_time more than %s s ahead of its arrival, clamped to %s", message.topic,
-                        message.partition, message.offset, settings.max_event_skew_seconds, parsed.event_time)
-        else:
-            event_time.note(reached, specs[message.topic].name, message.partition, parsed)
-        return parsed
-
-    async def give_up(item, exc: BaseException) -> None:
-        event = item[0]
-        await dead_letter(event, f"{processor.name} could not apply it: {describe(exc, MAX_REASON)}", status)
-        own.progress.dead_lettered += 1
-        own.release([event])
-
-    async def handle(batch) -> None:
-        for event in batch:
-            event.message.incref()  # held until applied or dead-lettered (see the module docstring)
-        own.hold(batch)
-        items, reached = [], {}  # reached: how far the batch goes in event time per partition
-        for event in batch:
-            try:
-                items.append((event, trusted(event, decode(event.value, allowed=specs[event.message.topic].events),
-                                             reached)))
-            except EventValidationError as exc:
-                await dead_letter(event, str(exc), status)
-                own.progress.dead_lettered += 1
-                own.release([event])
-        partitions = {event.message.tp for event in batch}
-        done = await apply_isolating(
-            items, apply, what=f"{processor.name} batch", attempts=settings.worker_poison_attempts,
-            transient=partial(is_transient, extra=processor.transient), applied=applied, give_up=give_up,
-            status=status, still_ours=lambda: partitions <= app.consumer.assignment())
-        if done and processor.clock is not None and reached:  # only once the batch's events are applied
-            await retry(f"{processor.name} event clock", lambda: on_thread(processor.clock.advance, reached), status)
-        if not done:
-            log.warning("%s: partitions %s went to another worker; left the rest of the batch to it",
-                        processor.name, sorted(partitions))
-            own.forget(batch)
 
     async def agent(stream):
         batches = stream.take_events(size, within=settings.worker_batch_seconds)
         try:
             async for batch in batches:
-                await handle(batch)
+                for event in batch:
+                    event.message.incref()  # held until applied or dead-lettered (see the module docstring)
+                records = [Delivered(event.message.tp, event.message.offset, event.message.timestamp, event.key,
+                                     event.value, event.ack) for event in batch]
+                partitions = {record.tp for record in records}
+                await handle(records, lambda: partitions <= app.consumer.assignment())
         finally:  # when cancelled too: ``take_events`` drops its references now, before the last commit
             await batches.aclose()
 
     app.agent(channel, name=processor.name)(agent)
+
+
+def _batch_consumer(app: faust.App, consumer: BatchConsumer) -> None:
+    app.task(consumer.run)  # started with the app, cancelled when it stops
 
 
 def _timer(app: faust.App, owner: str, job: Periodic, counts: Counter, own: Tracked) -> None:
@@ -294,7 +206,7 @@ def _heartbeat(app: faust.App, settings: Settings, tracked: dict[str, Tracked], 
 
     def record() -> WorkerRecord:
         for own in tracked.values():
-            own.measure(app.consumer)
+            own.measure(own.consumer or app.consumer)  # the batch path's own, else faust's
         return WorkerRecord(worker, started, time.time(), {name: own.progress.as_json() for name, own in tracked.items()})
 
     async def beat() -> None:

@@ -369,8 +369,9 @@ def feedback_dir(settings: Settings):
 
 
 def processor(resources: Resources) -> Processor:
-    """Queries and interactions are both keyed by user, so one agent sees all of a user's
-    events; user states, item counters and open feedback queries share one transaction per batch."""
+    """Queries and interactions are both keyed by user, so one consumer sees all of a user's
+    events; user states, item counters and open feedback queries share one transaction per batch.
+    Read by the batch path (``streams.batch_consumer``): these are the high-rate topics."""
     behaviour = BehaviourProcessor(resources.settings, resources.redis, resources.store)
 
     def apply(events) -> Counts:
@@ -387,7 +388,7 @@ def processor(resources: Resources) -> Processor:
         return {"pending_affinities_added": behaviour.resolve_categories()}
 
     every = resources.settings.worker_flush_seconds
-    return Processor("behaviour", ("queries", "interactions"), apply,
+    return Processor("behaviour", ("queries", "interactions"), apply, fetch="batch",
                      periodic=(Periodic("item_stats_flush", every, flush_item_stats),
                                Periodic("feedback_flush", every, flush_feedback),
                                Periodic("category_resolve", every, resolve_categories)),

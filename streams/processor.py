@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from tailbridge.settings import Settings
 from tailbridge.streams.event_time import EventClock
@@ -45,7 +45,7 @@ class Periodic:
 
 @dataclass(frozen=True)
 class Processor:
-    name: str  # the faust agent's name: unique in the registry
+    name: str  # its consumer's name (and group's, for fetch="batch"): unique in the registry
     topics: tuple[str, ...] = ()  # TOPICS names; none for a processor that only runs periodically
     apply: Callable[[Sequence[Any]], Counts] | None = None  # one batch of parsed events, in order
     batch_size: int | None = None  # at most this many events per batch (None: worker_batch_size)
@@ -53,6 +53,9 @@ class Processor:
     start: Callable[[], None] | None = None  # once when the worker starts (e.g. load a model)
     clock: EventClock | None = None  # the worker advances it with each batch, once ``apply`` returned
     transient: tuple[type[BaseException], ...] = ()  # more exceptions of apply that mean "retry later"
+    # How the worker reads the topics: "stream", a faust agent; "batch", a consumer of its own that
+    # fetches whole batches (``streams.batch_consumer``: far less CPU per event, for high-rate topics).
+    fetch: Literal["stream", "batch"] = "stream"
 
     def __post_init__(self) -> None:
         if bool(self.topics) != (self.apply is not None):

@@ -29,6 +29,8 @@ def test_the_registry_runs_todays_processors(resources):
     processors = {p.name: p for p in (factory(resources) for factory in PROCESSORS)}
     assert set(processors) == {"behaviour", "item_indexer", "index_seal", "rewrite_stats"}
     assert processors["behaviour"].topics == ("queries", "interactions")
+    assert processors["behaviour"].fetch == "batch"  # its own batch consumer, not a faust agent
+    assert processors["item_indexer"].fetch == "stream"
     assert processors["item_indexer"].topics == ("catalog",) and processors["item_indexer"].batch_size == 256
     assert processors["item_indexer"].start is not None  # loads the encoders at start
     assert {(j.name, j.every_s) for j in processors["behaviour"].periodic} == {
@@ -45,14 +47,15 @@ def test_a_new_processor_gets_its_agent_timers_and_start_task(resources):
     settings = resources.settings
     app = faust_app(settings, name="registry-test")
     registry = [factory(resources) for factory in PROCESSORS]
-    install(app, [*registry, toy], settings, Counter())
-    assert set(app.agents) == {"behaviour", "item_indexer", "toy", "rewrite_stats"}  # index_seal reads no topic
+    tracked = install(app, [*registry, toy], settings, Counter())
+    assert set(app.agents) == {"item_indexer", "toy", "rewrite_stats"}  # index_seal reads no topic; behaviour reads in batches
     assert app.agents["toy"].channel.topics == (TOPICS["rewrite_feedback"].topic(settings),)
-    assert set(app.agents["behaviour"].channel.topics) == {TOPICS["queries"].topic(settings),
-                                                           TOPICS["interactions"].topic(settings)}
+    assert tracked["behaviour"].topics == {TOPICS["queries"].topic(settings), TOPICS["interactions"].topic(settings)}
     periodic = sum(len(p.periodic) for p in [*registry, toy])
     starts = sum(p.start is not None for p in [*registry, toy])
-    assert len(app._app_tasks) == periodic + starts  # one timer per periodic job, one task per start
+    batched = sum(p.fetch == "batch" for p in [*registry, toy])
+    # One timer per periodic job, one task per start, one task per batch consumer.
+    assert len(app._app_tasks) == periodic + starts + batched == periodic + starts + 1
     with pytest.raises(ValueError, match="unique"):
         install(faust_app(settings, name="registry-dup"), [toy, toy], settings, Counter())
     with pytest.raises(ValueError, match="topics and apply"):

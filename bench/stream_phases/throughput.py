@@ -2,8 +2,8 @@
 workers are started together (``--workers``, default 2; they share the partitions) and the
 rate of the Redis ``applied`` counter is taken from the first to the last applied event
 (worker start-up excluded), and from the moment the last worker joined the group (each
-worker's last "Resuming flow" in its log: the final rebalance) to the last event: the rate
-with all W applying. Then the last user's Feast row must show the last event (so the rate is
+worker's last assignment of the behaviour topics in its log: the batch consumer's final
+rebalance) to the last event: the rate with all W applying. Then the last user's Feast row must show the last event (so the rate is
 not flattered by a write still to come)."""
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from typing import Any
 from tailbridge.bench.common import CLI, BenchError, Worker, progress_bar, wait_until
 from tailbridge.bench.stream_phases.namespace import Namespace, Setup, check_publish, finish_worker, seed_catalog, \
     stall_guard
+from tailbridge.streams.batch_consumer import ASSIGNED
 from tailbridge.streams.events import InteractionEvent
 from tailbridge.synthetic.replay import publish
 from tailbridge.synthetic.shoppers import simulate
 
 CPU_EVERY_S = 0.5
-# faust logs this (at info) when a rebalance has given the worker its partitions and it goes on.
-RESUMED = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] \[\d+\] \[INFO\] \[\^-+Recovery\]: Resuming flow")
+# The behaviour topics' batch consumer logs this (at info) when a rebalance has given it its partitions.
+RESUMED = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] \[\d+\] \[INFO\] behaviour: "
+                     + re.escape(ASSIGNED))
 
 
 def run(setup: Setup, run_index: int) -> dict:
