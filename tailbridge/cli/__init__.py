@@ -410,6 +410,8 @@ def eval_retriever(
     run_dir: Annotated[Optional[Path], typer.Option(help="Also write each system's top 100 as TREC runs.")] = None,
     feedback: Annotated[Optional[Path], typer.Option(help="Feedback log for user contexts (default: DATA/feedback).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,
+    rewrites: Annotated[Optional[str], typer.Option(help="Rewriter version: also TREC runs of the handler's fused "
+                                                         "search without and with its rewrite routes.")] = None,
 ) -> None:
     """BM25, MiniLM, hybrid RRF and the trained retriever (with and without user context)."""
     from tailbridge.cli.training import CommandError, eval_retriever as run
@@ -420,6 +422,10 @@ def eval_retriever(
         run(data, split, model, out or default_out, run_dir, feedback, threads)
     except CommandError as exc:
         _fail(str(exc))
+    if rewrites:
+        from tailbridge.cli.rewriting import rewrite_runs
+
+        rewrite_runs(data, split, rewrites, run_dir or (out or default_out) / "runs")
 
 
 # ------------------------------------------------------------------ ranker (bodies in cli/training.py)
@@ -509,6 +515,15 @@ def run_demo(  # not `demo`: that name is the module tailbridge.cli.demo, which 
                       "stays up (`tailbridge stack down` stops it).")
         raise typer.Exit(130) from None
     console.print("The stack is still running: `tailbridge stack status`, `tailbridge stack down`.")
+
+
+# ------------------------------------------------------------------ rewriter (commands in cli/rewriting.py)
+
+from tailbridge.cli import rewriting as _rewriting  # noqa: E402  (its commands join the apps above)
+
+train_app.command("rewriter")(_rewriting.train_rewriter)
+eval_app.command("rewriter")(_rewriting.eval_rewriter)
+app.add_typer(_rewriting.rewriter_app, name="rewriter")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,277 @@
+"""The rewriter's commands (registered in ``tailbridge.cli``):
+
+    tailbridge train rewriter --data DIR [--feedback DIR] [--budget-minutes M] [--stage all|sft|align]
+    tailbridge eval rewriter --data DIR --split test
+    tailbridge rewriter fill --data DIR [--version V]      offline rewrites for tail queries -> store
+    tailbridge rewriter worker                             rewrites for new rare queries on the stream
+    tailbridge rewriter promote VERSION                    make a version's rewrites the live ones
+
+and the rewrite routes of ``tailbridge eval retriever --rewrites VERSION`` (``rewrite_runs``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tailbridge.settings import Settings, get_settings
+
+console = Console()
+rewriter_app = typer.Typer(help="Query rewrites for long-tail queries: the store and its worker.", no_args_is_help=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def models_root(settings: Settings | None = None) -> Path:
+    return (settings or get_settings()).data_dir / "models" / "rewriter"
+
+
+def _threads(threads: int | None) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def default_feedback(data: Path) -> Path | None:
+    """DATA/feedback when there is one, else the stream worker's log when there is one."""
+    for candidate in (data / "feedback", get_settings().data_dir / "offline" / "feedback"):
+        if (candidate / "examples").is_dir():
+            return candidate
+    return None
+
+
+def build_search(data: Path):
+    """Exact search over the data's catalog with the serving encoder (MiniLM on ONNX int8,
+    as the stream indexer writes it) and BM25, fused as the handler fuses."""
+    from tailbridge.models.data.loaders import load_dataset
+    from tailbridge.models.retrieval.encoders import MINILM_VERSION
+    from tailbridge.models.retrieval.export import load_item_encoder
+    from tailbridge.models.rewriting.search import ExactSearch
+
+    dataset = load_dataset(data)
+    with console.status(f"indexing {len(dataset.items)} items for exact search (MiniLM int8 + BM25)..."):
+        return ExactSearch(dataset.items, load_item_encoder(MINILM_VERSION, get_settings().data_dir))
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    from tailbridge.models.data.beir import BeirFormatError
+    from tailbridge.models.data.feedback import FeedbackError
+    from tailbridge.models.data.loaders import DatasetError
+    from tailbridge.models.rewriting.generator import GeneratorError
+    from tailbridge.models.rewriting.versions import VersionError
+
+    return DatasetError, BeirFormatError, FeedbackError, GeneratorError, VersionError, ValueError, FileNotFoundError
+
+
+def train_rewriter(
+    data: Annotated[Path, typer.Option(help="Dataset dir: BEIR (and demo), ESCI parquet or WANDS.")],
+    feedback: Annotated[Optional[Path], typer.Option(help="Feedback log (default: DATA/feedback, else the worker's).")] = None,
+    budget_minutes: Annotated[float, typer.Option(min=0.2, help="Wall-time budget of both training stages.")] = 10.0,
+    stage: Annotated[str, typer.Option(help="all (SFT, then feedback + alignment), sft or align.")] = "all",
+    name: Annotated[Optional[str], typer.Option(help="Version name stem (default: <data>-<fingerprint>).")] = None,
+    feedback_queries: Annotated[int, typer.Option(min=2, help="Stage-2 tail queries.")] = 48,
+    candidates: Annotated[int, typer.Option(min=2, help="Beam candidates per stage-2 query.")] = 4,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")] = None,
+) -> None:
+    """Train the query rewriter: multi-instruction SFT, offline feedback, objective alignment."""
+    from tailbridge.models.rewriting.generator import load_base
+    from tailbridge.models.rewriting.train import STAGES, RewriterConfig, train
+
+    if stage not in ("all", *STAGES):
+        _fail(f"unknown --stage {stage!r} (all, sft or align)")
+    _threads(threads)
+    root = models_root()
+    feedback = feedback or default_feedback(data)
+    try:
+        search = build_search(data)
+        cfg = RewriterConfig(budget_minutes=budget_minutes, feedback_queries=feedback_queries, candidates=candidates)
+        written = train(data, root, lambda: load_base(root), search, feedback, cfg, name,
+                        STAGES if stage == "all" else (stage,), say=console.print)
+    except _errors() as exc:
+        _fail(str(exc))
+    console.print(f"versions: {', '.join(written)} (under {root})")
+
+
+def _quality_table(report: dict[str, Any]) -> Table:
+    from tailbridge.models.rewriting.evaluate import QUALITY, RETRIEVAL
+
+    table = Table(title=f"{report['data']} / {report['split']}: rewrites fused, exact search "
+                        f"({', '.join(report['rewritten_strata'])} queries rewritten)")
+    for column in ("system", "stratum", "queries", "rewritten", *RETRIEVAL, *QUALITY):
+        table.add_column(column, justify="right" if column not in ("system", "stratum") else "left", no_wrap=True)
+    for system, body in report["systems"].items():
+        for stratum, row in body["retrieval"].items():
+            table.add_row(system if stratum == "overall" else "", stratum, str(row["queries"]), str(row["rewritten"]),
+                          *("-" if row[m] is None else f"{row[m]:.4f}" for m in (*RETRIEVAL, *QUALITY)))
+    return table
+
+
+def eval_rewriter(
+    data: Annotated[Path, typer.Option(help="Dataset dir (as for training).")],
+    split: Annotated[str, typer.Option(help="Judgements to evaluate on.")] = "test",
+    aligned: Annotated[Optional[str], typer.Option(help="Aligned version (default: the newest).")] = None,
+    sft: Annotated[Optional[str], typer.Option(help="SFT version (default: the aligned one's parent).")] = None,
+    strata: Annotated[str, typer.Option(help="Strata the rewriter rewrites, comma separated, or all.")] = "tail",
+    rewrites: Annotated[int, typer.Option(min=1, help="Rewrites per query (search fuses up to 3).")] = 2,
+    beams: Annotated[int, typer.Option(min=1)] = 4,
+    max_queries: Annotated[Optional[int], typer.Option(min=1)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where rewriter-eval-<split>.json/.png go (default: the aligned version's dir).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Also write each system's fused top 100 as TREC runs.")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1)] = None,
+) -> None:
+    """No rewriting vs SFT-only vs aligned: nDCG@10 and Recall@100 with rewrites fused, and the
+    rewrites' relevance, increment and hit rate, overall and per stratum."""
+    import json
+
+    from tailbridge.models.rewriting.evaluate import evaluate
+    from tailbridge.models.rewriting.versions import load_version, resolve
+
+    _threads(threads)
+    root = models_root()
+    try:
+        top = resolve(root, aligned, None if aligned else "aligned")
+        parent = sft or (top["parent"] if top["stage"] == "aligned" else None)
+        systems = {f"sft ({parent})": parent} if parent else {}
+        systems[f"{top['stage']} ({top['version']})"] = top["version"]
+        search = build_search(data)
+        report = evaluate(data, search, {label: (lambda v=v: load_version(root, v)) for label, v in systems.items()},
+                          split, tuple(s.strip() for s in strata.split(",")), rewrites, beams,
+                          out_dir=out or root / top["version"], run_dir=run_dir, max_queries=max_queries,
+                          say=console.print)
+    except _errors() as exc:
+        _fail(str(exc))
+    console.print(_quality_table(report))
+    for system, body in report["systems"].items():
+        if "examples" in body:
+            console.print(f"{system}: {body['per_query_ms']} ms per query; e.g. "
+                          + json.dumps(dict(list(body['examples'].items())[:3])))
+    console.print(f"wrote {(out or root / top['version']) / f'rewriter-eval-{split}.json'} and .png"
+                  + (f"; TREC runs in {run_dir}" if run_dir else ""))
+
+
+def rewrite_runs(data: Path, split: str, version: str, run_dir: Path) -> dict[str, Any]:
+    """``eval retriever --rewrites VERSION``: TREC runs of the handler's fused search without
+    and with the version's rewrite routes (tail queries rewritten, as served)."""
+    from tailbridge.models.rewriting.evaluate import evaluate
+    from tailbridge.models.rewriting.versions import load_version
+
+    root = models_root()
+    search = build_search(data)
+    return evaluate(data, search, {f"rewrites-{version}": lambda: load_version(root, version)}, split,
+                    out_dir=run_dir, run_dir=run_dir, say=console.print)
+
+
+# ------------------------------------------------------------------ store: fill, promote, worker
+
+
+def tail_queries(data: Path, feedback: Path | None, max_seen: int) -> list[str]:
+    """The queries that get rewrites ahead of time: the data's tail stratum (every split) and the
+    log's queries searched at most ``max_seen`` times, as query keys."""
+    from tailbridge.models.data.feedback import read_feedback
+    from tailbridge.models.data.loaders import load_dataset
+    from tailbridge.vocab import normalize_query
+
+    dataset = load_dataset(data)
+    keys = {normalize_query(dataset.queries[q]) for q, s in dataset.strata.items() if s == "tail" and q in dataset.queries}
+    if feedback is not None:
+        log = read_feedback(feedback)
+        counts = log.drop_duplicates("query_id")["query"].map(normalize_query).value_counts()
+        keys |= set(counts[counts <= max_seen].index)
+    return sorted(k for k in keys if k)
+
+
+def _writer(settings: Settings):
+    from tailbridge.feature_repo.online import resolve_online_store
+    from tailbridge.streams.rewrite_store import RewriteWriter
+
+    url = resolve_online_store(settings).redis_url
+    if url is None:
+        _fail("the rewrite store needs Redis (the online store is the SQLite fallback)")
+    return RewriteWriter.from_url(url, settings.feast_project)
+
+
+@rewriter_app.command("fill")
+def fill(
+    data: Annotated[Path, typer.Option(help="Dataset dir whose tail queries get rewrites.")],
+    version: Annotated[Optional[str], typer.Option(help="Rewriter version (default: the newest).")] = None,
+    feedback: Annotated[Optional[Path], typer.Option(help="Also the log's rare queries (default: as training).")] = None,
+    max_queries: Annotated[Optional[int], typer.Option(min=1)] = None,
+    promote: Annotated[bool, typer.Option(help="Make the version's rewrites the live ones afterwards.")] = True,
+    threads: Annotated[Optional[int], typer.Option(min=1)] = None,
+) -> None:
+    """Generate rewrites offline for the tail queries and write them to the store under the version."""
+    from tailbridge.models.rewriting.versions import load_version, resolve
+
+    settings = get_settings()
+    _threads(threads)
+    try:
+        record = resolve(models_root(settings), version)
+        keys = tail_queries(data, feedback or default_feedback(data), settings.rewrite_rare_max_seen)[:max_queries]
+        generator = load_version(models_root(settings), record["version"])
+    except _errors() as exc:
+        _fail(str(exc))
+    writer = _writer(settings)
+    stats = fill_store(generator, writer, record["version"], keys, settings)
+    console.print(f"{record['version']}: {stats['queries']} tail queries, {stats['with_rewrites']} got rewrites in "
+                  f"{stats['seconds']} s ({stats['per_query_ms']} ms per query)")
+    if promote:
+        moved = writer.promote(record["version"])
+        console.print(f"promoted {record['version']}: {moved['live']} live queries ({moved['removed']} stale removed)")
+
+
+def fill_store(generator: Any, writer: Any, version: str, keys: list[str], settings: Settings,
+               chunk: int = 64) -> dict[str, Any]:
+    from tailbridge.cli.training import progress_bar
+
+    started, written = time.perf_counter(), 0
+    with progress_bar(f"generating rewrites ({version})", len(keys)) as advance:
+        for start in range(0, len(keys), chunk):
+            part = keys[start:start + chunk]
+            rewrites = generator.rewrite(part, n=settings.rewrite_count, beams=settings.rewrite_beams)
+            written += writer.put_many(version, {k: r for k, r in zip(part, rewrites) if r})
+            advance(len(part))
+    seconds = time.perf_counter() - started
+    return {"queries": len(keys), "with_rewrites": written, "seconds": round(seconds, 1),
+            "per_query_ms": round(1000 * seconds / max(len(keys), 1), 1)}
+
+
+@rewriter_app.command("promote")
+def promote(version: Annotated[str, typer.Argument(help="The version whose rewrites search should use.")]) -> None:
+    """Make a version's rewrites the live ones (search follows at once)."""
+    moved = _writer(get_settings()).promote(version)
+    console.print(f"promoted {version}: {moved['live']} live queries ({moved['removed']} stale removed)")
+
+
+@rewriter_app.command("worker")
+def worker(
+    version: Annotated[Optional[str], typer.Option(help="Rewriter version (default: the serving one, else the newest).")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads of the generator.")] = 1,
+) -> None:
+    """Consume the queries topic in its own consumer group and write rewrites for new rare
+    queries to the store, each batch within a deadline; search never waits for it."""
+    from tailbridge.models.rewriting.versions import load_version, resolve
+    from tailbridge.streams.rewrite_worker import RewriteWorker
+
+    settings = get_settings()
+    _threads(threads)
+    writer = _writer(settings)
+    try:
+        record = resolve(models_root(settings), version or writer.serving_version())
+        generator = load_version(models_root(settings), record["version"])
+    except _errors() as exc:
+        _fail(str(exc))
+    console.print(f"rewrite worker: version {record['version']}, group {RewriteWorker.group_id(settings)}")
+    try:
+        RewriteWorker(settings, generator, record["version"], writer).run(report=console.print)
+    except KeyboardInterrupt:
+        console.print("rewrite worker stopped")

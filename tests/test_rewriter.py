@@ -1,0 +1,166 @@
+"""The query rewriter (models/rewriting/): bounds on what goes in and comes out (pure logic),
+the partial order and the losses, and the three training stages end to end on a tiny GPT-2
+over tiny demo data (seconds; never the 135M model)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from tailbridge.models.data.loaders import load_dataset
+from tailbridge.models.rewriting import feedback as stage2
+from tailbridge.models.rewriting.bounds import MAX_QUERY_CHARS, MAX_REWRITE_CHARS, MAX_REWRITE_WORDS, accept_rewrite, clean_query
+from tailbridge.models.rewriting.evaluate import evaluate
+from tailbridge.models.rewriting.losses.bradley_terry import bradley_terry_loss, sequence_scores
+from tailbridge.models.rewriting.mining import MiningConfig, auxiliary, mine_pairs
+from tailbridge.models.rewriting.search import ExactSearch
+from tailbridge.models.rewriting.signals import query_signals
+from tailbridge.models.rewriting.tokens import encode
+from tailbridge.models.rewriting.prompts import prompt
+from tailbridge.models.rewriting.train import RewriterConfig, align_version, prepare, train
+from tailbridge.models.rewriting.versions import load_version, read_record, resolve
+from tailbridge.synthetic import catalog as synth
+from tailbridge.vocab import normalize_query
+from tests.rewriter_tiny import tiny_generator
+
+BAD_QUERIES = ["", "   ", "\x00\x01\x1b\x7f\u200b", "a" * 50_000, "dog " * 5_000, "狗绳 防止拉扯", "كلب مقود",
+               "🐕🦮 leash", "dog\u202eleash\u200b", "\ud800 lone surrogate", "x"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _valid(query: str, rewrite: str) -> bool:
+    return (bool(rewrite.strip()) and normalize_query(rewrite) != normalize_query(clean_query(query))
+            and len(rewrite) <= MAX_REWRITE_CHARS and len(rewrite.split()) <= MAX_REWRITE_WORDS
+            and rewrite.isprintable())
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(st.text(max_size=400), st.text(max_size=400))
+def test_a_rewrite_is_never_empty_the_query_or_unbounded(query, generated):
+    cleaned = clean_query(query)
+    assert len(cleaned) <= MAX_QUERY_CHARS and cleaned.isprintable() and cleaned == cleaned.strip()
+    accepted = accept_rewrite(query, generated)
+    assert accepted is None or _valid(query, accepted)
+
+
+def test_bounds_on_known_cases():
+    assert accept_rewrite("Dog  Leash", "dog leash") is None  # the query again, once normalised
+    assert accept_rewrite("dog leash", " \n\t ") is None  # nothing but spaces
+    assert accept_rewrite("dog leash", "no-pull harness\nmore text") == "no-pull harness"
+    long = accept_rewrite("q", " ".join(["harness"] * 40))
+    assert long is not None and len(long.split()) == MAX_REWRITE_WORDS
+    assert clean_query("a\x00b\tc") == "a b c" and clean_query(None) == "" and len(clean_query("w " * 999)) <= 200
+
+
+def test_partial_order_is_pareto_dominance():
+    a, b, c = stage2.Scored("a", 0.5, 0.2, 0.3), stage2.Scored("b", 0.4, 0.2, 0.3), stage2.Scored("c", 0.9, 0.0, 0.0)
+    assert stage2.partial_order([a, b, c]) == [(0, 1)]  # c is incomparable with both
+    group = stage2.Group("q", [a, b, c], stage2.partial_order([a, b, c]))
+    assert group.best == 0
+
+
+def test_bradley_terry_loss_prefers_the_winner():
+    scores = torch.tensor([2.0, 0.0, 1.0], requires_grad=True)
+    loss = bradley_terry_loss(scores, [(0, 1), (2, 1)], beta=1.0)
+    expected = -(torch.nn.functional.logsigmoid(torch.tensor(2.0)) + torch.nn.functional.logsigmoid(torch.tensor(1.0))) / 2
+    assert torch.isclose(loss, expected)
+    loss.backward()
+    assert scores.grad[0] < 0 and scores.grad[2] < 0 and scores.grad[1] > 0  # descent raises winners, lowers the loser
+    assert bradley_terry_loss(scores, []).item() == 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("rewriter")
+    data_dir = root / "data"
+    synth.write(synth.generate(items=300, users=5, seed=3), data_dir)
+    data = load_dataset(data_dir)
+    texts = [it["title"] for it in data.items.values()] + list(data.queries.values())
+    return {"root": root, "data_dir": data_dir, "data": data, "search": ExactSearch(data.items),
+            "make": lambda: tiny_generator(texts)}
+
+
+def test_generator_survives_bad_input(tiny):
+    generator = tiny["make"]()
+    for beams in (1, 2):
+        out = generator.rewrite(BAD_QUERIES, n=2, beams=beams)
+        assert len(out) == len(BAD_QUERIES)
+        assert out[0] == [] and out[1] == [] and out[2] == []  # nothing printable: no rewrite
+        for query, rewrites in zip(BAD_QUERIES, out):
+            assert all(_valid(query, r) for r in rewrites), (query, rewrites)
+
+
+def test_mined_pairs_pass_rejection_sampling(tiny):
+    data, search = tiny["data"], tiny["search"]
+    signals = query_signals(data.queries, data.split("train"), data.strata, {})
+    cfg = MiningConfig(min_recall=0.3)
+    pairs = mine_pairs(signals, search, cfg)
+    assert pairs
+    by_text = {s.text: s for s in signals.values()}
+    for pair in pairs[:20]:  # the kept rewrite retrieves the tail query's relevant items
+        relevant = by_text[pair.source].relevant
+        [top] = search.ranked([[pair.rewrite]])
+        assert len(relevant.intersection(top)) / len(relevant) >= cfg.min_recall
+        assert by_text[pair.source].stratum == "tail" and by_text[pair.rewrite].stratum in ("head", "torso")
+    tasks = {ex.task for ex in auxiliary(signals, data.items, random.Random(0))}
+    assert tasks == {"category", "keywords", "correct"}
+
+
+def test_stages_write_versions_with_lineage_and_alignment_prefers_the_better_rewrite(tiny):
+    root = tiny["root"] / "models"
+    cfg = RewriterConfig(budget_minutes=0.5, sft_steps=12, align_steps=6, sft_lr=3e-3, align_lr=3e-3,
+                         feedback_queries=4, dev_queries=4, batch_size=4, candidates=2)
+    messages: list[str] = []
+    written = train(tiny["data_dir"], root, tiny["make"], tiny["search"], None, cfg, name="tiny", say=messages.append)
+    assert written[0] == "tiny-sft"
+    sft = read_record(root, "tiny-sft")
+    assert sft["stage"] == "sft" and sft["parent"] == "smollm2-135m-instruct" and sft["data"]["fingerprint"]
+    assert sft["metrics"]["training"]["loss_last"] < sft["metrics"]["training"]["loss_first"]
+    assert sft["metrics"]["mined"]["pairs"] > 0 and set(sft["metrics"]["dev"]) >= set(stage2.SCORES)
+    # A second run reuses the finished SFT version.
+    again: list[str] = []
+    train(tiny["data_dir"], root, tiny["make"], tiny["search"], None, cfg, name="tiny", stages=("sft",), say=again.append)
+    assert any("reused" in m for m in again)
+
+    # Stage 3 on a known partial order: the preferred rewrite gains on the dispreferred one.
+    generator = load_version(root, "tiny-sft")
+    query, good, bad = "couch for the whole family", "sofa", "lamp shade"
+    group = stage2.Group(query, [stage2.Scored(good, 0.8, 0.3, 0.5), stage2.Scored(bad, 0.1, 0.0, 0.0)])
+    group.pairs = stage2.partial_order(group.candidates)
+    assert group.pairs == [(0, 1)]
+
+    def margin() -> float:
+        with torch.no_grad():
+            scores = sequence_scores(generator.model, encode(generator.tokenizer, [prompt("rewrite", query)] * 2,
+                                                             [good, bad]))
+        return float(scores[0] - scores[1])
+
+    before = margin()
+    prep = prepare(tiny["data_dir"], None, cfg, "smollm2-135m-instruct")
+    record = align_version(generator, [group], prep, root, "tiny-sft", "tiny-aligned", cfg, tiny["search"], 60.0,
+                           {"groups": 1}, say=messages.append)
+    assert margin() > before
+    assert read_record(root, "tiny-aligned") == {"version": "tiny-aligned", "created": read_record(root, "tiny-aligned")["created"]} | record
+    assert record["parent"] == "tiny-sft" and record["settings"]["beta"] == cfg.beta
+    assert isinstance(record["metrics"]["worse_than_parent"], bool)
+    assert resolve(root, stage="aligned")["version"] == "tiny-aligned"
+
+    out = tiny["root"] / "eval"
+    report = evaluate(tiny["data_dir"], tiny["search"], {"aligned": lambda: load_version(root, "tiny-aligned")},
+                      out_dir=out, run_dir=out / "runs", say=lambda m: None)
+    assert set(report["systems"]) == {"none", "aligned"}
+    none_tail = report["systems"]["none"]["retrieval"]["tail"]
+    assert none_tail["rewritten"] == 0 and none_tail["relevance"] is None
+    assert report["systems"]["aligned"]["retrieval"]["head"] == report["systems"]["none"]["retrieval"]["head"]
+    assert json.loads((out / "rewriter-eval-test.json").read_text())["split"] == "test"
+    assert (out / "rewriter-eval-test.png").stat().st_size > 0
+    assert (out / "runs" / "none.trec").read_text().count(" Q0 ") >= report["queries"]
