@@ -126,6 +126,36 @@ class Settings(BaseSettings):
     )
     rewrite_worker_chunk: int = Field(4, ge=1, le=256, description="Queries the rewrite worker generates at once.")
 
+    # The alignment loop (`tailbridge loop`, tailbridge/cli/loop.py) and the rewrite evidence rule.
+    loop_min_new_searches: int = Field(
+        2000, ge=1, description="An alignment iteration runs once this many new searches are in the feedback log..."
+    )
+    loop_max_interval_seconds: float = Field(
+        86_400.0, gt=0, description="...or once this long has passed since the last one, with any new search logged."
+    )
+    loop_poll_seconds: float = Field(60.0, gt=0, description="How often the long-running loop checks the thresholds.")
+    loop_ranker_minutes: float = Field(4.0, gt=0, description="Time budget of the ranker's retraining per iteration.")
+    loop_retriever_minutes: float = Field(4.0, gt=0, description="Time budget of the retriever's fine-tuning per iteration.")
+    loop_holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="The latest share of logged searches held out: the gate replays them."
+    )
+    loop_gate_tolerance: float = Field(
+        0.005, ge=0, description="The gate promotes a candidate unless a metric is worse than serving's by more (nDCG)."
+    )
+    loop_gate_min_pages: int = Field(
+        50, ge=0, description="Held-out pages with a purchase the gate needs before it replaces a serving version."
+    )
+    loop_gate_max_pages: int = Field(3000, ge=1, description="At most this many of the latest held-out pages are replayed.")
+    loop_gate_max_queries: int = Field(300, ge=1, description="Judged test queries the gate scores a retriever on.")
+    rewrite_min_shown: int = Field(
+        30, ge=1, description="Items a rewrite's routes must have shown before its online statistics can demote it."
+    )
+    rewrite_demote_probability: float = Field(
+        0.9, gt=0, le=1, description="Demote a rewrite (serve it after the others) when it is worse than the original "
+        "query's routes with this posterior probability..."
+    )
+    rewrite_drop_probability: float = Field(0.99, gt=0, le=1, description="...and drop it at this probability.")
+
     def as_env(self) -> dict[str, str]:
         """These settings as TAILBRIDGE_* variables, for a child process that must see the same stack."""
         return {f"TAILBRIDGE_{name.upper()}": json.dumps(value) if isinstance(value, dict) else str(value)

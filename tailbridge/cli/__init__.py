@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tailbridge.cli import loop as loop_cli
 from tailbridge.cli import models as models_cli
 from tailbridge.settings import get_settings
 
@@ -35,6 +36,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(worker_app, name="worker")
 app.add_typer(models_cli.app, name="models")
+app.command("loop")(loop_cli.loop_command)
 
 console = Console()
 

@@ -1,0 +1,287 @@
+"""``tailbridge loop [--once]``: the alignment loop. When enough new feedback has been logged it
+trains a candidate of each model kind from the serving version, gates it against the serving
+version on a held-out recent slice of the log, and promotes it or records why not.
+
+Thresholds (``TAILBRIDGE_LOOP_*``): an iteration is due when ``loop_min_new_searches`` new
+searches were logged since the last one, or ``loop_max_interval_seconds`` passed with any new
+search. Each kind trains within its own time budget, in this process (the handler and the
+worker run in theirs; the loop uses ``--threads`` CPU threads, one by default).
+
+Crash safety, kill -9 at any instant:
+
+* candidates are written under ``DATA_DIR/models/.staging/`` and renamed into
+  ``DATA_DIR/models/<kind>/<version>`` only when complete, so nothing a server could load is
+  ever half-written; a staging directory a killed run left is removed by the next one;
+* the registry is replaced atomically (``models.registry``), and it is the switch for the
+  ranker (the handler follows it), so the ranker serves the old or the new version, whole;
+* the retriever's new collection is built beside the serving one and the alias moves when it
+  is complete (``streams.indexer.reindex``); the registry records the move after it, and
+  ``tailbridge models list`` / the next iteration reconcile the record with the alias if the
+  kill fell between the two;
+* the loop's own state (``DATA_DIR/models/loop.json``: when it last ran, on how many
+  searches) is written last, atomically: a killed iteration simply runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from tailbridge.models.gate import decide
+from tailbridge.models.registry import Registry, RegistryError, entry_from_artifact, models_root
+from tailbridge.settings import Settings
+
+KIND_ORDER = ("ranker", "retriever")
+STATE_FILE, STAGING_DIR = "loop.json", ".staging"
+REPLAY_METRICS = ("purchase_ndcg@10", "cart_ndcg@10", "click_ndcg@10")
+Say = Callable[[str], None]
+
+
+@dataclass
+class LoopState:
+    last_run: float | None = None  # unix time the last iteration finished
+    searches: int = 0  # logged searches it saw
+
+
+def read_state(settings: Settings) -> LoopState:
+    path = models_root(settings.data_dir) / STATE_FILE
+    return LoopState(**json.loads(path.read_text())) if path.is_file() else LoopState()
+
+
+def write_state(settings: Settings, state: LoopState) -> None:
+    path = models_root(settings.data_dir) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state)))
+    os.replace(tmp, path)
+
+
+def due(settings: Settings, state: LoopState, searches: int, now: float) -> tuple[bool, str]:
+    """Whether an iteration should run, and why (pure: the thresholds on volume and time)."""
+    new = searches - state.searches
+    if new <= 0:
+        return False, "no new searches logged"
+    if new >= settings.loop_min_new_searches:
+        return True, f"{new} new searches >= {settings.loop_min_new_searches}"
+    if state.last_run is None:
+        return True, f"{new} new searches, first iteration"
+    waited = now - state.last_run
+    if waited >= settings.loop_max_interval_seconds:
+        return True, f"{new} new searches and {waited:.0f} s since the last iteration"
+    return False, (f"{new} new searches < {settings.loop_min_new_searches} and {waited:.0f} s < "
+                   f"{settings.loop_max_interval_seconds:.0f} s since the last iteration")
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+
+
+def _staged(settings: Settings, kind: str, version: str, build: Callable[[Path], Path]) -> Path:
+    """Build an artifact under the staging dir and move it into place only when complete."""
+    staging = models_root(settings.data_dir) / STAGING_DIR / kind
+    staging.mkdir(parents=True, exist_ok=True)
+    built = build(staging)
+    final = models_root(settings.data_dir) / kind / version
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(built, final)  # one rename: the version appears complete or not at all
+    return final
+
+
+@dataclass
+class KindReport:
+    kind: str
+    candidate: str | None = None
+    parent: str | None = None
+    minutes: float = 0.0
+    gate: dict[str, Any] | None = None
+    promoted: bool = False
+    note: str = ""
+
+
+def _gate(settings: Settings, candidate: dict, serving: dict | None, metrics: tuple[str, ...],
+          evidence: dict) -> dict[str, Any]:
+    """The gate's decision and every number it saw (recorded on the candidate's registry entry)."""
+    result = decide(candidate, serving, settings.loop_gate_tolerance, metrics, settings.loop_gate_min_pages,
+                    pages=candidate.get("pages_purchase"), evidence=evidence)
+    return result.to_json() | {"candidate_all": candidate, "serving_all": serving}
+
+
+def ranker_step(settings: Settings, data: Path, log: Path, cutoff, slice_, say: Say) -> KindReport:
+    from tailbridge.models import alignment
+    from tailbridge.models.ranking import model as rk
+
+    registry = Registry(models_root(settings.data_dir))
+    serving = registry.read().serving("ranker")
+    version = f"rk-loop-{_stamp()}"
+    report = KindReport("ranker", version, serving.version if serving else None)
+    started = time.monotonic()
+    holdout = settings.loop_holdout_fraction
+    path = _staged(settings, "ranker", version, lambda root: alignment.retrain_ranker(
+        data, log, root, version, Path(serving.path) if serving else None, settings.loop_ranker_minutes, say, holdout))
+    report.minutes = (time.monotonic() - started) / 60
+    registry.register(entry_from_artifact("ranker", path, parent=report.parent))
+    rd, searches = slice_
+    candidate = alignment.ranker_replay(rk.load_ranker(path), rd, searches)
+    current = alignment.ranker_replay(rk.load_ranker(Path(serving.path)), rd, searches) if serving else None
+    report.gate = _gate(settings, candidate, current, REPLAY_METRICS,
+                        {"held_out_searches": len(searches), "after": cutoff[0].isoformat()})
+    _decide(registry, "ranker", version, report)
+    return report
+
+
+def retriever_step(settings: Settings, data: Path, log: Path, cutoff, slice_, say: Say) -> KindReport:
+    from tailbridge.models import alignment
+    from tailbridge.models.retrieval.encoders import load_encoder
+
+    registry = Registry(models_root(settings.data_dir))
+    serving = registry.read().serving("retriever")
+    report = KindReport("retriever", None, serving.version if serving else None)
+    if serving is None or not (Path(serving.path) / "config.json").is_file():
+        report.note = (f"serving retriever {serving.version if serving else 'none'} is not a trained retriever "
+                       "artifact: nothing to fine-tune (`tailbridge train retriever`, then `tailbridge reindex`)")
+        return report
+    version = report.candidate = f"tb-loop-{_stamp()}"
+    started = time.monotonic()
+    staging_log = models_root(settings.data_dir) / STAGING_DIR / "logs" / version
+    shutil.rmtree(staging_log, ignore_errors=True)
+    train_log = alignment.training_log(log, cutoff, staging_log)
+    path = _staged(settings, "retriever", version, lambda root: alignment.finetune_retriever(
+        data, train_log, root, version, Path(serving.path), settings.loop_retriever_minutes, say))
+    shutil.rmtree(staging_log, ignore_errors=True)
+    report.minutes = (time.monotonic() - started) / 60
+    registry.register(entry_from_artifact("retriever", path, parent=serving.version))
+    rd, searches = slice_
+    scores = {}
+    for name, where in (("candidate", path), ("serving", Path(serving.path))):
+        encoder = load_encoder(str(where))
+        scores[name] = alignment.retriever_replay(encoder, rd, searches) | {
+            "judged_ndcg@10": alignment.retriever_judged(encoder, data, settings.loop_gate_max_queries)}
+    report.gate = _gate(settings, scores["candidate"], scores["serving"],
+                        (*REPLAY_METRICS, "judged_ndcg@10"),
+                        {"held_out_searches": len(searches), "after": cutoff[0].isoformat(),
+                         "judged_queries": settings.loop_gate_max_queries})
+    if report.gate["promote"]:
+        from tailbridge.streams.indexer import reindex
+        from tailbridge.streams.item_index import connect
+
+        say(f"retriever {version}: indexing the catalog beside the serving collection")
+        reindex(settings, version, connect(settings), load_encoder(str(path)), keep_old=True)  # the alias moves
+    _decide(registry, "retriever", version, report)
+    return report
+
+
+def _decide(registry: Registry, kind: str, version: str, report: KindReport) -> None:
+    if report.gate["promote"]:
+        registry.promote(kind, version, gate=report.gate)
+        report.promoted = True
+    else:
+        registry.reject(kind, version, gate=report.gate)
+
+
+STEPS = {"ranker": ranker_step, "retriever": retriever_step}
+
+
+def run_once(settings: Settings, data: Path, log: Path, kinds: tuple[str, ...], say: Say,
+             force: bool = False) -> dict[str, Any]:
+    """One iteration: returns {due, reason, reports}."""
+    from tailbridge.cli.models import sync
+    from tailbridge.models import alignment
+
+    staging = models_root(settings.data_dir) / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed iteration left: never a version
+    for note in sync(settings, milvus="retriever" in kinds):
+        say(f"note: {note}")
+    state = read_state(settings)
+    cut_time, cut_search, searches = alignment.log_cutoff(log, settings.loop_holdout_fraction)
+    is_due, reason = due(settings, state, searches, time.time())
+    if not (is_due or force):
+        return {"due": False, "reason": reason, "reports": []}
+    cutoff = (cut_time, cut_search)
+    say(f"iteration: {reason if is_due else 'forced'}; held out: searches after {cut_time.isoformat()}")
+    slice_ = alignment.heldout_slice(data, log, cutoff, settings.loop_gate_max_pages, say)
+    reports = []
+    for kind in kinds:
+        try:
+            reports.append(STEPS[kind](settings, data, log, cutoff, slice_, say))
+        except RegistryError as exc:
+            reports.append(KindReport(kind, note=str(exc)))
+    write_state(settings, LoopState(time.time(), searches))
+    return {"due": True, "reason": reason, "reports": reports}
+
+
+# ------------------------------------------------------------------ the command
+
+
+def print_report(result: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    if not result["due"]:
+        console.print(f"loop: not due ({result['reason']})")
+        return
+    table = Table(title="the gate: candidate against serving on the held-out slice")
+    for column in ("kind", "metric", "candidate", "serving", "delta"):
+        table.add_column(column, justify="left" if column in ("kind", "metric") else "right", no_wrap=True)
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for r in result["reports"]:
+        for k, metric in enumerate((r.gate or {}).get("candidate", {})):
+            delta = r.gate["deltas"].get(metric)
+            table.add_row(r.kind if k == 0 else "", metric, fmt(r.gate["candidate"][metric]),
+                          fmt((r.gate["serving"] or {}).get(metric)), "-" if delta is None else f"{delta:+.4f}")
+    console.print(table)
+    for r in result["reports"]:
+        if r.gate is None:
+            console.print(f"{r.kind}: [yellow]skipped[/]: {r.note}")
+            continue
+        evidence = r.gate["evidence"]
+        console.print(f"{r.kind}: trained {r.candidate} from {r.parent or 'nothing'} in {r.minutes:.1f} min; "
+                      + ("[bold green]promoted[/]" if r.promoted else "[red]rejected[/]")
+                      + f" ({r.gate['reason']}; {evidence.get('held_out_searches')} held-out searches, "
+                      f"{r.gate['candidate_all'].get('pages_purchase')} with a purchase; tolerance {r.gate['tolerance']})")
+
+
+def loop_command(
+    once: Annotated[bool, typer.Option("--once", help="Run one iteration (if due) and exit.")] = False,
+    data: Annotated[Optional[Path], typer.Option(help="Catalog and judgements (default DATA_DIR/demo).")] = None,
+    feedback: Annotated[Optional[Path], typer.Option(help="Feedback log (default: the stream worker's).")] = None,
+    kinds: Annotated[str, typer.Option(help="Comma-separated kinds to re-align.")] = ",".join(KIND_ORDER),
+    force: Annotated[bool, typer.Option(help="Run an iteration even when the thresholds are not met.")] = False,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads for training (serving keeps the rest).")] = 1,
+) -> None:
+    """The alignment loop: retrain, gate and promote models from the live feedback log."""
+    import torch
+    from rich.console import Console
+
+    from tailbridge.settings import get_settings
+
+    console = Console()
+    settings = get_settings()
+    torch.set_num_threads(threads)
+    chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    unknown = [k for k in chosen if k not in STEPS]
+    if unknown:
+        console.print(f"[bold red]error:[/] unknown kinds {unknown} (loop re-aligns {', '.join(STEPS)})")
+        raise typer.Exit(1)
+    data = data or settings.data_dir / "demo"
+    log = feedback or settings.data_dir / "offline" / "feedback"
+    if not (log / "examples").is_dir():
+        console.print(f"[bold red]error:[/] no feedback log at {log} (run `tailbridge worker`, or pass --feedback)")
+        raise typer.Exit(1)
+    while True:
+        started = time.monotonic()
+        result = run_once(settings, data, log, chosen, say=console.print, force=force)
+        print_report(result, console)
+        if result["due"]:
+            console.print(f"iteration took {(time.monotonic() - started) / 60:.1f} min")
+        if once:
+            return
+        force = False
+        time.sleep(settings.loop_poll_seconds)

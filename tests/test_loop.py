@@ -1,0 +1,89 @@
+"""The alignment loop (tailbridge/cli/loop.py): its thresholds, one real iteration on tiny data
+(retrain the ranker from the serving version, gate, promote, the handler's ranker follows),
+and kill -9 in the middle of an iteration leaving serving on a complete version."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tailbridge.cli.loop import LoopState, due, run_once
+from tailbridge.models.registry import Registry
+from tailbridge.settings import Settings
+from tests.conftest import tiny_demo
+
+torch.set_num_threads(1)
+
+
+def test_due_on_volume_or_time():
+    s = Settings(loop_min_new_searches=100, loop_max_interval_seconds=3600)
+    assert due(s, LoopState(None, 0), 5, 0)[0]  # first iteration: anything logged
+    assert not due(s, LoopState(1000.0, 50), 50, 9e9)[0]  # nothing new, however long
+    assert due(s, LoopState(1000.0, 50), 150, 1001.0) == (True, "100 new searches >= 100")
+    assert not due(s, LoopState(1000.0, 50), 149, 1000.0 + 3599)[0]
+    assert due(s, LoopState(1000.0, 50), 51, 1000.0 + 3600)[0]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny demo data with a simulated log and a tiny ranker serving (trained on it)."""
+    from tailbridge.models.ranking.training import train
+    from tests.test_ranker import TINY, TRAIN
+
+    root = tmp_path_factory.mktemp("loop")
+    data = tiny_demo(root / "demo", sessions=80)
+    cfg = dataclasses.replace(TRAIN, export_onnx=False)
+    train(data, data / "feedback", root / "models" / "ranker", "rk-parent", TINY, cfg, baseline=False,
+          say=lambda _: None)
+    return root, data
+
+
+def test_kill_9_mid_iteration_then_a_full_iteration(world):
+    from tailbridge.serving.models import load_ranker
+
+    root, data = world
+    env = os.environ | {"TAILBRIDGE_DATA_DIR": str(root), "TAILBRIDGE_LOOP_GATE_MIN_PAGES": "0",
+                        "TAILBRIDGE_LOOP_GATE_TOLERANCE": "1"}
+    loop = subprocess.Popen([str(Path(sys.executable).parent / "tailbridge"), "loop", "--once", "--kinds", "ranker", "--data",
+                             str(data), "--feedback", str(data / "feedback")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = root / "models" / ".staging" / "ranker"
+    deadline = time.monotonic() + 120
+    while not any(staging.glob("*/*")) and loop.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # until the candidate's artifact is being written
+    assert loop.poll() is None, "the loop ended before it could be killed"
+    os.kill(loop.pid, signal.SIGKILL)
+    loop.wait()
+    [killed] = list(staging.iterdir())  # the half-written candidate
+
+    settings = Settings(data_dir=root, loop_gate_min_pages=0, loop_gate_tolerance=1.0)
+    registry = Registry(root / "models")
+    assert registry.read().serving("ranker").version == "rk-parent"
+    assert sorted(p.name for p in (root / "models" / "ranker").iterdir()) == ["rk-parent"]  # nothing half-made
+    handler_ranker = load_ranker(settings)  # what a handler starting now would serve
+    assert handler_ranker.version == "rk-parent"
+
+    result = run_once(settings, data, data / "feedback", ("ranker",), say=lambda _: None)
+    [report] = result["reports"]
+    assert result["due"] and report.promoted and report.parent == "rk-parent"
+    state = registry.read()
+    entry = state.serving("ranker")
+    assert entry.version == report.candidate and entry.parent == "rk-parent"
+    assert state.get("ranker", "rk-parent").status == "retired"
+    assert entry.gate["candidate"]["purchase_ndcg@10"] is not None and entry.gate["serving"] is not None
+    assert entry.gate["evidence"]["held_out_searches"] > 0 and entry.data["searches"] > 0
+    assert (root / "models" / "ranker" / entry.version / "model.safetensors").is_file()
+    assert not killed.exists() and list(staging.iterdir()) == []  # the killed run's leftovers are gone
+    handler_ranker.maybe_reload(wait=True)
+    assert handler_ranker.version == entry.version  # the handler follows the promotion
+
+    again = run_once(settings, data, data / "feedback", ("ranker",), say=lambda _: None)
+    assert not again["due"] and again["reason"] == "no new searches logged"
