@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,9 @@ def test_kill_9_mid_iteration_then_a_full_iteration(world):
     from tailbridge.serving.models import load_ranker
 
     root, data = world
-    env = os.environ | {"TAILBRIDGE_DATA_DIR": str(root), "TAILBRIDGE_LOOP_GATE_MIN_PAGES": "0",
+    project = f"tbloop_{uuid.uuid4().hex[:8]}"  # no rewrite store of anyone's
+    env = os.environ | {"TAILBRIDGE_DATA_DIR": str(root), "TAILBRIDGE_FEAST_PROJECT": project,
+                        "TAILBRIDGE_LOOP_GATE_MIN_PAGES": "0",
                         "TAILBRIDGE_LOOP_GATE_TOLERANCE": "1"}
     loop = subprocess.Popen([str(Path(sys.executable).parent / "tailbridge"), "loop", "--once", "--kinds", "ranker", "--data",
                              str(data), "--feedback", str(data / "feedback")], env=env,
@@ -64,7 +67,7 @@ def test_kill_9_mid_iteration_then_a_full_iteration(world):
     loop.wait()
     [killed] = list(staging.iterdir())  # the half-written candidate
 
-    settings = Settings(data_dir=root, loop_gate_min_pages=0, loop_gate_tolerance=1.0)
+    settings = Settings(data_dir=root, feast_project=project, loop_gate_min_pages=0, loop_gate_tolerance=1.0)
     registry = Registry(root / "models")
     assert registry.read().serving("ranker").version == "rk-parent"
     assert sorted(p.name for p in (root / "models" / "ranker").iterdir()) == ["rk-parent"]  # nothing half-made

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
+import pytest
 from typer.testing import CliRunner
 
 from tailbridge.cli import app
@@ -27,6 +29,7 @@ def test_list_adopts_artifacts_and_rollback_returns_to_the_previous_ranker(tmp_p
     half = tmp_path / "models" / "ranker" / "rk-killed"  # a training killed before its config: not a version
     half.mkdir()
     monkeypatch.setenv("TAILBRIDGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TAILBRIDGE_FEAST_PROJECT", f"tbmodels_{uuid.uuid4().hex[:8]}")  # no rewrite store of anyone's
     get_settings.cache_clear()
     runner = CliRunner()
     try:
@@ -52,3 +55,29 @@ def test_list_adopts_artifacts_and_rollback_returns_to_the_previous_ranker(tmp_p
         assert result.exit_code == 1 and "no rewriter version is serving" in result.output
     finally:
         get_settings.cache_clear()  # the next test reads its own settings
+
+
+@pytest.mark.integration
+def test_rewriter_rollback_switches_the_live_rewrites(stack_settings, tmp_path):
+    from tailbridge.cli.models import rewrite_writer, rollback, sync
+    from tailbridge.models.registry import ModelVersion
+
+    settings = stack_settings.model_copy(update={"data_dir": tmp_path, "feast_project": f"tbrb_{uuid.uuid4().hex[:8]}"})
+    writer = rewrite_writer(settings)
+    writer.put_many("rw-1", {"cat counter": ["cat deterrent mat"]})
+    writer.put_many("rw-2", {"cat counter": ["kitchen counter"], "pvc elbow": ["pvc fitting 90"]})
+    registry = Registry(tmp_path / "models")
+    for version in ("rw-1", "rw-2"):
+        registry.register(ModelVersion("rewriter", version, str(tmp_path / version)))
+        writer.promote(version)
+        registry.promote("rewriter", version)
+    try:
+        assert sync(settings, milvus=False) == [] and registry.read().serving("rewriter").version == "rw-2"
+        assert rollback(settings, "rewriter") == {"kind": "rewriter", "from": "rw-2", "to": "rw-1"}
+        assert writer.serving_version() == "rw-1"
+        live = writer._redis.lrange(writer.live_key("cat counter"), 0, -1)
+        assert live == [b"cat deterrent mat"] and not writer._redis.exists(writer.live_key("pvc elbow"))
+        assert registry.read().serving("rewriter").version == "rw-1"
+    finally:
+        for key in writer._redis.scan_iter(f"tb:{settings.feast_project}:*"):
+            writer._redis.delete(key)

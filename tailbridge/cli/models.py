@@ -9,8 +9,9 @@ Each kind keeps its own way of being served; the registry records which version 
   and then records the switch;
 * ranker: the query handler serves the registry's serving ranker
   (``serving.ranker_reload``), so rollback is the registry change itself;
-* rewriter: the registry's serving version is the one whose rewrites the store serves; the
-  rollback is the registry change (the rewriter's store fills from the serving version).
+* rewriter: the rewrite store's live lists are a copy of one version's
+  (``streams.rewrite_store``); rollback makes the previous version's lists live
+  (``RewriteWriter.promote``), then records the switch.
 
 ``sync`` adopts what exists outside the registry (artifacts trained by hand, the version the
 alias points at, the ranker ``auto`` serves) so ``list`` shows everything.
@@ -61,6 +62,15 @@ def milvus_serving_version(settings: Settings) -> str | None:
     return serving_version(connect(settings), settings)
 
 
+def rewrite_writer(settings: Settings):
+    """The rewrite store's writer, or None when the online store has no Redis (SQLite fallback)."""
+    from tailbridge.feature_repo.online import resolve_online_store
+    from tailbridge.streams.rewrite_store import RewriteWriter
+
+    url = resolve_online_store(settings).redis_url
+    return RewriteWriter.from_url(url, settings.feast_project, timeout_s=2.0) if url else None
+
+
 def sync(settings: Settings, milvus: bool = True) -> list[str]:
     """Register artifacts the registry does not know and record what actually serves; returns
     notes on what could not be checked."""
@@ -74,6 +84,15 @@ def sync(settings: Settings, milvus: bool = True) -> list[str]:
     trained = artifact_dirs(settings, "ranker")
     if state.serving("ranker") is None and trained:  # what the handler's `auto` serves without a registry
         registry.reconcile_serving("ranker", trained[-1].name, str(trained[-1]))
+    try:
+        writer = rewrite_writer(settings)
+        version = writer.serving_version() if writer is not None else None
+    except Exception as exc:  # Redis down: list still works, and says so
+        notes.append(f"rewriter: the rewrite store did not answer ({type(exc).__name__}); serving version not checked")
+    else:
+        if version is not None:
+            path = models_root(settings.data_dir) / "rewriter" / version
+            registry.reconcile_serving("rewriter", version, str(path) if path.is_dir() else "")
     if milvus:
         try:
             version = milvus_serving_version(settings)
@@ -133,6 +152,11 @@ def rollback(settings: Settings, kind: str) -> dict[str, Any]:
             raise RegistryError(f"retriever {previous.version}: its Milvus collection was dropped; rebuild it with "
                                 f"`tailbridge reindex --model {previous.version} --keep-old`")
         point_alias(client, settings, previous.version)  # serving moves first: the record follows it
+    elif kind == "rewriter":
+        writer = rewrite_writer(settings)
+        if writer is None:
+            raise RegistryError("the rewrite store needs Redis (the online store is the SQLite fallback)")
+        writer.promote(previous.version)  # the previous version's lists become the live ones
     registry.rollback(kind, expected_current=current.version)
     return {"kind": kind, "from": current.version, "to": previous.version}
 
