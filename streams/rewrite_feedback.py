@@ -10,8 +10,14 @@
 2. This module's processor reads ``rewrite_feedback`` and adds the counts into one Redis hash per
    query key (``tb:<project>:rewrite_stats:<query_key>``, fields ``<rewrite>|<counter>``), once
    per event id (a Lua script: the dedup mark and the increments in one step).
-3. The query handler reads that hash with the query's rewrites and applies
-   ``models.rewrite_evidence`` before the rewrites are used (``serving.rewrite_filter``).
+3. Right after, for each query whose statistics changed, it judges the query's live rewrites
+   (``models.rewrite_evidence``: a minimum of evidence, then the posterior probability that
+   the rewrite's routes engage less than the original query's) and rewrites the live list the
+   query handler reads (``streams.rewrite_store``): a demoted rewrite moves to the end (search
+   uses the first few), a dropped one leaves it. The handler needs no change and acts on the
+   verdict with its next read, long before any retraining. The version's own lists are left
+   as they are: promoting a new rewriter version starts from its own lists, and the next
+   feedback on a rewrite that keeps failing demotes it again.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import orjson
 import pandas as pd
 
-from tailbridge.models.rewrite_evidence import RewriteEvidence, RouteCounts
+from tailbridge.models.rewrite_evidence import EvidenceRule, RewriteEvidence, RouteCounts, order_rewrites
 from tailbridge.settings import Settings
 from tailbridge.streams import feedback
 from tailbridge.streams.events import RewriteFeedback, encode
 from tailbridge.streams.processor import Counts, Processor, Resources
+from tailbridge.streams.rewrite_store import RewriteWriter
 from tailbridge.streams.topics import TOPICS, make_producer
 from tailbridge.vocab import normalize_query
 
@@ -155,11 +162,47 @@ def decode_stats(raw: Mapping[bytes | str, bytes | str]) -> dict[str, RewriteEvi
             for r, sides in per.items()}
 
 
+def evidence_rule(settings: Settings) -> EvidenceRule:
+    return EvidenceRule(settings.rewrite_min_shown, settings.rewrite_demote_probability,
+                        settings.rewrite_drop_probability)
+
+
+def judge_live(redis_client, settings: Settings, query_keys: Sequence[str]) -> dict[str, int]:
+    """Re-order or shorten each query's live rewrites by their evidence; returns how many
+    rewrites were demoted and dropped. A writer changing a list meanwhile wins (WATCH): the
+    next feedback on the query judges its new list."""
+    import redis
+
+    live = RewriteWriter(redis_client, settings.feast_project)
+    rule, counts = evidence_rule(settings), {"rewrites_demoted": 0, "rewrites_dropped": 0}
+    for query_key in dict.fromkeys(query_keys):
+        key = live.live_key(query_key)
+        with redis_client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                current = [raw.decode() for raw in pipe.lrange(key, 0, -1)]
+                served, verdicts = order_rewrites(current, decode_stats(pipe.hgetall(stats_key(settings, query_key))),
+                                                  rule)
+                if served == current:
+                    continue
+                pipe.multi()
+                pipe.delete(key)
+                if served:
+                    pipe.rpush(key, *served)
+                pipe.execute()
+            except redis.WatchError:
+                continue
+        counts["rewrites_demoted"] += sum(v == "demote" and r in current for r, v in verdicts.items())
+        counts["rewrites_dropped"] += sum(v == "drop" and r in current for r, v in verdicts.items())
+    return counts
+
+
 def processor(resources: Resources) -> Processor:
     settings, client = resources.settings, resources.redis
 
     def apply(events) -> Counts:
         applied = apply_events(client, settings, events)
-        return {"rewrite_feedback_applied": applied, "duplicates": len(events) - applied}
+        judged = judge_live(client, settings, [e.query_key for e in events])
+        return {"rewrite_feedback_applied": applied, "duplicates": len(events) - applied, **judged}
 
     return Processor("rewrite_stats", ("rewrite_feedback",), apply)

@@ -13,7 +13,10 @@ from tailbridge.models.data.user_context import epoch_ms
 from tailbridge.models.rewrite_evidence import RouteCounts, verdict
 from tailbridge.streams import feedback
 from tailbridge.streams.events import QueryEvent, ServedItem, decode
-from tailbridge.streams.rewrite_feedback import Emitter, apply_events, decode_stats, events_for, stats_key
+from tailbridge.streams.processor import Resources
+from tailbridge.streams.rewrite_feedback import (Emitter, apply_events, decode_stats, events_for, processor,
+                                                 stats_key)
+from tailbridge.streams.rewrite_store import RewriteWriter
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -73,7 +76,15 @@ def test_feedback_through_kafka_into_redis_once_per_event(stack_settings, tmp_pa
         assert apply_events(client, settings, events[:5]) == 5
         assert verdict(decode_stats(client.hgetall(stats_key(settings, "keep cat off counter")))["cat shelf"]) == \
             "keep"  # 10 items shown: below the minimum of evidence, however bad
-        assert apply_events(client, settings, events) == 11  # the rest; the repeats are recognised
+        # The live rewrites the handler reads: the failing one first, as the rewriter stored it.
+        writer = RewriteWriter(client, settings.feast_project)
+        writer.put_many("rw-2", {"keep cat off counter": ["cat shelf", "counter guard"]})
+        writer.promote("rw-2")
+        apply = processor(Resources(settings, client, None, None)).apply
+        assert apply(events) == {"rewrite_feedback_applied": 11, "duplicates": 8,  # the repeats are recognised
+                                 "rewrites_demoted": 0, "rewrites_dropped": 1}
+        assert client.lrange(writer.live_key("keep cat off counter"), 0, -1) == [b"counter guard"]
+        assert writer.get("rw-2", "keep cat off counter") == ["cat shelf", "counter guard"]  # the version's own
         assert apply_events(client, settings, events) == 0
         evidence = decode_stats(client.hgetall(stats_key(settings, "keep cat off counter")))["cat shelf"]
         assert evidence.rewrite == RouteCounts(shown=32, engaged=0, carts=0, purchases=0)
