@@ -487,6 +487,9 @@ def run_demo(  # not `demo`: that name is the module tailbridge.cli.demo, which 
     seed: int = 7,
     serve: Annotated[bool, typer.Option(help="End by serving search until Ctrl-C (--no-serve: stop after the "
                                               "example searches).")] = True,
+    loop: Annotated[bool, typer.Option("--loop", help="After the ranker, run one alignment-loop iteration on the "
+                                                      "replay's feedback log and print what it trained, the gate's "
+                                                      "comparison and what it promoted.")] = False,
 ) -> None:
     """The main job on the embedded stack: stack up, data, topics, features, a worker processing
     a live replay while features and vectors change on screen, a ranker trained on the feedback
@@ -510,6 +513,14 @@ def run_demo(  # not `demo`: that name is the module tailbridge.cli.demo, which 
         live.print_topic_counts(settings, console)
         console.rule("6/7 ranker, trained on the feedback log the worker just wrote")
         live.train_demo_ranker(settings, _default_data_dir(), console)
+        if loop:
+            console.rule("alignment loop: one iteration on the replay's feedback log (`tailbridge loop --once`)")
+            try:
+                loop_cli.print_report(loop_cli.run_once(settings, _default_data_dir(), settings.data_dir / "offline"
+                                                        / "feedback", loop_cli.KIND_ORDER, say=console.print,
+                                                        force=True), console)
+            except ValueError as exc:  # e.g. too little feedback logged to hold some out
+                console.print(f"[yellow]alignment loop skipped: {exc}[/]")
         console.rule("7/7 query handler")
         live.serve(settings, dataset, console, keep_serving=serve)
     except KeyboardInterrupt:  # Ctrl-C: each step stops what it started (the worker included)

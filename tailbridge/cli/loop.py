@@ -277,7 +277,11 @@ def loop_command(
         raise typer.Exit(1)
     while True:
         started = time.monotonic()
-        result = run_once(settings, data, log, chosen, say=console.print, force=force)
+        try:
+            result = run_once(settings, data, log, chosen, say=console.print, force=force)
+        except ValueError as exc:  # the data or the log cannot be used (named in the message)
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(1) from None
         print_report(result, console)
         if result["due"]:
             console.print(f"iteration took {(time.monotonic() - started) / 60:.1f} min")
