@@ -121,9 +121,8 @@ def key_metrics(kind: str, entry) -> str:
             history = [h for h in m.get("history", []) if "dev_ndcg@10" in h]
             parts = [f"dev nDCG@10 {history[-1]['dev_ndcg@10']:.4f}"] if history else []
         parts += [f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and "ndcg" in k.lower()][:2]
-    if gate:
-        parts.append(("gate: pass" if gate.get("promote") else "gate: fail")
-                     + (f" ({gate['reason']})" if gate.get("reason") else ""))
+    if gate:  # why a candidate failed is worth the width; a pass is its numbers
+        parts.append("gate: pass" if gate.get("promote") else f"gate: fail ({gate.get('reason', '')})")
     return "; ".join(parts)
 
 
