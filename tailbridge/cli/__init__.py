@@ -175,13 +175,19 @@ def data_synth(
     users: Annotated[int, typer.Option(min=1, help="Number of shopper personas.")] = 200,
     seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 7,
     out: Annotated[Optional[Path], typer.Option(help="Output dir [default: DATA_DIR/demo].")] = None,
+    style: Annotated[str, typer.Option(help="demo (taxonomy, descriptions, personas) or realistic (title-only "
+                                            "home-improvement catalog, noisy queries and grades, no personas).")] = "demo",
 ) -> None:
     """Generate a catalog, queries with a vocabulary gap, graded labels and personas (BEIR format)."""
     from tailbridge.synthetic import catalog as synth
+    from tailbridge.synthetic import realistic
 
+    if style not in ("demo", "realistic"):
+        _fail(f"unknown --style {style!r} (demo or realistic)")
     out = out or _default_data_dir()
-    with console.status(f"generating {items} items, {users} users..."):
-        dataset = synth.generate(items=items, users=users, seed=seed)
+    with console.status(f"generating {items} items ({style})..."):
+        dataset = realistic.generate(items=items, seed=seed) if style == "realistic" else \
+            synth.generate(items=items, users=users, seed=seed)
         files = synth.write(dataset, out)
     console.print(f"wrote {len(dataset.items)} items, {len(dataset.queries)} queries, {len(dataset.users)} users to {out}")
     for name, path in files.items():
