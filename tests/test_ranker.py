@@ -21,11 +21,18 @@ from tests.conftest import tiny_demo
 
 torch.set_num_threads(1)
 
-TINY = rk.RankerConfig(layers=1, train_layers=1, max_length=16, dim=16, hidden=32)
+TINY = rk.RankerConfig(layers=1, train_layers=1, max_length=16, dim=16, hidden=16, experts=2)
 TRAIN = RankerTrainConfig(epochs=2, batch_size=128, finetune_steps=3, finetune_searches=4, encode_batch=64,
-                          max_minutes=None)
+                          max_minutes=None, comparisons=("click-only",))
 ARTIFACT_FILES = {"config.json", "model.safetensors", "text", "tokenizer", "item_encodings.npy",
                   "item_encodings.json", "catalog.json", "metrics.json", "MODEL_CARD.md", "query_encoder.onnx"}
+
+
+@pytest.fixture(scope="module")
+def bert():
+    """One randomly initialised 1-layer MiniLM for the unit tests that never train text (building
+    one costs seconds)."""
+    return rk.truncated_bert(1, config_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +94,38 @@ def test_user_item_features():
     assert ft.item_features({"purchases_24h": 3, "ctr_24h": None}) == [0.0, 0.0, pytest.approx(math.log(4))]
 
 
+def test_query_item_features():
+    items = [{"item_id": "a", "title": "Harlow Beige Sofa", "brand": "Harlow", "category": "Sofas", "price": 280.0,
+              "attributes": {"color": "Beige"}},
+             {"item_id": "b", "title": "Dune Sofa", "brand": "Dune", "category": "Sofas", "price": 320.0,
+              "attributes": {"color": "Grey"}}]
+    catalog = ft.Catalog.from_items(items)
+    assert catalog.value_terms == {"beige", "grey"}
+    q = ft.query_view("need a beige sofas under $300 pls", catalog)
+    assert q.cap == 300 and q.asked == {"beige"} and q.terms == {"beige", "sofa"}
+    a = dict(zip(ft.QUERY_FEATURES, ft.query_item_features(q, items[0], catalog)))
+    b = dict(zip(ft.QUERY_FEATURES, ft.query_item_features(q, {**items[1], "attributes": None}, catalog)))
+    assert a["query_terms_in_item"] == 1.0 and b["query_terms_in_item"] == 0.5
+    assert a["leaf_named"] == b["leaf_named"] == 1.0 and a["brand_named"] == 0.0
+    assert (a["asked_values_matched"], a["asked_value_missing"]) == (1.0, 0.0)
+    assert (b["asked_values_matched"], b["asked_value_missing"]) == (0.0, 1.0)  # values from the catalog copy
+    assert (a["has_price_cap"], a["over_price_cap"], b["over_price_cap"]) == (1.0, 0.0, 1.0)
+    assert a["log_price_vs_cap"] == pytest.approx(math.log(280 / 300))
+    plain = ft.query_item_features(ft.query_view("Harlow", catalog), items[1], catalog)
+    assert plain == [0.0] * len(ft.QUERY_FEATURES)  # says nothing the item has or lacks
+    assert ft.Catalog.from_json(json.loads(json.dumps(catalog.to_json()))).values == catalog.values
+
+
 def test_weights_are_validated():
     assert rk.resolve_weights(rk.DEFAULT_WEIGHTS, {"purchase": 10}) == {"click": 1.0, "add_to_cart": 2.0, "purchase": 10.0}
     with pytest.raises(ValueError, match="unknown ranker head 'buy'"):
         rk.resolve_weights(rk.DEFAULT_WEIGHTS, {"buy": 1})
     with pytest.raises(ValueError, match=">= 0"):
         rk.resolve_weights(rk.DEFAULT_WEIGHTS, {"click": -1})
-    with pytest.raises(ValueError, match="subset"):
-        rk.RankerConfig(tasks=("clicks",))
+    with pytest.raises(ValueError, match="prefix of the funnel"):
+        rk.RankerConfig(tasks=("purchase",))
+    with pytest.raises(ValueError, match="structure"):
+        rk.RankerConfig(structure="towers")
 
 
 def test_point_in_time_stats_never_see_their_own_search():
@@ -122,25 +153,66 @@ def test_point_in_time_stats_never_see_their_own_search():
     assert stats[5].tolist() == pytest.approx([prior_ctr, prior_cvr, 0])
 
 
-def test_single_task_loss_reaches_the_click_head_only():
+def test_funnel_probabilities_and_single_task_gradients(bert):
     torch.manual_seed(0)
-    model = rk.RankerModel(TINY, rk.truncated_bert(1))
     q, p = torch.randn(8, TINY.dim), torch.randn(8, TINY.dim)
     feats = torch.randn(8, len(ft.FEATURES))
-    labels = torch.from_numpy(rk.labels_from_level(np.array([1, 2, 3, 4, 1, 2, 3, 4])))
-    assert labels.tolist()[:4] == [[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]]
-    loss, per_head = rk.multitask_loss(model(q, p, feats, ("click",)), labels, ("click",))
-    assert set(per_head) == {"click"}
+    labels = torch.from_numpy(rk.labels_from_level(np.array([1, 2, 3, 4, 0, 2, 3, 4])))
+    assert labels.tolist()[:5] == [[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1], [0, 0, 0]]
+    for structure in rk.STRUCTURES:
+        model = rk.RankerModel(rk.RankerConfig(**{**TINY.to_json(), "structure": structure}), bert)
+        probs = torch.exp(rk.log_probs(model(q, p, feats)))
+        assert ((probs[:, 2] <= probs[:, 1]) & (probs[:, 1] <= probs[:, 0])).all()  # purchase <= cart <= click
+        no_exam = torch.zeros(8)
+        loss, per_head = rk.multitask_loss(model(q, p, feats), labels, no_exam, rk.TASKS)
+        assert loss.item() == pytest.approx(sum(v.item() for v in per_head.values()))
+        loss.backward()
+        assert all(model.towers[t][0].weight.grad.abs().sum() > 0 for t in rk.TASKS)
+    click = rk.RankerModel(rk.RankerConfig(**{**TINY.to_json(), "tasks": ("click",)}), bert)
+    assert set(click.towers) == {"click"} and click(q, p, feats).shape == (8, 1)
+    loss, per_head = rk.multitask_loss(click(q, p, feats), labels, torch.zeros(8), ("click",))
     loss.backward()
-    assert model.heads["click"].weight.grad.abs().sum() > 0
-    assert model.heads["purchase"].weight.grad is None and model.heads["add_to_cart"].weight.grad is None
-    assert model.trunk[0].weight.grad.abs().sum() > 0
+    assert set(per_head) == {"click"} and click.experts[0][0].weight.grad.abs().sum() > 0
 
-    model.zero_grad(set_to_none=True)
-    loss, per_head = rk.multitask_loss(model(q, p, feats), labels, rk.TASKS)
-    assert loss.item() == pytest.approx(sum(v.item() for v in per_head.values()))
-    loss.backward()
-    assert all(model.heads[t].weight.grad.abs().sum() > 0 for t in rk.TASKS)
+
+def test_examination_factor_learns_the_position_bias_and_is_training_only(bert):
+    """Clicks = exam(position) x attraction, positions independent of the item: the model with the
+    examination factor recovers exam(k) ~ 1/k and an attraction contrast near the true one; the
+    same model without it underestimates the contrast's scale (it averages the positions in)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n = 3000
+    good = rng.integers(0, 2, n)  # feature 0: the item is attractive
+    position = rng.integers(1, 6, n)
+    clicked = rng.random(n) < (1 / position) * np.where(good == 1, 0.8, 0.2)
+    feats = torch.zeros(n, len(ft.FEATURES))
+    feats[:, 0] = torch.from_numpy(good).float()
+    labels = torch.from_numpy(rk.labels_from_level(np.where(clicked, 2, 1)))
+    q = p = torch.zeros(n, TINY.dim)
+    fitted = {}
+    for bias in (True, False):
+        cfg = rk.RankerConfig(**{**TINY.to_json(), "tasks": ("click",), "position_bias": bias, "positions": 5,
+                                 "dropout": 0.0})
+        model = rk.RankerModel(cfg, bert)
+        opt = torch.optim.Adam([p for n_, p in model.named_parameters() if not n_.startswith("text.")], lr=0.05)
+        pos, route = torch.from_numpy(position), torch.zeros(n, dtype=torch.long)
+        for _ in range(100):
+            loss, _ = rk.multitask_loss(model(q, p, feats), labels, model.log_examination(pos, route), ("click",))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            probe = torch.zeros(2, len(ft.FEATURES))
+            probe[1, 0] = 1.0
+            fitted[bias] = torch.exp(rk.log_probs(model(q[:2], p[:2], probe)))[:, 0].tolist()
+            if bias:
+                exam = torch.exp(model.log_examination(torch.arange(6), torch.zeros(6, dtype=torch.long)))
+                assert exam[0] == 1.0  # position 0: never shown, counts as examined
+                ratio = (exam[1:] / exam[1]).tolist()
+                assert ratio == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5], abs=0.12)
+    unbiased, biased = fitted[True], fitted[False]
+    assert unbiased[1] - unbiased[0] > 1.5 * (biased[1] - biased[0])  # 0.8 - 0.2 at the top vs ~0.27 averaged
+    assert unbiased[1] / unbiased[0] == pytest.approx(4, rel=0.35)
 
 
 def test_lru_forgets_the_least_recently_used():
@@ -161,19 +233,18 @@ def test_auc():
 
 def test_changing_weights_changes_the_order(demo):
     torch.manual_seed(0)
-    model, tokenizer = rk.build(TINY)
-    with torch.no_grad():  # click rises with CTR, purchase falls with it: the weights decide the order
-        for head, sign in (("click", 1.0), ("add_to_cart", 0.0), ("purchase", -1.0)):
-            model.heads[head].weight.zero_()
-            model.heads[head].bias.zero_()
-        model.trunk[-2].weight.zero_()
-        model.trunk[-2].bias.fill_(0.0)
-        model.trunk[0].weight.zero_()
-        model.trunk[0].bias.zero_()
-        model.trunk[0].weight[0, 3 * TINY.dim] = 1.0  # hidden unit 0 = standardised ctr_24h
-        model.trunk[-2].weight[0, 0] = 1.0
-        model.heads["click"].weight[0, 0] = 3.0
-        model.heads["purchase"].weight[0, 0] = -3.0
+    model, tokenizer = rk.build(rk.RankerConfig(**{**TINY.to_json(), "structure": "shared-bottom", "dropout": 0.0}))
+    ctr = 3 * TINY.dim + ft.FEATURES.index("ctr_24h")
+    with torch.no_grad():  # click rises with CTR, purchase given a cart falls with it: the weights decide
+        for module in (*model.experts[0], *(m for t in rk.TASKS for m in model.towers[t])):
+            if isinstance(module, torch.nn.Linear):
+                module.weight.zero_()
+                module.bias.zero_()
+        model.experts[0][0].weight[0, ctr] = 1.0  # shared unit 0 = standardised ctr_24h (GELU twice)
+        model.experts[0][3].weight[0, 0] = 1.0
+        for head, sign in (("click", 0.2), ("purchase", -6.0)):
+            model.towers[head][0].weight[0, 0] = 1.0
+            model.towers[head][2].weight[0, 0] = sign
     ranker = rk.Ranker(model, tokenizer, "hand-made")
     candidates = catalog_candidates(demo)
     by_click = ranker.score("sofa", candidates, weights={"click": 1, "add_to_cart": 0, "purchase": 0})
@@ -231,7 +302,7 @@ def test_training_artifact_and_reload_give_identical_scores(demo, tmp_path):
 
 def test_trained_artifact_scores(trained, demo):
     assert ARTIFACT_FILES <= {p.name for p in trained.iterdir()}
-    assert ARTIFACT_FILES <= {p.name for p in (trained / rk.BASELINE_DIR).iterdir()}
+    assert ARTIFACT_FILES <= {p.name for p in (trained / rk.BASELINES_DIR / "click-only").iterdir()}
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["tasks"] == list(rk.TASKS) and set(metrics["test_auc"]) == set(rk.TASKS)
     assert metrics["data"]["train_searches"] + metrics["data"]["test_searches"] == metrics["data"]["searches"]
@@ -266,7 +337,7 @@ def test_trained_artifact_scores(trained, demo):
     renamed = [{**candidates[0], "title": candidates[0]["title"] + " deluxe"}, {"item_id": "new", "title": "Lamp"}]
     assert len(ranker.score("lamp", renamed)) == 2 and len(ranker.items) == cached + 2
 
-    baseline = rk.load_ranker(trained / rk.BASELINE_DIR)
+    baseline = rk.load_ranker(trained / rk.BASELINES_DIR / "click-only")
     for row in baseline.score("a sofa", candidates):
         assert set(row) == {"click", "score"} and row["score"] == pytest.approx(row["click"])
 
@@ -277,17 +348,28 @@ def test_load_ranker_unknown_version_lists_known():
 
 
 def test_evaluation_report(trained, demo):
-    report = evaluate(demo, trained, demo / "feedback", say=lambda _: None, latency_calls=5)
+    from tailbridge.serving.search import blend
+
+    report = evaluate(demo, trained, demo / "feedback", say=lambda _: None, latency_calls=5, blend=blend,
+                      judged_queries=4, judged_candidates=10)
     assert list(report["systems"]) == ["multi-task", "click-only", "logged order"]
     for name, system in report["systems"].items():
         assert set(system["auc"]) == set(rk.TASKS)
         for head, value in system["auc"].items():
             assert value is None or 0.0 <= value <= 1.0, (name, head)
         assert system["auc"]["click"] is not None
-        for key in ("ndcg@10_purchase", "ndcg@10_graded"):
+        for key in ("ndcg@10_purchase", "ndcg@10_purchase_ips", "ndcg@10_graded"):
             assert system[key] is None or 0.0 <= system[key] <= 1.0
+    exam = report["examination"]
+    assert len(exam) == TINY.positions + 1 and exam[1] == 1.0 and all(0 < e for e in exam)
     assert report["test"]["searches"] == json.loads((trained / "metrics.json").read_text())["data"]["test_searches"]
-    assert report["latency_ms"]["new_query"]["p50"] > 0
+    assert set(report["latency_ms"]) == {"50", "100"}
+    assert all(lat["new_query"]["p50"] > 0 and lat["candidates"] == int(n) for n, lat in report["latency_ms"].items())
+    judged = report["judged"]
+    assert judged["queries"] == 4 and judged["candidates"] == 10
+    assert {"no ranker (retrieval order)", "multi-task alone", "click-only alone",
+            "multi-task blended (retrieval weight 1)"} <= set(judged["ndcg@10"])
+    assert judged["ndcg@10"]["no ranker (retrieval order)"] > 0  # MiniLM finds judged items
     assert json.loads((trained / "eval-ranker.json").read_text()) == report
 
 

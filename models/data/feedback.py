@@ -16,6 +16,9 @@ The retriever needs these columns (``FEEDBACK_COLUMNS``; others are ignored):
     label       string   shown_unclicked | clicked | added_to_cart | purchased
     event_time  timestamp (UTC) of the search
 
+An optional ``source`` column (the route that served the item: dense, bm25, rewrite:...; the
+stream worker writes it) is kept when present, else read as "".
+
 Rows are deduplicated by (query_id, item_id): the writer is at-least-once. Training uses the
 log for behaviour levels (the multi-grained loss), for graph edges, and for the user context a
 shopper had when searching: the Feast ``user_context`` row, rebuilt by folding their earlier
@@ -60,12 +63,14 @@ def read_feedback(feedback_dir: Path) -> pd.DataFrame:
         missing = [c for c in FEEDBACK_COLUMNS if c not in table.column_names]
         if missing:
             raise FeedbackError(f"{path}: missing feedback columns {', '.join(missing)}")
-        frames.append(table.select(list(FEEDBACK_COLUMNS)).to_pandas())
+        frame = table.select([c for c in (*FEEDBACK_COLUMNS, "source") if c in table.column_names]).to_pandas()
+        frames.append(frame if "source" in frame else frame.assign(source=""))
     frame = pd.concat(frames, ignore_index=True)
     bad = sorted(set(frame["label"]) - set(LABEL_LEVEL))
     if bad:
         raise FeedbackError(f"{feedback_dir}: unknown labels {bad} (expected {', '.join(LABEL_LEVEL)})")
     frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
+    frame["source"] = frame["source"].fillna("").astype(str)
     frame = frame.drop_duplicates(subset=["query_id", "item_id"], keep="last")
     return frame.sort_values(["event_time", "query_id", "position"], ignore_index=True)
 

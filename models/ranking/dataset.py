@@ -18,8 +18,15 @@ time split, for training (``models.ranking.training``) and evaluation (``models.
    A log search's engagements are counted from the search's time; on real traffic a click
    that came after a later search started is a few seconds early (the simulator's sessions
    never overlap like that).
-4. Random negatives (training only): ``random_negatives`` random catalog items per training
-   search, labelled nothing, with the stats of an item nobody engaged with.
+   Query x item features read the search's query text (``features.query_view``).
+4. Training-only inputs: each row's logged position and route (the log's ``source``), which the
+   examination factor of ``models.ranking.model`` reads while training; serving has neither.
+5. Negatives never shown (training only, position 0, labelled nothing, with the stats of an
+   item nobody engaged with): ``random_negatives`` random catalog items per training search
+   (method 5's lowest level), and ``judged_negatives`` of the items judged a complement or
+   irrelevant for the search's query, where the data has training judgements for it (the
+   demo's training queries): logged pages are ~all relevant, so without them the ranker never
+   learns what makes a candidate from another category or product type worse.
 """
 
 from __future__ import annotations
@@ -101,11 +108,13 @@ class RankerData:
     query: np.ndarray  # per row: index into query_texts
     item: np.ndarray  # per row: index into item_ids
     position: np.ndarray  # per row: 1-based rank on the served page
+    route: np.ndarray  # per row: index into routes (0: unknown)
+    routes: tuple[str, ...]  # the log's named serving routes
     level: np.ndarray  # per row: LABEL_LEVEL
     stats: np.ndarray  # per row: [ctr_24h, cvr_24h, purchases_24h] at the search
     features: np.ndarray  # per row: models.ranking.features.FEATURES
     train_searches: int  # searches [0, train_searches) train, the rest test
-    # Random negatives of training searches (not rows of any page): query, item, features.
+    # Negatives of training searches (not rows of any page): query, item, features.
     random_query: np.ndarray
     random_item: np.ndarray
     random_features: np.ndarray
@@ -125,7 +134,7 @@ class RankerData:
 
 def prepare(data_dir: Path, feedback_dir: Path, test_fraction: float = 0.2, window_hours: float = 24.0,
             test_after: tuple[str, str] | None = None, say: Callable[[str], None] = print,
-            random_negatives: int = 0, seed: int = 7) -> RankerData:
+            random_negatives: int = 0, judged_negatives: int = 0, seed: int = 7) -> RankerData:
     """Rows, features and the split. ``test_after`` = (ISO time, search id) of the last training
     search: the test split is every search after it (evaluation of a trained version)."""
     data = load_dataset(data_dir)
@@ -154,23 +163,39 @@ def prepare(data_dir: Path, feedback_dir: Path, test_fraction: float = 0.2, wind
     stats = point_in_time_stats(frame, window_hours)
     contexts = [with_context[s]["context"] for s in search_ids]
     views = [ft.user_view(c, catalog) for c in contexts]
+    asked = [ft.query_view(q, catalog) for q in query_texts]
+    query_col = frame["query"].astype(str).map(query_index).to_numpy()
     items_col = frame["item_id"].astype(str).tolist()
-    feats = np.array([ft.features(candidate(data.items[i], st), views[s], catalog)
-                      for i, st, s in zip(items_col, stats, row_search)], dtype=np.float32)
+    feats = np.array([ft.features(asked[q], candidate(data.items[i], st), views[s], catalog)
+                      for q, i, st, s in zip(query_col, items_col, stats, row_search)], dtype=np.float32)
+    routes = tuple(sorted(set(frame["source"]) - {""}))
+    route_col = frame["source"].map({r: k + 1 for k, r in enumerate(routes)}).fillna(0).to_numpy(np.int64)
 
     if test_after is not None:
         after = (pd.Timestamp(test_after[0]), test_after[1])
         train_searches = sum(1 for s in search_ids if (times[s], s) <= after)
     else:
         train_searches = int(round(len(search_ids) * (1 - test_fraction)))
-    query_col = frame["query"].astype(str).map(query_index).to_numpy()
-    negative_search = np.repeat(np.arange(train_searches), random_negatives)
-    negative_item = np.random.default_rng(seed).integers(len(item_ids), size=len(negative_search))
+    rng = np.random.default_rng(seed)
+    negative_search = list(np.repeat(np.arange(train_searches), random_negatives))
+    negative_item = list(rng.integers(len(item_ids), size=len(negative_search)))
+    if judged_negatives:
+        text_qid = {text: qid for qid, text in data.queries.items()}
+        judged = data.qrels.get("train", {})
+        worse = {q: [item_index[i] for i, g in sorted(judged.get(text_qid.get(q, ""), {}).items())
+                     if g <= 1 and i in item_index] for q in query_texts}
+        for s in range(train_searches):
+            pool = worse[query_texts[query_col[search_start[s]]]]
+            for k in rng.choice(len(pool), size=min(judged_negatives, len(pool)), replace=False):
+                negative_search.append(s)
+                negative_item.append(pool[k])
+    negative_search, negative_item = np.array(negative_search, int), np.array(negative_item, int)
+    negative_query = query_col[search_start[negative_search]]
     no_stats = (PRIOR_CTR, PRIOR_CVR, 0.0)  # an item nobody engaged with, as the stats smooth it
-    negative_feats = np.array([ft.features(candidate(data.items[item_ids[i]], no_stats), views[s], catalog)
-                               for s, i in zip(negative_search, negative_item)], dtype=np.float32)
+    negative_feats = np.array([ft.features(asked[q], candidate(data.items[item_ids[i]], no_stats), views[s], catalog)
+                               for q, s, i in zip(negative_query, negative_search, negative_item)], dtype=np.float32)
     return RankerData(
-        random_query=query_col[search_start[negative_search]], random_item=negative_item,
+        random_query=negative_query, random_item=negative_item, routes=routes, route=route_col,
         random_features=negative_feats.reshape(len(negative_search), len(ft.FEATURES)),
         name=data.name, items=data.items, item_ids=item_ids, query_texts=query_texts, search_ids=search_ids,
         search_times=[times[s] for s in search_ids], contexts=contexts, search_start=search_start,

@@ -1,5 +1,13 @@
-"""What a candidate and the shopper's context contribute to the ranker besides text.
+"""What a candidate, the query and the shopper's context contribute to the ranker besides the
+text encodings. One module computes them for training rows and for serving's candidates.
 
+* Query x item (``QUERY_FEATURES``), from the query text and the product: the share of the
+  query's terms the product's title, brand, category and attribute values contain, whether its
+  leaf category and brand are named, whether the attribute values the query asks for (a colour,
+  a size: words that are attribute values somewhere in the catalog) are this product's, and its
+  price against a price cap the query states ("under $50", "max 30 bucks"). The late-interaction
+  text encoder cannot read a number or check a constraint; these say what makes an item an exact
+  match rather than a substitute.
 * Item behaviour (``ITEM_FEATURES``): ``ctr_24h``, ``cvr_24h``, ``log1p(purchases_24h)``, exactly
   the stats serving reads for its candidates from the Feast ``item_stats`` view (the smoothing
   priors for an item without a row).
@@ -16,7 +24,9 @@ so prices compare across categories.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,12 +37,18 @@ import numpy as np
 from tailbridge.models.retrieval.model import category_affinity
 from tailbridge.vocab import ENGAGEMENT
 
+QUERY_FEATURES = ("query_terms_in_item", "leaf_named", "brand_named", "asked_values_matched", "asked_value_missing",
+                  "has_price_cap", "over_price_cap", "log_price_vs_cap")
 ITEM_FEATURES = ("ctr_24h", "cvr_24h", "log1p_purchases_24h")
 USER_FEATURES = ("has_user", "category_affinity", "recently_clicked", "recently_carted", "recently_purchased",
                  "log_price_vs_recent_median", "price_level_vs_recent", "abs_price_level_vs_recent", "brand_share")
-FEATURES = ITEM_FEATURES + USER_FEATURES
+FEATURES = QUERY_FEATURES + ITEM_FEATURES + USER_FEATURES
 PRICE_RATIO_CLIP = 3.0
 PRICE_QUANTILES = 21
+_TERM = re.compile(r"[a-z0-9]+")
+_CAP = re.compile(r"\b(?:under|below|less than|no more than|max|budget|up to)\s+\$?\s*(\d+(?:\.\d+)?)")
+_STOP = frozenset("a an and any the for of to in on with w o i me my need want looking ideas pls please "
+                  "something recommendations that is it one".split())
 
 
 def _number(value: Any) -> float:
@@ -58,6 +74,64 @@ def leaf_category(candidate: Mapping[str, Any]) -> str:
     return str(path[-1]) if path else ""
 
 
+def terms(text: str) -> frozenset[str]:
+    """Lower-case word terms with a plural "s" stripped (no stemmer: this runs per candidate)."""
+    out = set()
+    for t in _TERM.findall(text.lower()):
+        out.add(t[:-1] if len(t) > 3 and t.endswith("s") and not t.endswith("ss") else t)
+    return frozenset(out)
+
+
+def attribute_values(candidate: Mapping[str, Any]) -> list[str]:
+    attrs = candidate.get("attributes") or {}
+    return [str(v) for v in attrs.values()] if isinstance(attrs, Mapping) else []
+
+
+@functools.lru_cache(maxsize=200_000)
+def _item_terms(title: str, leaf: str, brand: str, values: tuple[str, ...]) -> tuple[frozenset, frozenset, frozenset]:
+    """(leaf terms, brand terms, all the product's terms), cached by content: a search's
+    candidates are mostly products seen before, and this runs for each of them."""
+    leaf_terms, brand_terms = terms(leaf), terms(brand)
+    return leaf_terms, brand_terms, terms(title) | leaf_terms | brand_terms | terms(" ".join(values))
+
+
+@dataclass
+class QueryView:
+    """A query digested once per search: its content terms, which of them are attribute values
+    somewhere in the catalog (what the shopper asks for), and the price cap it states."""
+
+    terms: frozenset[str]
+    asked: frozenset[str]
+    cap: float | None
+
+
+def query_view(query: str, catalog: Catalog) -> QueryView:
+    found = _CAP.search(query.lower())
+    cap = float(found.group(1)) if found else None
+    words = terms(_CAP.sub(" ", query.lower())) - _STOP
+    return QueryView(words, words & catalog.value_terms, cap if cap and cap > 0 else None)
+
+
+def query_item_features(query: QueryView, candidate: Mapping[str, Any], catalog: Catalog) -> list[float]:
+    """How the product answers the query's words, asked-for values and price cap (see the module
+    docstring); 0 for what the query does not say."""
+    values = attribute_values(candidate) or catalog.values.get(item_id_of(candidate), [])
+    leaf, brand, item_terms = _item_terms(str(candidate.get("title") or ""), leaf_category(candidate),
+                                          str(candidate.get("brand") or ""), tuple(values))
+    q = query.terms
+    share = len(q & item_terms) / len(q) if q else 0.0
+    matched = len(query.asked & item_terms) / len(query.asked) if query.asked else 0.0
+    missing = float(bool(query.asked - item_terms))
+    price = _number(candidate.get("price"))
+    cap = query.cap
+    over = ratio = 0.0
+    if cap is not None and price > 0:
+        over = float(price > cap)
+        ratio = max(-PRICE_RATIO_CLIP, min(PRICE_RATIO_CLIP, math.log(price / cap)))
+    return [share, float(bool(leaf) and leaf <= q), float(bool(brand) and brand <= q), matched, missing,
+            float(cap is not None), over, ratio]
+
+
 def item_features(candidate: Mapping[str, Any]) -> list[float]:
     """The item's behaviour stats as the Feast ``item_stats`` view holds them (missing -> 0);
     the purchase count is log1p'd."""
@@ -75,6 +149,8 @@ class Catalog:
     def __init__(self, quantiles: Mapping[str, Sequence[float]] | None = None):
         self.quantiles = {c: [float(x) for x in q] for c, q in (quantiles or {}).items()}  # log-price quantiles
         self.items: dict[str, tuple[float, str, str]] = {}  # item id -> (price, brand, leaf category)
+        self.values: dict[str, list[str]] = {}  # item id -> attribute values (search hits carry none)
+        self.value_terms: frozenset[str] = frozenset()  # every attribute value's terms in the catalog
 
     @classmethod
     def from_items(cls, items: Sequence[Mapping[str, Any]]) -> Catalog:
@@ -86,6 +162,9 @@ class Catalog:
                    for c, v in sorted(by_leaf.items()) if len(v) >= 5})
         for it in items:
             cat.add(it)
+            if attribute_values(it):
+                cat.values[item_id_of(it)] = attribute_values(it)
+        cat.value_terms = terms(" ".join(v for vs in cat.values.values() for v in vs)) - _STOP
         return cat
 
     def add(self, candidate: Mapping[str, Any]) -> None:
@@ -106,8 +185,18 @@ class Catalog:
         k = bisect.bisect_right(q, x) - 1  # q[k] <= x < q[k + 1], so the span is > 0
         return (k + (x - q[k]) / (q[k + 1] - q[k])) / (len(q) - 1)
 
-    def to_json(self) -> dict[str, list[float]]:
-        return {c: [round(x, 6) for x in q] for c, q in self.quantiles.items()}
+    def to_json(self) -> dict[str, Any]:
+        return {"price_quantiles": {c: [round(x, 6) for x in q] for c, q in self.quantiles.items()},
+                "items": {i: list(v) for i, v in self.items.items()}, "values": self.values,
+                "value_terms": sorted(self.value_terms)}
+
+    @classmethod
+    def from_json(cls, saved: Mapping[str, Any]) -> Catalog:
+        cat = cls(saved["price_quantiles"])
+        cat.items = {i: (float(p), str(b), str(c)) for i, (p, b, c) in saved["items"].items()}
+        cat.values = {i: [str(v) for v in vs] for i, vs in saved.get("values", {}).items()}
+        cat.value_terms = frozenset(saved.get("value_terms", ()))
+        return cat
 
 
 @dataclass
@@ -157,6 +246,7 @@ def user_item_features(candidate: Mapping[str, Any], view: UserView | None, cata
             gap, abs(gap), view.brand_share.get(str(candidate.get("brand") or ""), 0.0)]
 
 
-def features(candidate: Mapping[str, Any], view: UserView | None, catalog: Catalog) -> list[float]:
+def features(query: QueryView, candidate: Mapping[str, Any], view: UserView | None, catalog: Catalog) -> list[float]:
     """The model's dense input for one candidate: ``FEATURES``, in that order."""
-    return item_features(candidate) + user_item_features(candidate, view, catalog)
+    return (query_item_features(query, candidate, catalog) + item_features(candidate)
+            + user_item_features(candidate, view, catalog))

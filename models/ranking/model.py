@@ -1,33 +1,39 @@
 """The multi-task product ranker (method 2 of docs/DESIGN.md), read top to bottom.
 
-    query ───────────── MiniLM (first `layers` layers) ─ mean pool ─ shared projection ─ q ─┐
-    product text ────── the same weights ──────────────────────────────────────────────── p ─┤
-    (title. brand. leaf category)                                                            ├─ [q, p, q*p, features]
-    item behaviour (Feast item_stats): ctr_24h, cvr_24h, log1p(purchases_24h) ──────────────┤    └─ shared MLP trunk
-    user x item (Feast user_context): category affinity, recently clicked / carted /         │        ├─ click head
-      purchased, log price / median price of the user's recent items ────────────────────────┘        ├─ add-to-cart head
-                                                                                                       └─ purchase head
-    score = sum over heads of weight[head] * sigmoid(logit[head])   (weights: click 1, add_to_cart 2, purchase 4)
+    query ─── MiniLM (first `layers` layers) ─ mean pool ─ shared projection ─ q ─┐
+    product text ─── the same weights ───────────────────────────────────────── p ─┤
+    (title. brand. leaf category)                                                  ├─ x = [q, p, q*p, features]
+    query x item: term match, asked-for values, price cap ─────────────────────────┤
+    item behaviour (Feast item_stats): ctr_24h, cvr_24h, log1p(purchases_24h) ─────┤
+    user x item (Feast user_context): category affinity, recently engaged, price    │
+      level against the user's recent items, brand share ──────────────────────────┘
+    x ─ experts E_1..E_k (MLPs) ─ per-task softmax gate over the experts (MMoE) ─ task tower ─ logit
+    funnel (ESMM): p(click) = σ(l_click), p(cart) = p(click)·σ(l_cart|click),
+                   p(purchase) = p(cart)·σ(l_purchase|cart)
+    training only (PAL): p(observed click at position k, route r) = exam(k, r) · p(click), and the
+      same factor on cart and purchase (they need the click); exam is a learned table, dropped at
+      serving, where the score is the position-free p(...).
+    score = sum over heads of weight[head] · p(head)   (weights: click 1, add_to_cart 2, purchase 4)
 
 Design choices, briefly:
 * Siamese, late interaction: the query and the product are encoded separately by the SAME
-  encoder and only meet in the MLP. A cross-encoder over "query [SEP] product" would read both
-  together (often a little more accurate), but it must run the transformer once per candidate
-  on every search; here a product's encoding does not depend on the query, so it is computed
-  once per item (the artifact ships the training catalog's, an LRU keeps the rest, keyed by the
-  text's hash so an edited title is re-encoded) and a search costs one short query encode plus
-  a small MLP over the candidates. Sharing the weights also halves what is trained and means a
-  query and a product that say the same thing start with the same vector.
-* CPU latency: only the first ``layers`` (default 2) of all-MiniLM-L6-v2's 6 layers are kept,
-  and texts are cut at 32 tokens. Training fine-tunes the top ``train_layers`` of them.
-* Multi-task: one trunk, one logit per head, and the loss is the sum of the heads' binary
-  cross-entropies (click = clicked or better, add_to_cart = carted or better, purchase =
-  purchased). Purchases are rare; the trunk and encoder they share with the dense click
-  labels are what lets the purchase head learn from them. ``tasks`` restricts the loss (and
-  the returned heads) to a subset: ``("click",)`` is the single-task click baseline.
-* Behaviour features are exactly those serving reads from the search hits (the stats the
-  stream worker mirrors into Milvus). User features are all 0 when there is no user, so the
-  anonymous path is the same model, not a fallback.
+  encoder and only meet in the MLP, so a product's encoding is computed once per item (the
+  artifact ships the training catalog's, an LRU keeps the rest, keyed by the text's hash) and a
+  search costs one short query encode plus small MLPs over the candidates. What late
+  interaction cannot do (check a price cap, a colour) comes in as query x item features.
+* Position-biased logs: the logged pages were ordered by an earlier ranker and shoppers look at
+  the top more, so a click says "relevant AND looked at". The examination factor explains the
+  position part during training and is not there at serving (position-aware learning, "PAL"),
+  so the towers learn the position-free part. Random catalog negatives (never shown) count as
+  examined: nobody would have clicked them.
+* Multi-task: experts shared by the heads, each head mixing them through its own gate (MMoE;
+  ``structure="shared-bottom"`` is one wider shared MLP instead, for comparison), and the
+  funnel: a cart needs a click and a purchase a cart, so the cart and purchase towers learn
+  conditional probabilities on the rows where the step before happened while every row's click
+  label trains the shared experts, and p(purchase) is a product that the dense click labels
+  shape (ESMM's idea). ``tasks`` restricts the model to a prefix of the funnel: ``("click",)``
+  is the single-task click baseline.
+* User features are all 0 when there is no user, so the anonymous path is the same model.
 
 The dense features are ``models.ranking.features``; ``models.ranking.training`` trains a version
 and writes its artifact, which ``load_ranker`` here reads back for serving.
@@ -50,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tailbridge.models.ranking.features import FEATURES, Catalog, features, item_id_of, leaf_category, user_view
+from tailbridge.models.ranking.features import (FEATURES, Catalog, features, item_id_of, leaf_category, query_view,
+                                                user_view)
 from tailbridge.models.retrieval.model import TextEncoder, TextInput, load_bert, minilm_path
 
 TASKS = ("click", "add_to_cart", "purchase")
@@ -61,28 +68,37 @@ DEFAULT_WEIGHTS = {"click": 1.0, "add_to_cart": 2.0, "purchase": 4.0}
 # --------------------------------------------------------------------------------------------
 
 
+STRUCTURES = ("mmoe", "shared-bottom")
+
+
 @dataclass
 class RankerConfig:
     layers: int = 2  # MiniLM layers kept (of 6), for CPU latency
     train_layers: int = 1  # of those, fine-tuned from the top; the rest is frozen
     max_length: int = 32  # tokens per text (query or product)
     dim: int = 128  # shared projection of the pooled text vector
-    hidden: int = 256  # MLP trunk width
+    hidden: int = 128  # width of each expert (shared-bottom: experts x hidden, the same size)
+    experts: int = 4
+    structure: str = "mmoe"  # or "shared-bottom"
     dropout: float = 0.1
-    tasks: tuple[str, ...] = TASKS  # heads the loss trains (and score uses)
+    tasks: tuple[str, ...] = TASKS  # a prefix of the funnel: heads the loss trains (and score uses)
+    position_bias: bool = True  # learn an examination factor per logged position (training only)
+    positions: int = 10  # positions with their own examination factor; later ones share the last
+    routes: tuple[str, ...] = ()  # serving routes in the log (each its own examination offset)
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
 
     def __post_init__(self) -> None:
-        self.tasks = tuple(self.tasks)
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown or not self.tasks:
-            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
+        self.tasks, self.routes = tuple(self.tasks), tuple(self.routes)
+        if self.tasks != TASKS[:len(self.tasks)] or not self.tasks:
+            raise ValueError(f"tasks must be a prefix of the funnel {TASKS}, got {self.tasks}")
         if not 0 <= self.train_layers <= self.layers:
             raise ValueError(f"train_layers must be in 0..layers ({self.layers}), got {self.train_layers}")
+        if self.structure not in STRUCTURES or self.experts < 1 or self.positions < 1:
+            raise ValueError(f"structure must be one of {STRUCTURES} with experts >= 1 and positions >= 1")
         self.weights = resolve_weights(DEFAULT_WEIGHTS, self.weights)
 
     def to_json(self) -> dict:
-        return asdict(self) | {"tasks": list(self.tasks)}
+        return asdict(self) | {"tasks": list(self.tasks), "routes": list(self.routes)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RankerConfig:
@@ -136,17 +152,38 @@ def truncated_bert(layers: int, config_only: bool = False, path: str | Path | No
     return bert
 
 
+def _mlp(n_in: int, width: int, dropout: float) -> nn.Module:
+    return nn.Sequential(nn.Linear(n_in, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width), nn.GELU())
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler's switch at -log 2)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 class RankerModel(nn.Module):
     def __init__(self, cfg: RankerConfig, bert: nn.Module):
         super().__init__()
         self.cfg = cfg
         self.text = TextEncoder(bert, cfg.train_layers)  # frozen prefix + trainable top layers, mean pooled
         self.project = nn.Linear(self.text.hidden, cfg.dim)
-        self.trunk = nn.Sequential(
-            nn.Linear(3 * cfg.dim + len(FEATURES), cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
-        )
-        self.heads = nn.ModuleDict({t: nn.Linear(cfg.hidden, 1) for t in TASKS})
+        n_in = 3 * cfg.dim + len(FEATURES)
+        if cfg.structure == "mmoe":
+            self.experts = nn.ModuleList(_mlp(n_in, cfg.hidden, cfg.dropout) for _ in range(cfg.experts))
+            self.gates = nn.ModuleDict({t: nn.Linear(n_in, cfg.experts) for t in cfg.tasks})
+            width = cfg.hidden
+        else:  # shared bottom: one MLP as wide as all the experts together
+            self.experts = nn.ModuleList([_mlp(n_in, cfg.hidden * cfg.experts, cfg.dropout)])
+            width = cfg.hidden * cfg.experts
+        self.towers = nn.ModuleDict({t: nn.Sequential(nn.Linear(width, 64), nn.GELU(), nn.Linear(64, 1))
+                                     for t in cfg.tasks})
+        if cfg.position_bias:
+            # exam(k) = sigmoid(position_logit[k] + route_logit[r]); index 0 of positions is
+            # "not shown" (random negatives) and is never used: those rows count as examined.
+            start = [math.log(k ** -0.5 / (1 - k ** -0.5 + 1e-3)) for k in range(1, cfg.positions + 1)]
+            self.position_logit = nn.Parameter(torch.tensor([0.0, *start]))
+            self.route_logit = nn.Parameter(torch.zeros(len(cfg.routes) + 1))  # 0: unknown route
         # Standardisation of the dense features, set from the training rows (saved with the weights).
         self.register_buffer("feature_mean", torch.zeros(len(FEATURES)))
         self.register_buffer("feature_std", torch.ones(len(FEATURES)))
@@ -159,26 +196,51 @@ class RankerModel(nn.Module):
     def encode(self, text: TextInput) -> torch.Tensor:
         return self.embed(self.text(text))
 
-    def forward(self, q: torch.Tensor, p: torch.Tensor, feats: torch.Tensor,
-                tasks: Sequence[str] = TASKS) -> torch.Tensor:
-        """Logits [B, len(tasks)] for rows of (query vector, product vector, features)."""
+    def forward(self, q: torch.Tensor, p: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """Tower logits [B, len(tasks)] for rows of (query vector, product vector, features): the
+        first is click, the others conditional on the funnel step before (see ``log_probs``)."""
         x = torch.cat([q, p, q * p, (feats - self.feature_mean) / self.feature_std], dim=-1)
-        h = self.trunk(x)
-        return torch.cat([self.heads[t](h) for t in tasks], dim=-1)
+        if self.cfg.structure == "mmoe":
+            experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, k, hidden]
+            mixed = {t: torch.einsum("bk,bkh->bh", torch.softmax(self.gates[t](x), -1), experts)
+                     for t in self.cfg.tasks}
+        else:
+            shared = self.experts[0](x)
+            mixed = {t: shared for t in self.cfg.tasks}
+        return torch.cat([self.towers[t](mixed[t]) for t in self.cfg.tasks], dim=-1)
+
+    def log_examination(self, position: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """log exam(position, route) [B]; 0 (examined) for position 0, a never-shown row."""
+        if not self.cfg.position_bias:
+            return torch.zeros(position.shape, dtype=torch.float32)
+        k = position.clamp(0, self.cfg.positions)
+        log_exam = F.logsigmoid(self.position_logit[k] + self.route_logit[route])
+        return torch.where(position > 0, log_exam, torch.zeros_like(log_exam))
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Tower logits [B, T] -> log p(click), log p(cart), log p(purchase) [B, T] along the funnel:
+    each step's probability is the one before times its conditional."""
+    return torch.cumsum(F.logsigmoid(logits), dim=-1)
 
 
 def labels_from_level(levels: np.ndarray) -> np.ndarray:
-    """Feedback label levels (1 shown_unclicked .. 4 purchased) -> [N, 3] targets in TASKS order:
-    click = clicked or better, add_to_cart = carted or better, purchase = purchased."""
+    """Feedback label levels (0 random item, 1 shown_unclicked .. 4 purchased) -> [N, 3] targets in
+    TASKS order: click = clicked or better, add_to_cart = carted or better, purchase = purchased."""
     levels = np.asarray(levels)
     return np.stack([levels >= 2, levels >= 3, levels >= 4], axis=1).astype(np.float32)
 
 
-def multitask_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: Sequence[str]) -> tuple[torch.Tensor, dict]:
-    """Sum of per-head BCE. ``logits`` [B, len(tasks)] (the model's columns for ``tasks``),
-    ``labels`` [B, 3] in TASKS order; heads outside ``tasks`` contribute nothing."""
-    per = {t: F.binary_cross_entropy_with_logits(logits[:, j], labels[:, TASKS.index(t)])
-           for j, t in enumerate(tasks)}
+def multitask_loss(logits: torch.Tensor, labels: torch.Tensor, log_exam: torch.Tensor,
+                   tasks: Sequence[str]) -> tuple[torch.Tensor, dict]:
+    """Sum over the model's heads of the binary cross-entropy of what was OBSERVED:
+    p_obs(head) = exam · p(head) along the funnel. ``logits`` [B, len(tasks)], ``labels`` [B, 3]
+    in TASKS order, ``log_exam`` [B] (zeros: no position model)."""
+    log_p = log_probs(logits) + log_exam[:, None]
+    per = {}
+    for j, t in enumerate(tasks):
+        y = labels[:, TASKS.index(t)]
+        per[t] = -(y * log_p[:, j] + (1 - y) * log1mexp(log_p[:, j])).mean()
     return sum(per.values()), per  # type: ignore[return-value]
 
 
@@ -298,7 +360,8 @@ class Ranker:
               weights: Mapping[str, float] | None = None) -> list[dict[str, float]]:
         """One dict per candidate, in input order: each trained head's probability and
         ``score`` = sum of weight[head] * probability (weights: the artifact's defaults, with
-        the heads in ``weights`` replaced). Candidates are dicts with item_id, title, brand,
+        the heads in ``weights`` replaced). Probabilities are position-free: what the shopper
+        would do were the item examined. Candidates are dicts with item_id, title, brand,
         category / category_path, price and the stats ctr_24h, cvr_24h, purchases_24h (missing -> 0);
         ``user_context`` is the Feast ``user_context`` row, None for no user."""
         w = self.weights(weights)
@@ -306,12 +369,12 @@ class Ranker:
             return []
         for c in candidates:  # later users may name these among their recent items
             self.catalog.add(c)
-        view = user_view(user_context, self.catalog)
-        feats = torch.tensor([features(c, view, self.catalog) for c in candidates], dtype=torch.float32)
+        view, asked = user_view(user_context, self.catalog), query_view(query, self.catalog)
+        feats = torch.tensor([features(asked, c, view, self.catalog) for c in candidates], dtype=torch.float32)
         with torch.inference_mode():
             p = self.item_vectors(candidates)
             q = self.query_vector(query).expand_as(p)
-            probs = torch.sigmoid(self.model(q, p, feats, self.tasks)).tolist()
+            probs = torch.exp(log_probs(self.model(q, p, feats))).tolist()
         out = []
         for row in probs:
             heads = dict(zip(self.tasks, row))
@@ -327,7 +390,7 @@ class Ranker:
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 ITEM_ENCODINGS_FILE, ITEM_INDEX_FILE, CATALOG_FILE = "item_encodings.npy", "item_encodings.json", "catalog.json"
 QUERY_ONNX_FILE = "query_encoder.onnx"
-BASELINE_DIR = "baseline-click"  # the single-task click model trained beside a version, for the eval
+BASELINES_DIR = "baselines"  # comparison models trained beside a version (one folder each), for the eval
 
 
 def load(model_dir: Path) -> Ranker:
@@ -338,7 +401,11 @@ def load(model_dir: Path) -> Ranker:
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, "text", "tokenizer") if not (model_dir / f).exists()]
     if missing:
         raise FileNotFoundError(f"{model_dir}: not a ranker artifact (missing {', '.join(missing)})")
-    cfg = RankerConfig.from_json(json.loads((model_dir / CONFIG_FILE).read_text())["ranker"])
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    if config.get("features") != list(FEATURES):
+        raise ValueError(f"{model_dir}: trained on other features than this code computes (an older ranker "
+                         "version): retrain it with `tailbridge train ranker`")
+    cfg = RankerConfig.from_json(config["ranker"])
     model = RankerModel(cfg, load_bert(model_dir / "text", config_only=True))
     model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"), local_files_only=True)
@@ -357,8 +424,7 @@ def load(model_dir: Path) -> Ranker:
                                            providers=["CPUExecutionProvider"])
     if (model_dir / CATALOG_FILE).is_file():
         saved = json.loads((model_dir / CATALOG_FILE).read_text())
-        ranker.catalog = Catalog(saved["price_quantiles"])
-        ranker.catalog.items = {i: (float(p), str(b), str(c)) for i, (p, b, c) in saved["items"].items()}
+        ranker.catalog = Catalog.from_json(saved)
     return ranker
 
 

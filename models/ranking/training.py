@@ -2,11 +2,15 @@
 
 The rows, their point-in-time features and the time split come from ``models.ranking.dataset``.
 
+The loss is the cross-entropy of what the log observed: the model's position-free funnel
+probabilities times the examination factor of the row's logged position and route
+(``models.ranking.model.multitask_loss``); never-shown negatives count as examined.
+
 1. Stage 1: the text encoder frozen, every training row ``epochs`` times: the encodings of
    the log's query texts and of the catalog are computed once, and the shared projection,
-   trunk and heads learn from them (seconds per epoch).
+   experts, gates, towers and the examination factors learn from them (seconds per epoch).
 2. Stage 2: the encoder's top ``train_layers`` and the projection are fine-tuned under the
-   trained trunk and heads (kept fixed: batches of a few pages would only add noise to them) on
+   trained experts and towers (kept fixed: batches of a few pages would only add noise to them) on
    batches of whole searches (each step encodes its queries and products again; the frozen lower
    layers' outputs are cached, ``models.retrieval.train.TextSource``) for ``finetune_steps``
    steps or the time budget. A step costs about a second on one CPU core, so stage 2 is short by
@@ -14,9 +18,10 @@ The rows, their point-in-time features and the time split come from ``models.ran
    within a page and stage 2 changes the test AUCs by less than 0.001 either way.
 3. Artifact ``<root>/<version>/``: weights (safetensors), config JSON, tokenizer, the catalog's
    product encodings and price levels, the query encoder as ONNX, ``metrics.json`` (with the
-   test AUCs, ``models.ranking.evaluation``'s metric) and ``MODEL_CARD.md``; the single-task click
-   baseline, trained the same way on the same rows, in ``baseline-click/`` (unless
-   ``baseline=False``). ``models.ranking.model.load_ranker`` reads it back.
+   test AUCs, ``models.ranking.evaluation``'s metric) and ``MODEL_CARD.md``; the comparison
+   models (``VARIANTS``: shared-bottom, single-task click, no position model), trained the same
+   way on the same rows, in ``baselines/<name>/`` (unless ``baseline=False``).
+   ``models.ranking.model.load_ranker`` reads it back.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from torch import nn
 
 from tailbridge.models.ranking import model as rk
 from tailbridge.models.ranking.dataset import RankerData, RankerTrainingError, prepare
-from tailbridge.models.ranking.evaluation import head_aucs
+from tailbridge.models.ranking.evaluation import head_aucs, score_rows
 from tailbridge.models.ranking.features import FEATURES, ITEM_FEATURES, USER_FEATURES, Catalog, item_id_of
 from tailbridge.models.retrieval.model import TextInput
 
@@ -62,10 +67,20 @@ class RankerTrainConfig:
     # pages are ~all relevant, so without them the ranker never learns to push down what
     # retrieval brings in from other categories.
     random_negatives: int = 4
+    judged_negatives: int = 2  # items judged complement / irrelevant for the query, where judged
+    # Models trained beside the version on the same rows, for `eval ranker` (``VARIANTS``).
+    comparisons: tuple[str, ...] = ("shared-bottom", "click-only", "no-position-model")
     encode_batch: int = 256
     export_onnx: bool = True  # the query encoder as ONNX too (what serving runs per search)
     seed: int = 7
 
+
+# What each comparison model changes in the version's model config.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "shared-bottom": {"structure": "shared-bottom"},  # one shared MLP instead of gated experts
+    "click-only": {"tasks": ("click",)},  # single task
+    "no-position-model": {"position_bias": False},  # learns from the biased log as if unbiased
+}
 
 # --------------------------------------------------------------------------------------------
 # Texts: token ids, cached frozen prefix, initial encodings
@@ -113,7 +128,7 @@ def cache_texts(rd: RankerData, model_cfg: rk.RankerConfig, cfg: RankerTrainConf
 def fit(rd: RankerData, texts: Texts, model_cfg: rk.RankerConfig, cfg: RankerTrainConfig, deadline: float | None,
         say: Callable[[str], None], bar: Callable) -> tuple[rk.RankerModel, Any, dict[str, Any]]:
     """Stage 1 (frozen text) then stage 2 (fine-tuning); returns the model, tokenizer, history."""
-    name = "+".join(model_cfg.tasks)
+    name = f"{model_cfg.structure}/{'+'.join(model_cfg.tasks)}" + ("" if model_cfg.position_bias else "/no-position")
     torch.manual_seed(cfg.seed)
     model, tokenizer = rk.build(model_cfg)
     train_rows = rd.split_rows("train")
@@ -121,9 +136,13 @@ def fit(rd: RankerData, texts: Texts, model_cfg: rk.RankerConfig, cfg: RankerTra
         raise RankerTrainingError("no training searches (the feedback log is too small for the split)")
     # Stage-1 rows: every logged row, then the random negatives (indices past rd.rows).
     feats = torch.from_numpy(np.concatenate([rd.features, rd.random_features]))
-    labels = torch.from_numpy(rk.labels_from_level(np.concatenate([rd.level, np.zeros(len(rd.random_item), int)])))
+    negatives = len(rd.random_item)
+    labels = torch.from_numpy(rk.labels_from_level(np.concatenate([rd.level, np.zeros(negatives, int)])))
     query_of = torch.from_numpy(np.concatenate([rd.query, rd.random_query]))
     item_of = torch.from_numpy(np.concatenate([rd.item, rd.random_item]))
+    # Training-only inputs of the examination factor: never-shown negatives are position 0.
+    position = torch.from_numpy(np.concatenate([rd.position, np.zeros(negatives, int)]).astype(np.int64))
+    route = torch.from_numpy(np.concatenate([rd.route, np.zeros(negatives, int)]).astype(np.int64))
     train_rows = np.concatenate([train_rows, rd.rows + np.arange(len(rd.random_item))])
     with torch.no_grad():
         model.feature_mean.copy_(feats[train_rows].mean(0))
@@ -155,7 +174,8 @@ def fit(rd: RankerData, texts: Texts, model_cfg: rk.RankerConfig, cfg: RankerTra
                 rows = torch.from_numpy(rows)
                 q = model.embed(texts.query_pooled[query_of[rows]])
                 p = model.embed(texts.item_pooled[item_of[rows]])
-                loss, per_head = rk.multitask_loss(model(q, p, feats[rows], tasks), labels[rows], tasks)
+                loss, per_head = rk.multitask_loss(model(q, p, feats[rows]), labels[rows],
+                                                   model.log_examination(position[rows], route[rows]), tasks)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(head_params, 5.0)
@@ -186,7 +206,8 @@ def fit(rd: RankerData, texts: Texts, model_cfg: rk.RankerConfig, cfg: RankerTra
                 ui, i_at = torch.unique(item_of[rows], return_inverse=True)
                 q = model.encode(texts.queries.get(uq.tolist()).to(torch.device("cpu")))[q_at]
                 p = model.encode(texts.items.get(ui.tolist()).to(torch.device("cpu")))[i_at]
-                loss, per_head = rk.multitask_loss(model(q, p, feats[rows], tasks), labels[rows], tasks)
+                loss, per_head = rk.multitask_loss(model(q, p, feats[rows]), labels[rows],
+                                                   model.log_examination(position[rows], route[rows]), tasks)
                 model.zero_grad(set_to_none=True)  # the trunk's gradients too: it is not stepped
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(text_params, 5.0)
@@ -211,12 +232,14 @@ def fingerprint(rd: RankerData, model_cfg: rk.RankerConfig, cfg: RankerTrainConf
 def train(data_dir: Path, feedback_dir: Path, out_root: Path, version: str | None = None,
           model_cfg: rk.RankerConfig | None = None, cfg: RankerTrainConfig | None = None, baseline: bool = True,
           say: Callable[[str], None] = print, progress_factory: Callable | None = None) -> Path:
-    """Train the multi-task ranker (and the click baseline) and write the artifact; returns its dir."""
+    """Train the multi-task ranker (and, with ``baseline``, the comparison models of
+    ``cfg.comparisons`` under ``baselines/``) and write the artifact; returns its dir."""
     started = time.monotonic()
     model_cfg, cfg = model_cfg or rk.RankerConfig(), cfg or RankerTrainConfig()
     bar = progress_factory or (lambda label, total: nullcontext(lambda n=1: None))
     rd = prepare(Path(data_dir), Path(feedback_dir), cfg.test_fraction, cfg.stats_window_hours, say=say,
-                 random_negatives=cfg.random_negatives, seed=cfg.seed)
+                 random_negatives=cfg.random_negatives, judged_negatives=cfg.judged_negatives, seed=cfg.seed)
+    model_cfg = rk.RankerConfig(**{**model_cfg.to_json(), "routes": rd.routes})
     train_rows, test_rows = rd.split_rows("train"), rd.split_rows("test")
     say(f"data: {rd.name}: {len(rd.items)} items; feedback {feedback_dir}: {len(rd.search_ids)} searches, "
         f"{rd.rows} rows; train {rd.train_searches} searches ({len(train_rows)} rows), "
@@ -226,8 +249,11 @@ def train(data_dir: Path, feedback_dir: Path, out_root: Path, version: str | Non
     texts = cache_texts(rd, model_cfg, cfg, bar)
 
     plan = [(out_dir, model_cfg)]
-    if baseline:
-        plan.append((out_dir / rk.BASELINE_DIR, rk.RankerConfig(**{**model_cfg.to_json(), "tasks": ("click",)})))
+    unknown = sorted(set(cfg.comparisons) - set(VARIANTS))
+    if unknown:
+        raise RankerTrainingError(f"unknown comparison models {unknown} (known: {', '.join(VARIANTS)})")
+    for name in cfg.comparisons if baseline else ():
+        plan.append((out_dir / rk.BASELINES_DIR / name, rk.RankerConfig(**{**model_cfg.to_json(), **VARIANTS[name]})))
     results = {}
     for k, (where, mcfg) in enumerate(plan):
         deadline = None
@@ -240,7 +266,7 @@ def train(data_dir: Path, feedback_dir: Path, out_root: Path, version: str | Non
         results[where] = write_artifact(rd, model, tokenizer, where, cfg, history, minutes, Path(data_dir),
                                         Path(feedback_dir), bar)
         aucs = results[where]["test_auc"]
-        say(f"{'+'.join(mcfg.tasks)}: test AUC " + ", ".join(f"{t} {v:.4f}" for t, v in aucs.items() if v is not None))
+        say(f"{where.name}: test AUC " + ", ".join(f"{t} {v:.4f}" for t, v in aucs.items() if v is not None))
     say(f"wrote {out_dir} in {(time.monotonic() - started) / 60:.1f} min")
     return out_dir
 
@@ -287,26 +313,6 @@ def write_artifact(rd: RankerData, model: rk.RankerModel, tokenizer: Any, out_di
     return metrics
 
 
-@torch.no_grad()
-def score_rows(ranker: rk.Ranker, rd: RankerData, rows: np.ndarray, batch: int = 4096) -> dict[str, np.ndarray]:
-    """Head probabilities and the score for rows, batched (the same model as ``Ranker.score``;
-    training's quick test metrics)."""
-    used_q = np.unique(rd.query[rows])
-    q_vec = torch.zeros(len(rd.query_texts), ranker.cfg.dim)
-    q_vec[torch.from_numpy(used_q)] = ranker.encode_texts([rd.query_texts[k] for k in used_q])
-    p_vec = ranker.item_vectors([rd.items[i] for i in rd.item_ids])
-    w = ranker.weights()
-    out = {t: np.zeros(len(rows), np.float32) for t in (*ranker.tasks, "score")}
-    for start in range(0, len(rows), batch):
-        r = rows[start:start + batch]
-        probs = torch.sigmoid(ranker.model(q_vec[rd.query[r]], p_vec[rd.item[r]], torch.from_numpy(rd.features[r]),
-                                           ranker.tasks)).numpy()
-        for j, t in enumerate(ranker.tasks):
-            out[t][start:start + len(r)] = probs[:, j]
-            out["score"][start:start + len(r)] += w[t] * probs[:, j]
-    return out
-
-
 def save(model: rk.RankerModel, tokenizer: Any, out_dir: Path, extra_config: Mapping[str, Any] | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -325,9 +331,7 @@ def save_catalog(out_dir: Path, items: Sequence[Mapping[str, Any]], vectors: np.
     index = {"item_ids": [item_id_of(it) for it in items],
              "text_hashes": [rk.text_hash(rk.product_text(it)) for it in items]}
     (out_dir / rk.ITEM_INDEX_FILE).write_text(json.dumps(index))
-    catalog = Catalog.from_items(items)
-    (out_dir / rk.CATALOG_FILE).write_text(json.dumps(
-        {"price_quantiles": catalog.to_json(), "items": {i: list(v) for i, v in catalog.items.items()}}))
+    (out_dir / rk.CATALOG_FILE).write_text(json.dumps(Catalog.from_items(items).to_json()))
 
 
 class _QueryEncoder(nn.Module):

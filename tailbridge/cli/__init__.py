@@ -450,10 +450,11 @@ def train_ranker(
     epochs: Annotated[Optional[int], typer.Option(min=0, help="Stage-1 epochs (text encoder frozen).")] = None,
     finetune_steps: Annotated[Optional[int], typer.Option(min=0, help="Stage-2 steps (encoder fine-tuned).")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(min=0.5, help="Time budget for both models (default 10).")] = None,
-    baseline: Annotated[bool, typer.Option(help="Also train the single-task click model the eval compares with.")] = True,
+    baseline: Annotated[bool, typer.Option(
+        help="Also train the comparison models (shared-bottom, click-only, no position model).")] = True,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")] = None,
 ) -> None:
-    """Train the multi-task ranker (click, add-to-cart, purchase heads) and the click-only baseline."""
+    """Train the multi-task ranker (click, add-to-cart, purchase funnel) and its comparison models."""
     from tailbridge.cli.training import CommandError, train_ranker as run
 
     overrides = {"epochs": epochs, "finetune_steps": finetune_steps, "max_minutes": max_minutes}
@@ -470,13 +471,15 @@ def eval_ranker(
     model: Annotated[Optional[str], typer.Option(help="Trained version or artifact path (default: the newest).")] = None,
     feedback: Annotated[Optional[Path], typer.Option(help="Feedback log (default: the one the model was trained on).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,
+    judged_queries: Annotated[int, typer.Option(min=0, help="Judged test queries re-ranked (0: skip).")] = 150,
 ) -> None:
-    """AUC per head and nDCG@10 per served page on the searches after the training period:
-    multi-task vs the click-only model vs the logged order; and score() latency."""
+    """On the searches after the training period: AUC per head and nDCG@10 of the served pages
+    re-ranked; on judged test queries: nDCG@10 of MiniLM's top 50 re-ranked alone and blended;
+    multi-task vs shared-bottom, click-only, no position model, logged order; score() latency."""
     from tailbridge.cli.training import CommandError, eval_ranker as run
 
     try:
-        run(data, model, feedback, threads)
+        run(data, model, feedback, threads, judged_queries)
     except CommandError as exc:
         _fail(str(exc))
 

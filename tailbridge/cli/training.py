@@ -163,11 +163,13 @@ def train_ranker(data: Path, out: Path, version: str | None, feedback: Path | No
         raise CommandError(str(exc)) from None
 
 
-def eval_ranker(data: Path, model: str | None, feedback: Path | None, threads: int | None) -> dict[str, Any]:
+def eval_ranker(data: Path, model: str | None, feedback: Path | None, threads: int | None,
+                judged_queries: int = 150) -> dict[str, Any]:
     import json
 
     from tailbridge.models.ranking import model as rk
-    from tailbridge.models.ranking.evaluation import SYSTEMS, evaluate
+    from tailbridge.models.ranking.evaluation import evaluate
+    from tailbridge.serving.search import blend  # the query handler's blend of ranker and retrieval order
 
     if not data.is_dir():
         raise CommandError(f"{data}: data directory not found")
@@ -189,31 +191,52 @@ def eval_ranker(data: Path, model: str | None, feedback: Path | None, threads: i
         trained_on = json.loads((model_dir / "metrics.json").read_text())["data"]["feedback_dir"] \
             if (model_dir / "metrics.json").is_file() else None
         log = ranker_feedback(data, feedback, Path(trained_on) if trained_on else None)
-        report = evaluate(data, model_dir, log, say=console.print, progress_factory=progress_bar)
+        report = evaluate(data, model_dir, log, say=console.print, blend=blend,
+                          judged_queries=judged_queries)
     except _ranker_errors() as exc:
         raise CommandError(str(exc)) from None
+    print_ranker_report(report)
+    console.print(f"wrote {model_dir / 'eval-ranker.json'}")
+    return report
+
+
+def print_ranker_report(report: dict[str, Any]) -> None:
+    from tailbridge.models.ranking.evaluation import SYSTEMS
+
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     test = report["test"]
     table = Table(title=f"ranker {report['model']} on {report['data']}: {test['searches']} test searches "
                         f"({test['rows']} rows; {test['rows_click']} clicks, {test['rows_add_to_cart']} carts, "
-                        f"{test['rows_purchase']} purchases), after the training period")
+                        f"{test['rows_purchase']} purchases), after the training period; served pages re-ranked")
     table.add_column("system", no_wrap=True)
-    for column in ("AUC\nclick", "AUC\ncart", "AUC\npurchase", "purchase\nnDCG@10", "graded\nnDCG@10"):
+    for column in ("AUC\nclick", "AUC\ncart", "AUC\npurchase", "purchase\nnDCG@10", "purchase nDCG@10\nIPS",
+                   "graded\nnDCG@10"):
         table.add_column(column, justify="right", no_wrap=True)
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for name in SYSTEMS:
         row = report["systems"].get(name)
         if row is not None:
             table.add_row(name, *(fmt(row["auc"][t]) for t in ("click", "add_to_cart", "purchase")),
-                          fmt(row["ndcg@10_purchase"]), fmt(row["ndcg@10_graded"]))
+                          fmt(row["ndcg@10_purchase"]), fmt(row.get("ndcg@10_purchase_ips")), fmt(row["ndcg@10_graded"]))
     console.print(table)
     some = next(iter(report["systems"].values()))
-    console.print(f"nDCG over the served pages re-ranked: purchase nDCG on {some['pages_with_purchase']} pages with a "
-                  f"purchase, graded (click 1, cart 2, purchase 3) on {some['pages_with_click']} with a click; "
-                  f"click-only AUCs are its click probability against each label; weights {report['weights']}")
-    lat = report["latency_ms"]
-    console.print(f"score() over {lat['candidates']} cached candidates, 1 thread, {lat['calls']} calls: new query "
-                  f"p50 {lat['new_query']['p50']:.2f} ms / p99 {lat['new_query']['p99']:.2f} ms; cached query p50 "
-                  f"{lat['cached_query']['p50']:.2f} / p99 {lat['cached_query']['p99']:.2f} ms; query encode "
-                  f"({lat['query_encoder']}) p50 {lat['query_encode']['p50']:.2f} / p99 {lat['query_encode']['p99']:.2f} ms")
-    console.print(f"wrote {model_dir / 'eval-ranker.json'}")
-    return report
+    exam = report.get("examination")
+    console.print(f"purchase nDCG on {some['pages_with_purchase']} pages with a purchase, graded (click 1, cart 2, "
+                  f"purchase 3) on {some['pages_with_click']} with a click; single-task AUCs are its one probability "
+                  f"against each label; weights {report['weights']}" + (
+                      "; IPS gain 1/exam(position), exam learned from the log: "
+                      + " ".join(f"{k}:{e:.2f}" for k, e in enumerate(exam) if k) if exam else ""))
+    judged = report.get("judged")
+    if judged:
+        table = Table(title=f"relevance: nDCG@10 re-ranking {judged['retriever']}'s top {judged['candidates']} on "
+                            f"{judged['queries']} judged test queries (no user, behaviour priors)")
+        table.add_column("order", no_wrap=True)
+        table.add_column("nDCG@10", justify="right")
+        for name, value in judged["ndcg@10"].items():
+            table.add_row(name, f"{value:.4f}")
+        console.print(table)
+    for n, lat in report["latency_ms"].items():
+        console.print(f"score() over {n} cached candidates, 1 thread, {lat['calls']} calls: new query "
+                      f"p50 {lat['new_query']['p50']:.2f} ms / p99 {lat['new_query']['p99']:.2f} ms; cached query p50 "
+                      f"{lat['cached_query']['p50']:.2f} / p99 {lat['cached_query']['p99']:.2f} ms; query encode "
+                      f"({lat['query_encoder']}) p50 {lat['query_encode']['p50']:.2f} / p99 "
+                      f"{lat['query_encode']['p99']:.2f} ms")
