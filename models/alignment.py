@@ -98,6 +98,7 @@ def finetune_retriever(data_dir: Path, log_dir: Path, out_root: Path, version: s
     ts = rt.prepare(data, cfg, log_dir, say)
     out_dir = Path(out_root) / version
     trainer = rt.Trainer(ts, parent.cfg, cfg, out_dir, torch.device("cpu"), say, None)
+    trainer.fingerprint = rt.fingerprint(data, ts, parent.cfg, cfg)  # what its checkpoints are checked against
     copied = warm_start(trainer.model, parent)
     say(f"retriever {version}: {copied} parameter tensors from {Path(parent_dir).name}")
     trainer.run(started)

@@ -90,3 +90,24 @@ def test_kill_9_mid_iteration_then_a_full_iteration(world):
 
     again = run_once(settings, data, data / "feedback", ("ranker",), say=lambda _: None)
     assert not again["due"] and again["reason"] == "no new searches logged"
+
+
+def test_warm_start_copies_what_matches_and_rebuilds_the_graph():
+    from torch import nn
+
+    from tailbridge.models.alignment import warm_start
+
+    def model(graph_rows: int, width: int):
+        m = nn.Module()
+        m.text, m.head = nn.Linear(4, 4), nn.Linear(4, width)
+        m.graph = nn.Module()
+        m.graph.table = nn.Parameter(torch.zeros(graph_rows, 2))  # new data: other rows
+        return m
+
+    parent, child = model(5, 3), model(5, 2)
+    with torch.no_grad():
+        for p in parent.parameters():
+            p.fill_(1.0)
+    assert warm_start(child, parent) == 2  # text.weight, text.bias; head differs in shape; graph rebuilt
+    assert torch.equal(child.text.weight, parent.text.weight) and not torch.equal(child.graph.table, parent.graph.table)
+    assert not torch.equal(child.head.bias, torch.ones(2))
