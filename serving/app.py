@@ -7,6 +7,7 @@
     GET  /readyz    each dependency's state; 503 until search can answer        routers/health.py
     GET  /metrics   Prometheus: per-stage latency, degradations, errors, drops  routers/health.py
     GET  /          the search page (static/index.html)                         routers/page.py
+    GET  /monitor   drift scores, outcomes per model version, alerts (+ /data)  routers/monitor.py
 
 The clients are built once, in ``serving.dependencies``, when the app starts (or handed in
 built), and reach the routes through the ``ComponentsDep`` dependency. Request bodies and
@@ -23,8 +24,8 @@ from fastapi.responses import JSONResponse
 
 from tailbridge.serving.dependencies import Components, build_components
 from tailbridge.serving.limits import BodyLimit, validation_errors
-from tailbridge.serving.routers import events, health, page, search
-from tailbridge.serving.search import SearchUnavailable
+from tailbridge.serving.routers import events, health, monitor, page, search
+from tailbridge.serving.index import SearchUnavailable
 from tailbridge.settings import Settings, get_settings
 
 
@@ -34,9 +35,9 @@ def create_app(settings: Settings | None = None, built: Components | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.components = built or build_components(settings)
-        app.state.components.warm_up()
+        await app.state.components.warm_up()
         yield
-        app.state.components.close()
+        await app.state.components.close()
 
     app = FastAPI(title="tailbridge query handler", version="1", lifespan=lifespan,
                   description="Personalised hybrid product search over real-time features.")
@@ -48,6 +49,6 @@ def create_app(settings: Settings | None = None, built: Components | None = None
     app.add_exception_handler(RequestValidationError, validation_errors)
     app.add_middleware(BodyLimit, max_bytes=settings.serve_max_body_bytes)
 
-    for module in (search, events, health, page):
+    for module in (search, events, health, page, monitor):
         app.include_router(module.router)
     return app

@@ -1,16 +1,32 @@
 """The shopper's real-time context and the candidates' behaviour stats, read from the Feast
 ``user_context`` and ``item_stats`` views the stream workers keep, and the rewrite store
 (normalised query -> rewrites) that the rewriter fills ahead of time. All are optional for
-search: the handler calls them through ``serving.guard``.
+search: the handler awaits them through ``serving.guard``.
+
+With Redis as the online store (every deployment but the no-server fallback) the rows are read
+straight from Feast's Redis layout (``feature_repo.redis_rows``: the same key and field names
+the workers write and ``get_online_features`` reads) with one async Redis client: a read is
+one HMGET (the candidates' stats one pipelined round trip), nothing blocks the event loop, and
+50 concurrent searches are 50 in-flight commands on a connection pool instead of 50 calls
+queued for a handful of threads. Measured under 50 concurrent reads on this 2-core machine
+(``bench/serving.py`` context phase; numbers in bench/README.md): this path against
+``get_online_features`` on threads and Feast's own ``get_online_features_async``.
+Without Redis (Feast's SQLite store) the sync Feast reader runs on a small thread pool.
 """
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import redis
+import redis.asyncio as aioredis
+from feast.protos.feast.types.Value_pb2 import Value
+from feast.type_map import feast_value_type_to_python_type
 
 from tailbridge.feature_repo.definitions import user_context
+from tailbridge.feature_repo.redis_rows import RedisRows
 from tailbridge.models.data.user_context import as_context
 from tailbridge.settings import Settings
 from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
@@ -20,33 +36,102 @@ from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
 # "user_context:user_id" and every context read would fail.
 USER_CONTEXT_FEATURES = [f"user_context:{field.name}" for field in user_context.features]
 ITEM_STATS_FEATURES = [f"item_stats:{name}" for name in STATS_FIELDS]
+REDIS_SOCKET_TIMEOUT_S = 1.0  # the search's own deadline (serve_context_timeout_ms) is far shorter
 
 
-class FeastContextReader:
-    """The online reads of a search: the user's row, and one batch for the candidates' stats.
-    Feast is imported and the registry loaded once, here, not per request (``import feast``
-    alone costs seconds)."""
+class OnlineFeatures(Protocol):
+    """What search reads from the online store."""
 
-    def __init__(self, settings: Settings):
+    async def user_context(self, user_id: str) -> dict[str, Any] | None: ...
+
+    async def item_stats(self, item_ids: list[str]) -> dict[str, dict[str, float]]: ...
+
+    async def close(self) -> None: ...
+
+
+def _stats_or_priors(row: dict[str, Any] | None) -> dict[str, float]:
+    return {name: row[name] for name in STATS_FIELDS} if row and row[STATS_FIELDS[0]] is not None else dict(NO_STATS)
+
+
+class _View:
+    """One view's fields in Feast's Redis layout, and the decoding of an HMGET of them."""
+
+    def __init__(self, rows: RedisRows, names: list[str]):
+        by_name = {name: field for name, field, _ in rows.features}
+        self.rows, self.names = rows, names
+        self.fields = [rows.timestamp_field, *(by_name[name] for name in names)]
+
+    def decode(self, values: list[bytes | None]) -> dict[str, Any] | None:
+        """None when the entity has no row (as Feast: no timestamp field, no row)."""
+        if not values[0]:
+            return None
+        return {name: feast_value_type_to_python_type(Value.FromString(raw)) if raw else None
+                for name, raw in zip(self.names, values[1:])}
+
+
+class RedisOnlineFeatures:
+    """Feast rows read straight from Redis, asynchronously."""
+
+    def __init__(self, settings: Settings, redis_url: str):
+        from tailbridge.feature_repo.store import feature_store
+
+        store = feature_store(settings)
+        store.refresh_registry()
+        self._users = _View(RedisRows(store, "user_context"), [f.name for f in user_context.features])
+        self._items = _View(RedisRows(store, "item_stats"), list(STATS_FIELDS))
+        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+                                              socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S)
+
+    async def user_context(self, user_id: str) -> dict[str, Any] | None:
+        row = self._users.decode(await self._redis.hmget(self._users.rows.key(user_id), self._users.fields))
+        return as_context(row) if row else None
+
+    async def item_stats(self, item_ids: list[str]) -> dict[str, dict[str, float]]:
+        """Each item's ``STATS_FIELDS`` in one round trip; the priors (``NO_STATS``) for an
+        item without a row (nobody engaged with it in the view's TTL)."""
+        if not item_ids:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for item in item_ids:
+                pipe.hmget(self._items.rows.key(item), self._items.fields)
+            rows = await pipe.execute()
+        return {item: _stats_or_priors(self._items.decode(values)) for item, values in zip(item_ids, rows)}
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class FeastOnlineFeatures:
+    """Feast's own sync reads on a small thread pool: the SQLite online store (no Redis).
+    Feast is imported and the registry loaded once, here, not per request."""
+
+    def __init__(self, settings: Settings, threads: int = 4):
         from tailbridge.feature_repo.store import feature_store
 
         self._store = feature_store(settings)
         self._store.refresh_registry()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="feast")
 
-    def __call__(self, user_id: str) -> dict[str, Any] | None:
-        """The user's feature row, or None when the user has none yet (not an error)."""
+    def _user(self, user_id: str) -> dict[str, Any] | None:
         row = self._store.get_online_features(features=USER_CONTEXT_FEATURES, entity_rows=[{"user_id": user_id}]).to_dict()
         return as_context({name: values[0] for name, values in row.items()})
 
-    def item_stats(self, item_ids: list[str]) -> dict[str, dict[str, float]]:
-        """Each item's ``STATS_FIELDS``, in one read; the priors (``NO_STATS``) for an item
-        without a row (nobody engaged with it in the view's TTL)."""
-        if not item_ids:
-            return {}
+    def _stats(self, item_ids: list[str]) -> dict[str, dict[str, float]]:
         rows = self._store.get_online_features(features=ITEM_STATS_FEATURES,
                                                entity_rows=[{"item_id": item} for item in item_ids]).to_dict()
-        return {item: {name: rows[name][i] for name in STATS_FIELDS} if rows[STATS_FIELDS[0]][i] is not None
-                else dict(NO_STATS) for i, item in enumerate(item_ids)}
+        return {item: _stats_or_priors({name: rows[name][i] for name in STATS_FIELDS})
+                for i, item in enumerate(item_ids)}
+
+    async def user_context(self, user_id: str) -> dict[str, Any] | None:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._user, user_id)
+
+    async def item_stats(self, item_ids: list[str]) -> dict[str, dict[str, float]]:
+        if not item_ids:
+            return {}
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._stats, item_ids)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class RewriteStore(Protocol):
@@ -54,32 +139,36 @@ class RewriteStore(Protocol):
 
     version: str
 
-    def get(self, query_key: str) -> list[str]: ...
+    async def get(self, query_key: str) -> list[str]: ...
 
 
 class RedisRewriteStore:
     """Rewrites as a Redis list per query key. Empty until a rewriter writes it: search
-    never invents rewrites."""
+    never invents rewrites. Reads are async (search); ``put`` is the writers' sync call."""
 
     version = "redis-rewrites-v1"
 
-    def __init__(self, url: str, project: str, timeout_s: float = 0.2):
-        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    def __init__(self, url: str, project: str, timeout_s: float = REDIS_SOCKET_TIMEOUT_S):
+        self._url, self._timeout_s = url, timeout_s
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._root = f"tb:{project}:rewrites"
 
     def key(self, query_key: str) -> str:
         return f"{self._root}:{query_key}"
 
-    def get(self, query_key: str) -> list[str]:
-        return [raw.decode() for raw in self._redis.lrange(self.key(query_key), 0, -1)]
+    async def get(self, query_key: str) -> list[str]:
+        return [raw.decode() for raw in await self._redis.lrange(self.key(query_key), 0, -1)]
+
+    async def ping(self) -> bool:
+        return bool(await self._redis.ping())
 
     def put(self, query_key: str, rewrites: list[str]) -> None:
         """Replace a query's rewrites (the rewriter's write; tests use it too)."""
-        with self._redis.pipeline(transaction=True) as pipe:
+        with redis.Redis.from_url(self._url, socket_timeout=self._timeout_s) as r, r.pipeline(transaction=True) as pipe:
             pipe.delete(self.key(query_key))
             if rewrites:
                 pipe.rpush(self.key(query_key), *rewrites)
             pipe.execute()
 
-    def ping(self) -> bool:
-        return bool(self._redis.ping())
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,11 +1,12 @@
 """Every client the query handler uses, built once per app, and the FastAPI dependency that
 hands them to the routes (``ComponentsDep``).
 
-``build_components`` makes the metrics registry, the event publisher, the Feast reader (user
-context and item stats), the rewrite store, the item index (Milvus, and the query encoder it
-loads for the serving version), the ranker and the search service over them. ``create_app`` accepts them
-built already, so the CLI can fail on bad settings before serving and tests can build the
-app against their own stack.
+``build_components`` makes the metrics registry, the event publisher, the online-feature
+reader (user context and item stats: async reads of Feast's Redis rows, or Feast itself on
+threads for the SQLite store), the rewrite store, the item index (Milvus, and the query
+encoders it loads for the serving version), the ranker and the search service over them.
+``create_app`` accepts them built already, so the CLI can fail on bad settings before serving
+and tests can build the app against their own stack.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Annotated
 import redis
 from fastapi import Depends, Request
 
-from tailbridge.serving.context import FeastContextReader, RedisRewriteStore
+from tailbridge.serving.context import FeastOnlineFeatures, OnlineFeatures, RedisOnlineFeatures, RedisRewriteStore
+from tailbridge.serving.index import SearchUnavailable, ServingIndex
 from tailbridge.serving.metrics import Metrics
 from tailbridge.serving.models import load_ranker
 from tailbridge.serving.publisher import EventPublisher
-from tailbridge.serving.search import ItemIndex, SearchService, SearchUnavailable
+from tailbridge.serving.search import SearchService
 from tailbridge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,26 +38,31 @@ class Components:
     rewrites: RedisRewriteStore | None
     context_error: str | None  # why there is no user-context reader, if there is none
     redis_url: str | None = None  # the online store's Redis (None: SQLite), where the workers keep user states
-    user_states: redis.Redis | None = None  # a client of that Redis for /users (None: SQLite)
+    user_states: redis.Redis | None = None  # a client of that Redis for /users and /readyz (None: SQLite)
 
-    def warm_up(self) -> None:
-        """Load the encoder and make the first reads now, outside any deadline, not on the first search."""
+    async def warm_up(self) -> None:
+        """Load the encoders and open the first connections now, outside any deadline, not on
+        the first searches."""
         service = self.service
         try:
-            encoder, _ = service.index.ready()
-            encoder.encode_queries(["warm up"], [None])
+            serving = await service.index.refresh()
+            await serving.encoders.encode(["warm up"], [None])
         except SearchUnavailable as exc:
             log.warning("not ready yet: %s", exc)
-        if service.read_context is not None:
+        if service.features is not None:
             try:
-                service.read_context("__warm_up__")
-                service.read_item_stats(["__warm_up__"])
+                await service.features.user_context("__warm_up__")
+                await service.features.item_stats(["__warm_up__"])
             except Exception as exc:  # reported by /readyz and degraded searches
                 log.warning("user context and item stats not available yet: %s", exc)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.service.close()
         self.publisher.close()
+        if self.service.features is not None:
+            await self.service.features.close()
+        if self.rewrites is not None:
+            await self.rewrites.close()
         if self.user_states is not None:
             self.user_states.close()
 
@@ -66,20 +73,20 @@ def build_components(settings: Settings) -> Components:
     metrics = Metrics()
     publisher = EventPublisher(settings, metrics)
     online = resolve_online_store(settings)
-    read_context, context_error = None, None
+    redis_url = online.redis_url if online.kind == "redis" else None
+    features: OnlineFeatures | None = None
+    context_error = None
     try:
-        read_context = FeastContextReader(settings)
+        features = RedisOnlineFeatures(settings, redis_url) if redis_url else FeastOnlineFeatures(settings)
     except Exception as exc:  # no registry yet, unreadable config...: serve unpersonalised, say why
         context_error = f"{type(exc).__name__}: {exc} (run `tailbridge features apply`)"
         log.warning("user context disabled: %s", context_error)
-    redis_url = online.redis_url if online.kind == "redis" else None
     rewrites = RedisRewriteStore(redis_url, settings.feast_project) if redis_url is not None else None
     # /users scans many keys: a longer timeout than the rewrite store's per-search deadline.
     user_states = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0) \
         if redis_url is not None else None
-    service = SearchService(settings, metrics, ItemIndex(settings), publisher, read_context,
-                            read_context.item_stats if read_context is not None else None, rewrites,
-                            load_ranker(settings))
+    index = ServingIndex(settings)
+    service = SearchService(settings, metrics, index, publisher, features, rewrites, load_ranker(settings))
     return Components(settings, metrics, service, publisher, rewrites, context_error, redis_url, user_states)
 
 

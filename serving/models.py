@@ -2,14 +2,23 @@
 
 The query encoder must match the vectors in the serving Milvus collection, so its version is
 read from the collection the alias points at (``streams.item_index.serving_version``), never
-configured separately: after ``tailbridge reindex`` moves the alias, the handler follows.
-A trained retriever is served from its ONNX int8 query tower when exported (fastest), else
-with torch; all-MiniLM-L6-v2 from an ONNX int8 export made on first use. The ranker is ``TAILBRIDGE_RANKER_VERSION``.
+configured separately: after ``tailbridge reindex`` moves the alias, the handler follows
+(``serving.index``). A trained retriever is served from its ONNX int8 query tower when exported
+(fastest), else with torch; all-MiniLM-L6-v2 from an ONNX int8 export made on first use. The
+ranker is ``TAILBRIDGE_RANKER_VERSION``.
+
+An encoder is not safe to call from two threads at once (the Hugging Face fast tokenizer
+raises "Already borrowed" when two calls set its padding at the same time), so the handler
+keeps ``EncoderPool``: one instance (tokenizer and ONNX session) per encoding thread, each
+leased by one search at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +83,34 @@ def load_ranker(settings: Settings) -> Any | None:
         return ReloadingRanker(registry, ranker.load_ranker, initial)
     path = Path(choice).expanduser()
     return ranker.load_ranker(path if path.is_dir() else root / choice)
+
+
+class EncoderPool:
+    """``size`` instances of one encoder version and a thread for each: ``encode`` leases a
+    free instance and runs it on the pool's threads, never on the event loop."""
+
+    def __init__(self, version: str, encoders: list[Encoder]):
+        self.version = version
+        self._free: asyncio.Queue[Encoder] = asyncio.Queue()
+        for encoder in encoders:
+            self._free.put_nowait(encoder)
+        self._threads = ThreadPoolExecutor(max_workers=len(encoders), thread_name_prefix=f"encode-{version}")
+
+    @classmethod
+    async def load(cls, version: str, load: Callable[[str], Encoder], size: int) -> EncoderPool:
+        """Load the instances on threads (seconds for a trained retriever): searches go on meanwhile."""
+        loop = asyncio.get_running_loop()
+        first = await loop.run_in_executor(None, load, version)  # alone: it may export MiniLM on first use
+        rest = await asyncio.gather(*(loop.run_in_executor(None, load, version) for _ in range(size - 1)))
+        return cls(version, [first, *rest])
+
+    async def encode(self, texts: Sequence[str], contexts: Sequence[Mapping[str, Any] | None]) -> np.ndarray:
+        encoder = await self._free.get()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._threads, encoder.encode_queries,
+                                                                    list(texts), list(contexts))
+        finally:
+            self._free.put_nowait(encoder)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)

@@ -1,9 +1,14 @@
-"""The search pipeline, stage by stage:
+"""The search pipeline, async end to end (nothing blocking runs on the event loop):
 
-    user context (Feast, own deadline) -> rewrites (store, own deadline) -> query embedding
-    -> Milvus: dense and BM25 search for the query and each rewrite -> reciprocal-rank fusion
-    -> the candidates' behaviour stats (Feast, one batched read, the user context's deadline)
-    -> multi-task ranker -> top k -> query event published (non-blocking)
+    lexical search of the query ------------------------------------------------+
+    user context (Feast rows, own deadline) | rewrites (store, own deadline)     |
+      -> query + rewrites embedded (encoder pool thread)                          |
+      -> dense search of all of them | lexical search of the rewrites ----------+-> reciprocal-rank fusion
+    -> the candidates' behaviour stats (one pipelined read, the user context's deadline)
+    -> multi-task ranker (its own thread) -> top k -> query event published (non-blocking)
+
+Routes on one line run concurrently. The index (``serving.index``) pins the serving collection
+and its encoder version for the whole search, so a reindex never mixes them.
 
 Optional dependencies (context, rewrites, item stats, the broker) degrade the answer and say so
 in ``degraded`` (without item stats every candidate has the priors, as an item nobody engaged
@@ -12,113 +17,33 @@ with); without the index there is no answer, and ``SearchUnavailable`` becomes a
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-import numpy as np
-from pymilvus import MilvusClient
-
-from tailbridge.streams.item_index import MILVUS_GRPC_OPTIONS
-from tailbridge.serving.context import RewriteStore
+from tailbridge.serving.context import OnlineFeatures, RewriteStore
 from tailbridge.serving.filters import compile_filters
 from tailbridge.serving.guard import Guarded
+from tailbridge.serving.index import SearchUnavailable, Serving, ServingIndex
 from tailbridge.serving.metrics import Metrics
-from tailbridge.serving.models import load_query_encoder
 from tailbridge.serving.publisher import EventPublisher
 from tailbridge.serving.schemas import ItemStats, ScoreParts, SearchHit, SearchRequest, SearchResponse
 from tailbridge.streams.events import QueryEvent, ServedItem
-from tailbridge.vocab import normalize_query
 from tailbridge.streams.feedback import REWRITE_SOURCE_PREFIX
-from tailbridge.streams.item_index import alias_name, serving_version
 from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
+from tailbridge.streams.term_index import TermFilters
 from tailbridge.settings import Settings
+from tailbridge.vocab import normalize_query
 
-OUTPUT_FIELDS = ["item_id", "title", "brand", "category", "category_path", "price"]
+
+T = TypeVar("T")
 RRF_K = 60  # the usual reciprocal-rank-fusion constant: flattens the top ranks' advantage
 MAX_REWRITES = 3
-VERSION_CHECK_SECONDS = 10.0
-
-
-class SearchUnavailable(Exception):
-    """Search cannot answer at all (the item index is unreachable or empty)."""
-
-
-class ItemIndex:
-    """The serving Milvus collection and the query encoder whose vectors match it.
-
-    Connects lazily (the handler starts, and says it is not ready, while Milvus is down) and
-    re-reads the serving version every few seconds so a reindex is followed."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self._lock = threading.Lock()
-        self._client: MilvusClient | None = None
-        self._checked = 0.0
-        self.version: str | None = None
-        self.encoder: Any = None
-
-    def _connect(self) -> MilvusClient:
-        if self._client is None:
-            try:
-                self._client = MilvusClient(uri=self.settings.milvus_uri, timeout=self.settings.serve_milvus_timeout_s,
-                                            grpc_options=MILVUS_GRPC_OPTIONS)
-            except Exception as exc:
-                raise SearchUnavailable(f"Milvus at {self.settings.milvus_uri} is unreachable ({exc}); "
-                                        "search needs the item index") from None
-        return self._client
-
-    def ready(self, probe: bool = False) -> tuple[Any, MilvusClient]:
-        """(encoder, client) for the serving version; loads the encoder on first use or after a
-        reindex. The version is re-read every few seconds, or now with ``probe`` (readiness).
-        While one thread re-reads it, the others go on with the current encoder: queueing them
-        behind its Milvus round trips stalled every search whenever Milvus was slow."""
-        if not probe and self.encoder is not None:
-            if time.monotonic() - self._checked <= VERSION_CHECK_SECONDS or not self._lock.acquire(blocking=False):
-                return self.encoder, self._client
-        else:
-            self._lock.acquire()
-        try:
-            return self._refresh(probe)
-        finally:
-            self._lock.release()
-
-    def _refresh(self, probe: bool) -> tuple[Any, MilvusClient]:
-        """ready() with the lock held."""
-        client = self._connect()
-        if probe or self.encoder is None or time.monotonic() - self._checked > VERSION_CHECK_SECONDS:
-            try:
-                version = serving_version(client, self.settings)
-            except Exception as exc:
-                raise SearchUnavailable(f"Milvus at {self.settings.milvus_uri} did not answer ({exc}); "
-                                        "search needs the item index") from None
-            if version is None:
-                raise SearchUnavailable(f"no items indexed yet (no collection behind alias "
-                                        f"{alias_name(self.settings)!r}): run `tailbridge worker` and publish the catalog")
-            if version != self.version:
-                self.encoder, self.version = load_query_encoder(version, self.settings), version
-            self._checked = time.monotonic()
-        return self.encoder, client
-
-    def search(self, vectors: np.ndarray, texts: list[str], limit: int,
-               expr: str) -> tuple[list[list[dict]], list[list[dict]]]:
-        """Dense and BM25 hits for each (vector, text) pair: two Milvus calls whatever the count."""
-        _, client = self.ready()
-        common = dict(limit=limit, filter=expr, output_fields=OUTPUT_FIELDS,
-                      timeout=self.settings.serve_milvus_timeout_s)
-        try:
-            dense = client.search(alias_name(self.settings), data=vectors.tolist(), anns_field="vector",
-                                  search_params={"metric_type": "IP", "params": {"ef": max(64, 2 * limit)}}, **common)
-            bm25 = client.search(alias_name(self.settings), data=texts, anns_field="sparse",
-                                 search_params={"metric_type": "BM25"}, **common)
-        except Exception as exc:
-            raise SearchUnavailable(f"Milvus at {self.settings.milvus_uri} failed the search ({type(exc).__name__}: "
-                                    f"{exc}); search needs the item index") from None
-        return [list(hits) for hits in dense], [list(hits) for hits in bm25]
 
 
 @dataclass
@@ -173,30 +98,35 @@ class StageTimer:
         self.metrics = metrics
         self.ms: dict[str, float] = {}
 
+    def record(self, name: str, seconds: float) -> None:
+        self.ms[name] = round(seconds * 1000, 3)
+        self.metrics.stage_seconds.labels(name).observe(seconds)
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - start
-            self.ms[name] = round(elapsed * 1000, 3)
-            self.metrics.stage_seconds.labels(name).observe(elapsed)
+            self.record(name, time.perf_counter() - start)
+
+    async def timed(self, name: str, awaitable: Awaitable[T]) -> T:
+        with self.stage(name):
+            return await awaitable
 
 
 class SearchService:
-    def __init__(self, settings: Settings, metrics: Metrics, index: ItemIndex, publisher: EventPublisher,
-                 read_context: Callable[[str], dict[str, Any] | None] | None,
-                 read_item_stats: Callable[[list[str]], dict[str, dict[str, float]]] | None,
-                 rewrites: RewriteStore | None, ranker: Any | None):
+    def __init__(self, settings: Settings, metrics: Metrics, index: ServingIndex, publisher: EventPublisher,
+                 features: OnlineFeatures | None, rewrites: RewriteStore | None, ranker: Any | None):
         self.settings = settings
         self.metrics = metrics
         self.index = index
         self.publisher = publisher
-        self.read_context = read_context
-        self.read_item_stats = read_item_stats
+        self.features = features
         self.rewrite_store = rewrites
         self.ranker = ranker
+        # The ranker is one model whose caches and tokenizer are not thread-safe: one thread.
+        self._rank_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank")
         timeout_s, cooldown = settings.serve_context_timeout_ms / 1000, settings.serve_dependency_cooldown_s
         self.context_guard = Guarded("user_context", timeout_s, cooldown)
         self.rewrites_guard = Guarded("rewrites", timeout_s, cooldown)
@@ -204,57 +134,39 @@ class SearchService:
         # must not put the one-row context read (personalisation) into cooldown.
         self.stats_guard = Guarded("item_stats", timeout_s, cooldown)
 
-    def search(self, request: SearchRequest) -> SearchResponse:
+    async def search(self, request: SearchRequest) -> SearchResponse:
         started = time.perf_counter()
         timer = StageTimer(self.metrics)
         degraded: list[str] = []
         query_id = uuid.uuid4().hex
-
-        context = None
-        with timer.stage("user_context"):
-            if request.user_id and self.read_context is None:
-                degraded.append("user_context")
-            elif request.user_id:
-                outcome = self.context_guard.call(lambda: self.read_context(request.user_id))
-                context = outcome.value
-                if not outcome.ok:
-                    degraded.append("user_context")
-
-        rewrites: list[str] = []
-        with timer.stage("rewrites"):
-            if self.rewrite_store is None:
-                degraded.append("rewrites")
-            else:
-                key = normalize_query(request.query)
-                outcome = self.rewrites_guard.call(lambda: self.rewrite_store.get(key))
-                if outcome.ok:
-                    rewrites = [r for r in dict.fromkeys(outcome.value) if normalize_query(r) != key][:MAX_REWRITES]
-                else:
-                    degraded.append("rewrites")
-
-        texts = [request.query, *rewrites]
-        with timer.stage("embed"):
-            encoder, _ = self.index.ready()
-            vectors = encoder.encode_queries(texts, [context] * len(texts))
-
         limit = max(self.settings.serve_candidates, request.k)
-        with timer.stage("retrieve"):
-            dense, bm25 = self.index.search(vectors, texts, limit, compile_filters(request.filters))
+        expr = compile_filters(request.filters)
+        filters = TermFilters(**request.filters.model_dump())
+
+        serving = await self.index.current()
+        try:
+            context, rewrites, routes = await self._retrieve(serving, request, limit, expr, filters, timer, degraded)
+        except SearchUnavailable:
+            # The pinned collection may have been dropped by a reindex that moved the alias:
+            # re-read it, and search again only if it now names another collection.
+            fresh = await self.index.refresh(force=True)
+            if fresh.collection == serving.collection:
+                raise
+            serving, degraded[:] = fresh, []
+            context, rewrites, routes = await self._retrieve(serving, request, limit, expr, filters, timer, degraded)
 
         with timer.stage("fuse"):
-            sources = ["query", *(REWRITE_SOURCE_PREFIX + r for r in rewrites)]
-            routes = [(src, "dense", hits) for src, hits in zip(sources, dense)]
-            routes += [(src, "bm25", hits) for src, hits in zip(sources, bm25)]
             candidates = fuse(routes)[:limit]
 
         with timer.stage("item_stats"):  # the ranker reads every candidate's; without one, the hits need theirs
-            self._add_item_stats(candidates if self.ranker is not None else candidates[:request.k], degraded)
+            await self._add_item_stats(candidates if self.ranker is not None else candidates[:request.k], degraded)
 
         heads: list[dict[str, float]] | None = None
         if self.ranker is not None and candidates:
             with timer.stage("rank"):
-                heads = self.ranker.score(request.query, [c.fields for c in candidates], context,
-                                          self.settings.ranker_weights)
+                heads = await asyncio.get_running_loop().run_in_executor(
+                    self._rank_thread, self.ranker.score, request.query, [c.fields for c in candidates], context,
+                    self.settings.ranker_weights)
                 blend(heads, self.settings.serve_retrieval_weight)
                 order = sorted(range(len(candidates)), key=lambda i: (-heads[i]["final"], i))
                 candidates, heads = [candidates[i] for i in order], [heads[i] for i in order]
@@ -262,7 +174,7 @@ class SearchService:
         top = candidates[:request.k]
         hits = [self._hit(c, position, heads[position - 1] if heads else None, request.explain)
                 for position, c in enumerate(top, start=1)]
-        versions = {"encoder": self.index.version or "", "ranker": getattr(self.ranker, "version", "none"),
+        versions = {"encoder": serving.version, "ranker": getattr(self.ranker, "version", "none"),
                     "rewrites": getattr(self.rewrite_store, "version", "none")}
 
         with timer.stage("publish"):
@@ -278,13 +190,66 @@ class SearchService:
                               personalized=context is not None, results=hits, rewrites=rewrites, degraded=degraded,
                               model_versions=versions, timings_ms=timer.ms if request.explain else None)
 
-    def _add_item_stats(self, candidates: list[Candidate], degraded: list[str]) -> None:
+    async def _retrieve(self, serving: Serving, request: SearchRequest, limit: int, expr: str, filters: TermFilters,
+                        timer: StageTimer, degraded: list[str]) -> tuple[dict[str, Any] | None, list[str], list[tuple[str, str, list[dict]]]]:
+        """Every route of one search, as concurrent as their inputs allow: the query's lexical
+        search starts at once (it needs nothing else); the user context and the rewrites are
+        read side by side; then the query and its rewrites are embedded in one batch (with the
+        context: the trained retriever personalises the query vector) and their dense search
+        runs beside the rewrites' lexical search. Stage times overlap: ``retrieve`` is the time
+        spent waiting on the index after the embedding (the engine on the critical path)."""
+        query_lexical = asyncio.create_task(timer.timed("lexical_query", self.index.lexical(
+            serving, [request.query], limit, expr, filters)))
+        try:
+            context, rewrites = await asyncio.gather(timer.timed("user_context", self._context(request, degraded)),
+                                                     timer.timed("rewrites", self._rewrites(request, degraded)))
+            texts = [request.query, *rewrites]
+            vectors = await timer.timed("embed", serving.encoders.encode(texts, [context] * len(texts)))
+            waiting = time.perf_counter()
+            dense, rewrites_lexical = await asyncio.gather(
+                timer.timed("dense", self.index.dense(serving, vectors, limit, expr)),
+                timer.timed("lexical_rewrites", self.index.lexical(serving, rewrites, limit, expr, filters)))
+            lexical = [*(await query_lexical), *rewrites_lexical]
+            timer.record("retrieve", time.perf_counter() - waiting)
+        finally:
+            if not query_lexical.done():
+                query_lexical.cancel()
+            elif not query_lexical.cancelled():
+                query_lexical.exception()  # retrieved: a failure elsewhere already decides the answer
+        sources = ["query", *(REWRITE_SOURCE_PREFIX + r for r in rewrites)]
+        routes = [(src, "dense", hits) for src, hits in zip(sources, dense)]
+        routes += [(src, "bm25", hits) for src, hits in zip(sources, lexical)]
+        return context, rewrites, routes
+
+    async def _context(self, request: SearchRequest, degraded: list[str]) -> dict[str, Any] | None:
+        if not request.user_id:
+            return None
+        if self.features is None:
+            degraded.append("user_context")
+            return None
+        outcome = await self.context_guard.call(lambda: self.features.user_context(request.user_id))
+        if not outcome.ok:
+            degraded.append("user_context")
+        return outcome.value
+
+    async def _rewrites(self, request: SearchRequest, degraded: list[str]) -> list[str]:
+        if self.rewrite_store is None:
+            degraded.append("rewrites")
+            return []
+        key = normalize_query(request.query)
+        outcome = await self.rewrites_guard.call(lambda: self.rewrite_store.get(key))
+        if not outcome.ok:
+            degraded.append("rewrites")
+            return []
+        return [r for r in dict.fromkeys(outcome.value) if normalize_query(r) != key][:MAX_REWRITES]
+
+    async def _add_item_stats(self, candidates: list[Candidate], degraded: list[str]) -> None:
         """Put each candidate's behaviour stats into its fields (the ranker's item features)."""
         stats: dict[str, dict[str, float]] = {}
-        if self.read_item_stats is None:
+        if self.features is None:
             degraded.append("item_stats")
         elif candidates:
-            outcome = self.stats_guard.call(lambda: self.read_item_stats([c.item_id for c in candidates]))
+            outcome = await self.stats_guard.call(lambda: self.features.item_stats([c.item_id for c in candidates]))
             if outcome.ok:
                 stats = outcome.value
             else:
@@ -316,6 +281,5 @@ class SearchService:
         self.publisher.publish(event)
 
     def close(self) -> None:
-        self.context_guard.close()
-        self.rewrites_guard.close()
-        self.stats_guard.close()
+        self._rank_thread.shutdown(wait=False, cancel_futures=True)
+        self.index.close()

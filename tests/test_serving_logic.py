@@ -53,3 +53,50 @@ def test_blend_adds_a_reciprocal_rank_prior_to_the_relative_ranker_score():
     assert [h["final"] for h in heads] == pytest.approx([h["ranker"] + h["retrieval_prior"] for h in heads])
     blend(heads, 0.0)
     assert [h["final"] for h in heads] == [h["ranker"] for h in heads]  # weight 0: the ranker alone
+
+
+# ---------------------------------------------------------------------- the dependency guard
+
+
+def guarded_outcomes(guard, calls):
+    import asyncio
+
+    async def run():
+        return [await guard.call(call) for call in calls]
+
+    return asyncio.run(run())
+
+
+async def _answers():
+    return "ok"
+
+
+async def _hangs():
+    import asyncio
+
+    await asyncio.sleep(1.0)
+
+
+async def _fails():
+    raise ConnectionError("refused")
+
+
+def test_a_failing_dependency_is_skipped_at_once_for_the_cooldown():
+    from tailbridge.serving.guard import Guarded
+
+    guard = Guarded("x", timeout_s=0.01, cooldown_s=60)
+    failed, skipped = guarded_outcomes(guard, [_fails, _answers])
+    assert failed.error == "ConnectionError: refused"
+    assert not skipped.ok and skipped.error.startswith("skipped after a recent failure")
+
+
+def test_timeouts_skip_the_dependency_only_after_several_in_a_row():
+    """One read that missed its deadline on a busy machine must not cost the next searches
+    their personalisation; a dependency that keeps missing it is skipped."""
+    from tailbridge.serving.guard import Guarded
+
+    guard = Guarded("x", timeout_s=0.01, cooldown_s=60, trip_after=3)
+    outcomes = guarded_outcomes(guard, [_hangs, _hangs, _answers, _hangs, _hangs, _answers, _hangs, _answers])
+    assert [o.ok for o in outcomes] == [False, False, True, False, False, True, False, True]
+    outcomes = guarded_outcomes(guard, [_hangs, _hangs, _hangs, _answers])
+    assert [o.error.split(" ")[0] for o in outcomes] == ["no", "no", "no", "skipped"]

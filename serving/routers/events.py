@@ -3,6 +3,7 @@ GET /users (shoppers that have a real-time context: the search page's user selec
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Annotated
@@ -39,11 +40,11 @@ def events(body: InteractionEvent, deps: ComponentsDep) -> EventAccepted:
 
 
 @router.get("/users", response_model=UserList)
-def users(deps: ComponentsDep, limit: Annotated[int, Query(ge=1, le=500)] = 20) -> UserList:
-    return users_with_context(deps, limit)
+async def users(deps: ComponentsDep, limit: Annotated[int, Query(ge=1, le=500)] = 20) -> UserList:
+    return await users_with_context(deps, limit)
 
 
-def users_with_context(deps: Components, limit: int) -> UserList:
+async def users_with_context(deps: Components, limit: int) -> UserList:
     """Shoppers a search would personalise, for the page's selector and for benchmarks.
 
     Candidates are the users the stream workers keep state for (Redis keys
@@ -52,30 +53,20 @@ def users_with_context(deps: Components, limit: int) -> UserList:
     empty, so every id listed gets ``personalized: true`` right now. No Redis (the SQLite
     fallback has no workers), no context reader, or an unreachable Redis: an empty list, and
     ``source`` says why."""
-    read = deps.service.read_context
-    if read is None:
+    features = deps.service.features
+    if features is None:
         return UserList(user_ids=[], source=f"no user-context reader: {deps.context_error}")
     if deps.user_states is None:
         return UserList(user_ids=[], source="no Redis online store (SQLite): no stream worker keeps user states")
     prefix = Keys(deps.settings).user("")
-    candidates: list[str] = []
-    scanned = 0
     try:
-        # SCAN MATCH is a glob: escape the project name's glob characters.
-        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", prefix) + "*"
-        cursor = 0
-        while True:
-            cursor, keys = deps.user_states.scan(cursor, match=pattern, count=2000)
-            scanned += 2000
-            candidates += [key.decode(errors="replace")[len(prefix):] for key in keys]
-            if cursor == 0 or len(candidates) >= 3 * limit or scanned >= USER_SCAN_KEYS:
-                break
+        candidates = await asyncio.to_thread(scan_users, deps.user_states, prefix, limit)
     except redis.RedisError as exc:
         return UserList(user_ids=[], source=f"Redis at {deps.redis_url} failed: {type(exc).__name__}: {exc}")
     found: list[str] = []
     try:
         for user_id in sorted(set(candidates)):  # Redis answered, so Feast's reads will not hang
-            if read(user_id) is not None:
+            if await features.user_context(user_id) is not None:
                 found.append(user_id)
                 if len(found) == limit:
                     break
@@ -83,3 +74,17 @@ def users_with_context(deps: Components, limit: int) -> UserList:
         return UserList(user_ids=found, source=f"Feast user_context read failed: {type(exc).__name__}: {exc}")
     return UserList(user_ids=found, source=f"stream-worker user states in Redis ({len(set(candidates))} candidates), "
                                            "kept those whose Feast user_context is not empty")
+
+
+def scan_users(r: redis.Redis, prefix: str, limit: int) -> list[str]:
+    """User ids with a worker state key, SCANned until there are a few more than ``limit``."""
+    # SCAN MATCH is a glob: escape the project name's glob characters.
+    pattern = re.sub(r"([\\*?\[\]])", r"\\\1", prefix) + "*"
+    candidates: list[str] = []
+    cursor, scanned = 0, 0
+    while True:
+        cursor, keys = r.scan(cursor, match=pattern, count=2000)
+        scanned += 2000
+        candidates += [key.decode(errors="replace")[len(prefix):] for key in keys]
+        if cursor == 0 or len(candidates) >= 3 * limit or scanned >= USER_SCAN_KEYS:
+            return candidates
