@@ -50,8 +50,8 @@ class RewriteWorker:
                 self.counts["unparsable"] += 1
                 continue
             self.counts["queries"] += 1
-            key = normalize_query(clean_query(event.query))
-            if key:
+            key = normalize_query(event.query)  # what search looks rewrites up by
+            if clean_query(key):  # something printable to rewrite (the generator cleans it again)
                 keys.append(key)
         if not keys:
             return []
@@ -60,7 +60,8 @@ class RewriteWorker:
                 pipe.incr(self._seen + key)
                 pipe.expire(self._seen + key, self.settings.rewrite_seen_ttl_s)
             seen = pipe.execute()[::2]
-        rare = list(dict.fromkeys(k for k, n in zip(keys, seen) if n <= self.settings.rewrite_rare_max_seen))
+        latest = dict(zip(keys, seen))  # a key's last count in the batch: all its searches so far
+        rare = [k for k, n in latest.items() if n <= self.settings.rewrite_rare_max_seen]
         self.counts["rare"] += len(rare)
         return [k for k, done in zip(rare, self.writer.has(self.version, rare)) if not done]
 
