@@ -118,10 +118,10 @@ def evaluate(data_dir: Path, search: Any, rewriters: Mapping[str, Callable[[], A
     data = load_dataset(data_dir)
     signals = query_signals(data.queries, data.split(split), data.strata, engaged or {})
     qids = sorted(signals)
-    if max_queries is not None:
-        qids = qids[:max_queries]
-    strata = [signals[q].stratum for q in qids]
     targets = [q for q in qids if signals[q].stratum in rewrite_strata or "all" in rewrite_strata]
+    if max_queries is not None:  # a budget: only the first rewritten queries, none of the others
+        qids = targets = targets[:max_queries]
+    strata = [signals[q].stratum for q in qids]
     say(f"{data.name}/{split}: {len(qids)} queries, {len(targets)} rewritten ({', '.join(rewrite_strata)})")
     report: dict[str, Any] = {"data": data.name, "split": split, "queries": len(qids), "rewritten_strata": list(rewrite_strata),
                               "rewrites_per_query": n, "beams": beams, "systems": {}}

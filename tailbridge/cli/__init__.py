@@ -522,6 +522,8 @@ def run_demo(  # not `demo`: that name is the module tailbridge.cli.demo, which 
         live.print_topic_counts(settings, console)
         console.rule("6/7 ranker, trained on the feedback log the worker just wrote")
         live.train_demo_ranker(settings, _default_data_dir(), console)
+        console.rule("query rewriter for long-tail queries, trained on the demo data (budgeted; reused)")
+        _rewriting.demo_rewriter(settings, _default_data_dir())
         if loop:
             console.rule("alignment loop: one iteration on the replay's feedback log (`tailbridge loop --once`)")
             try:

@@ -324,6 +324,9 @@ def serve(settings: Settings, dataset, console: Console, keep_serving: bool) -> 
                     console.print(f"[red]{title}: {response.status_code} {response.text}[/]")
                     continue
                 print_results(console, title, request, response.json())
+            from tailbridge.cli.rewriting import show_rewritten  # the rewriter's example (cli/rewriting.py)
+
+            show_rewritten(client, settings, console, print_results)
         console.print(f"\n[bold]tailbridge is serving at {url}/[/] (search page), API docs at {url}/docs; "
                       "a worker keeps features fresh.")
         if keep_serving:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, Optional
 
 import typer
@@ -124,7 +125,8 @@ def eval_rewriter(
     strata: Annotated[str, typer.Option(help="Strata the rewriter rewrites, comma separated, or all.")] = "tail",
     rewrites: Annotated[int, typer.Option(min=1, help="Rewrites per query (search fuses up to 3).")] = 2,
     beams: Annotated[int, typer.Option(min=1)] = 4,
-    max_queries: Annotated[Optional[int], typer.Option(min=1)] = None,
+    max_queries: Annotated[Optional[int], typer.Option(min=1, help="Budget: evaluate only the first N queries "
+                                                                    "that get rewritten.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where rewriter-eval-<split>.json/.png go (default: the aligned version's dir).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Also write each system's fused top 100 as TREC runs.")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,
@@ -275,3 +277,63 @@ def worker(
         RewriteWorker(settings, generator, record["version"], writer).run(report=console.print)
     except KeyboardInterrupt:
         console.print("rewrite worker stopped")
+
+
+# ------------------------------------------------------------------ make demo
+
+DEMO_REWRITER_NAME = "demo"
+DEMO_REWRITER_MINUTES = 4.0
+DEMO_FILL_QUERIES = 24  # test tail queries rewritten ahead of time in the demo (the worker does the rest live)
+
+
+def demo_rewriter(settings: Settings, data_dir: Path, say: Callable[[str], None] = console.print) -> str | None:
+    """Train a small rewriter on the demo data within ``DEMO_REWRITER_MINUTES`` (a finished
+    version is reused), then fill the store for some test tail queries with it and promote it.
+    Returns the version, or None (said) when there is none."""
+    from tailbridge.models.data.loaders import load_dataset
+    from tailbridge.models.rewriting.generator import load_base
+    from tailbridge.models.rewriting.train import RewriterConfig, train
+    from tailbridge.models.rewriting.versions import VersionError, load_version, resolve
+    from tailbridge.vocab import normalize_query
+
+    root = models_root(settings)
+    try:
+        record = resolve(root, f"{DEMO_REWRITER_NAME}-aligned")
+        say(f"rewriter {record['version']!r} already trained: reusing it")
+    except VersionError:
+        try:
+            cfg = RewriterConfig(budget_minutes=DEMO_REWRITER_MINUTES, feedback_queries=16, dev_queries=16)
+            written = train(data_dir, root, lambda: load_base(root), build_search(data_dir),
+                            default_feedback(data_dir), cfg, DEMO_REWRITER_NAME, say=say)
+            record = resolve(root, written[-1])
+        except _errors() as exc:
+            say(f"[yellow]no rewriter ({exc}); search serves without rewrites[/]")
+            return None
+    dataset = load_dataset(data_dir)
+    test = dataset.split("test")
+    keys = sorted({normalize_query(dataset.queries[q]) for q in test if dataset.strata.get(q) == "tail"})[:DEMO_FILL_QUERIES]
+    writer = _writer(settings)
+    generator = load_version(root, record["version"])
+    stats = fill_store(generator, writer, record["version"], keys, settings.model_copy(update={"rewrite_beams": 1}))
+    writer.promote(record["version"])
+    say(f"{record['version']}: rewrites for {stats['with_rewrites']} of {stats['queries']} test tail queries in "
+        f"{stats['seconds']} s, promoted; `tailbridge rewriter worker` writes them for new rare queries live")
+    return record["version"]
+
+
+def show_rewritten(client: Any, settings: Settings, console: Console, print_results: Callable) -> None:
+    """The first filled query whose served top 5 includes results from a rewrite's routes."""
+    writer = _writer(settings)
+    version = writer.serving_version()
+    if version is None:
+        return
+    prefix = writer.key(version, "")
+    for raw in sorted(writer._redis.scan_iter(match=prefix + "*", count=1000)):
+        query = raw.decode()[len(prefix):]
+        request = {"query": query, "k": 5, "explain": True}
+        body = client.post("/search", json=request).json()
+        if any(hit["source"].startswith("rewrite:") for hit in body.get("results", [])):
+            print_results(console, f"rewritten long-tail query (rewrites: {'; '.join(body['rewrites'])})", request, body)
+            console.print("  results whose route says rewrite:<text> came from that rewrite (the page's explain shows it)")
+            return
+    console.print("[yellow]no filled query's top 5 has a result from its rewrites[/]")
