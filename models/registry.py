@@ -123,12 +123,14 @@ class Registry:
             return RegistryState()
         return RegistryState.from_json(json.loads(self.path.read_bytes()))
 
-    def stamp(self) -> float | None:
-        """The file's modification time: readers poll it to notice a promotion or rollback."""
+    def stamp(self) -> tuple[int, int] | None:
+        """What changes with every write: readers poll it to notice a promotion or rollback. Each
+        write renames a new file into place, so its inode changes even within one mtime tick."""
         try:
-            return self.path.stat().st_mtime_ns / 1e9
+            st = self.path.stat()
         except FileNotFoundError:
             return None
+        return st.st_ino, st.st_mtime_ns
 
     @contextmanager
     def change(self) -> Iterator[RegistryState]:

@@ -2,7 +2,7 @@
 
 With ``TAILBRIDGE_RANKER_VERSION=auto`` the handler serves the registry's serving ranker
 (``models.registry``). A promotion or rollback replaces the registry file; this wrapper
-notices the new file (its mtime, checked at most every ``check_every_s``), loads the new
+notices the new file (``Registry.stamp``, checked at most every ``check_every_s``), loads the new
 version on a background thread and swaps one reference. Searches keep scoring with the
 version they started with, so a swap never fails one; a version that fails to load is logged
 and the old one keeps serving.
@@ -57,7 +57,7 @@ class ReloadingRanker:
         if wait:
             thread.join()
 
-    def _reload(self, stamp: float | None) -> None:
+    def _reload(self, stamp: tuple[int, int] | None) -> None:
         try:
             serving = self._registry.read().serving("ranker")
             if serving is not None and serving.version != self._current.version:
