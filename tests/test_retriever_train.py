@@ -65,10 +65,17 @@ def test_artifact_has_everything_and_loads(trained, demo):
     steps_per_epoch = -(-n_train // TRAIN.batch_size)
     assert metrics["steps"] == {"stage1_loss": 2 * steps_per_epoch, "stage2_loss": steps_per_epoch}
     assert metrics["data"]["logged_searches"] > 0 and metrics["data"]["dev_queries"] > 0
-    assert [h["when"] for h in metrics["history"]] == ["start", "start", "final"]  # mined every 2nd epoch
+    # Dev before the first step, after every epoch, and the shipped state by exact search.
+    assert [h["when"] for h in metrics["history"]] == ["start (untrained)", "stage 1 epoch 1", "stage 1 epoch 2",
+                                                       "stage 2 epoch 1", "shipped (exact search)"]
     assert all(0 <= h["dev_ndcg@10"] <= 1 for h in metrics["history"])
+    best = max(metrics["history"][:-1], key=lambda h: h["dev_ndcg@10"])
+    assert metrics["selection"]["shipped"] == best["when"]
+    assert metrics["selection"]["dev_shipped_exact"]["dev_ndcg@10"] >= metrics["selection"]["dev_start_exact"]["dev_ndcg@10"]
+    assert 0 <= metrics["fn_mask_share"] < 1 and 0 < metrics["pool_items"] <= 150
+    assert {"frozen-prefix cache", "pool", "stage 1 steps", "stage 2 steps"} <= set(metrics["phases_seconds"])
     card = (trained / "MODEL_CARD.md").read_text()
-    assert f"{n_train} training queries" in card and "Stage 1" in card
+    assert f"{n_train} training queries" in card and "Stage 1" in card and "| start (untrained) |" in card
     config = json.loads((trained / "config.json").read_text())
     assert config["retriever"]["lexical_dim"] == 16 and config["training"]["stage1_epochs"] == 2
 

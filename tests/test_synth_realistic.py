@@ -4,6 +4,7 @@ judgements per query (most partly relevant), deterministic, readable by the load
 import collections
 
 from tailbridge.models.data.loaders import load_dataset
+
 from tailbridge.synthetic import catalog as synth
 from tailbridge.synthetic import realistic
 

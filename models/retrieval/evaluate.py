@@ -286,11 +286,11 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
 def evaluate(data_dir: Path, split: str = "test", model: str | None = None, run_dir: Path | None = None,
              out_dir: Path | None = None, feedback_dir: Path | None = None,
              progress_factory: Callable | None = None, say: Callable[[str], None] = print,
-             cache_dir: Path | None = None) -> dict[str, Any]:
+             cache_dir: Path | None = None, others: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Evaluate the baselines and (with ``model``) the trained retriever; write JSON to
     ``out_dir`` as each system finishes (``"complete": false`` until the last; then the PNG),
     TREC runs to ``run_dir``; catalog vectors are cached per model version in ``cache_dir``.
-    Returns the report."""
+    ``others``: more retriever versions to compare, by name (no user context). Returns the report."""
     from contextlib import nullcontext
 
     from tailbridge.models.retrieval.encoders import MiniLMEncoder, load_encoder
@@ -338,6 +338,9 @@ def evaluate(data_dir: Path, split: str = "test", model: str | None = None, run_
         advance(1)
     ranked("minilm", dense_scorer(minilm_items, minilm.encode_queries(texts)))
     finished("hybrid-rrf", fuse_rrf([runs["bm25"], runs["minilm"]], item_ids, judged))
+    for name, version in (others or {}).items():
+        other = load_encoder(version)
+        ranked(name, dense_scorer(encode_catalog(other, items, cache_dir, say), other.encode_queries(texts)))
     if model is not None:
         encoder = load_encoder(model)
         with bar(f"{encoder.version}: encoding catalog", 1) as advance:

@@ -344,11 +344,15 @@ class UnifiedRetriever(nn.Module):
     def fusion_weights(self) -> torch.Tensor:
         return torch.softmax(self.fusion_logits, dim=0)
 
-    def _fuse(self, semantic: torch.Tensor, lexical: torch.Tensor, behaviour: torch.Tensor) -> torch.Tensor:
+    def set_fusion_weights(self, weights: Sequence[float]) -> None:
+        """Fix the block weights (e.g. fitted on dev); a zero weight becomes a tiny one."""
+        w = torch.tensor([max(float(x), 1e-4) for x in weights], dtype=torch.float32)
+        with torch.no_grad():
+            self.fusion_logits.copy_(torch.log(w / w.sum()))
+
+    def _fuse(self, blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         w = self.fusion_weights().sqrt()
-        blocks = [w[0] * F.normalize(semantic, dim=-1), w[1] * F.normalize(lexical, dim=-1),
-                  w[2] * F.normalize(behaviour, dim=-1)]
-        return F.normalize(torch.cat(blocks, dim=-1), dim=-1)
+        return F.normalize(torch.cat([w[k] * b for k, b in enumerate(blocks)], dim=-1), dim=-1)
 
     def _blocks(self, tower: Tower, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         semantic = tower.semantic(self.text(batch.text))
@@ -356,16 +360,23 @@ class UnifiedRetriever(nn.Module):
         behaviour = tower.graph(batch.graph_rows)
         return semantic, lexical, behaviour
 
-    def encode_queries(self, batch: Batch) -> torch.Tensor:
+    def query_blocks(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unit semantic, lexical and behaviour blocks of the query side, before weighting."""
         semantic, lexical, behaviour = self._blocks(self.query_tower, batch)
         if batch.user is not None:
             u = self.user(batch.user)
             semantic = semantic + u[:, :self.cfg.semantic_dim]
             behaviour = behaviour + u[:, self.cfg.semantic_dim:]
-        return self._fuse(semantic, lexical, behaviour)
+        return F.normalize(semantic, dim=-1), F.normalize(lexical, dim=-1), F.normalize(behaviour, dim=-1)
+
+    def item_blocks(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(F.normalize(b, dim=-1) for b in self._blocks(self.item_tower, batch))  # type: ignore[return-value]
+
+    def encode_queries(self, batch: Batch) -> torch.Tensor:
+        return self._fuse(self.query_blocks(batch))
 
     def encode_items(self, batch: Batch) -> torch.Tensor:
-        return self._fuse(*self._blocks(self.item_tower, batch))
+        return self._fuse(self.item_blocks(batch))
 
 
 def load_bert(path: str | Path | None = None, config_only: bool = False) -> nn.Module:

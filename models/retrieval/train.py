@@ -7,24 +7,36 @@
    labelled pages and the shopper's context at the time. Searches for dev or test query texts
    are dropped, so nothing about held-out queries is learned from the log.
 3. Graph: spectral embedding of the training judgements + logged engagements (``models.retrieval.graph``).
-4. Stage 1, contrastive: each query against its positive, the batch's other positives and hard
-   negatives mined from the current model's top results (re-mined every epoch), with the
-   false-negative margin mask. Stage 2, graded: ROAR over each query's judged group plus the
+4. Candidate pool (``models.retrieval.pool``): BM25's and the starting model's top results per
+   training and dev query plus their judged items, computed once. Hard negatives are mined from
+   it and dev is ranked over it, so neither re-encodes the catalog.
+5. Stage 1, contrastive: each query against a coarse positive (an exact- or substitute-grade
+   item), the batch's other positives and hard negatives re-scored by the current model, with
+   the false-negative margin mask. Stage 2, graded: ROAR over each query's judged group plus the
    multi-grained loss (behaviour levels against random catalog items), with a lighter stage-1
    term so retrieval does not drift.
-5. Artifact: ``<out>/`` holds weights, configs, tokenizer, graph index, the catalog's vectors,
-   ``metrics.json``, ``MODEL_CARD.md`` and the query tower as ONNX (``models.retrieval.export``). A checkpoint under ``<out>/checkpoint/`` is written
-   every few minutes and after every epoch; running the same command again resumes from it.
+6. Model selection: dev nDCG@10 before the first step and after every epoch; the best state
+   (the untrained one included) is what ships, with its block weights refit on dev. When no
+   trained state beats the start, the log and the model card say so.
+7. Artifact: ``<out>/`` holds weights, configs, tokenizer, graph index, the catalog's vectors,
+   ``metrics.json``, ``MODEL_CARD.md`` and the query tower as ONNX (``models.retrieval.export``).
+   A checkpoint under ``<out>/checkpoint/`` is written every few minutes and after every epoch;
+   running the same command again resumes from it.
 
-CPU budget (what is traded): only the top MiniLM layers train, and the frozen lower layers'
-outputs are computed once per text and cached; texts are cut at 64 tokens; hard negatives are
-re-mined every ``mine_every`` epochs, not per step (each mining is a full catalog encode);
-``max_minutes`` (default 28) gives each remaining epoch an equal share of the time left and
-ends an epoch early when its share is spent, so a large set finishes in time with fewer steps.
+Learning without destroying what MiniLM and the TF-IDF-like term table know: small learning
+rates for the pretrained layers and the term table, a linear warm-up, and the block weights
+fixed during training (training queries have graph vectors that unseen queries lack, so
+weights fit on them would over-trust the behaviour block) and fit on dev at the end.
+
+CPU budget (what is traded): only the top MiniLM layers train and the frozen lower layers'
+outputs are computed once per text (``models.retrieval.prefix_cache``); texts are cut at 64
+tokens; ``max_minutes`` (default 28) gives each remaining epoch an equal share of the time left
+and ends an epoch early when its share is spent.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -36,14 +48,26 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from tailbridge.models.retrieval import model as unified
 from tailbridge.models.data.feedback import read_feedback, searches_with_context
 from tailbridge.models.data.loaders import RetrievalData, load_dataset
+from tailbridge.models.retrieval import model as unified
 from tailbridge.models.retrieval.graph import interaction_edges, spectral_embedding
-from tailbridge.models.retrieval.losses import masked_contrastive_loss, multi_grained_loss, roar_loss
-from tailbridge.models.metrics import ndcg_at, recall_at
-from tailbridge.models.retrieval.model import Batch, RetrieverConfig, TextInput, UnifiedRetriever
+from tailbridge.models.retrieval.lexical import bm25_scorer, top_k
+from tailbridge.models.retrieval.losses import (
+    masked_contrastive_loss,
+    multi_grained_loss,
+    roar_loss,
+)
+from tailbridge.models.retrieval.losses.contrastive import DEFAULT_MARGIN
+from tailbridge.models.retrieval.model import Batch, RetrieverConfig
+from tailbridge.models.retrieval.pool import (
+    Pool,
+    candidate_lists,
+    dev_metrics,
+    fit_fusion,
+)
+from tailbridge.models.retrieval.prefix_cache import TextSource
+
 from tailbridge.vocab import LABEL_LEVEL, normalize_query
 
 # --------------------------------------------------------------------------------------------
@@ -56,21 +80,23 @@ class TrainConfig:
     stage1_epochs: int = 4
     stage2_epochs: int = 2
     batch_size: int = 32
-    hard_negatives: int = 2  # per query (stage 1), drawn from the top `mine_depth` unjudged items
+    hard_negatives: int = 2  # per query (stage 1), drawn from the top `mine_depth` unjudged pool items
     mine_depth: int = 30
-    mine_every: int = 2  # epochs between re-mining (each costs a full catalog encode)
+    pool_depth: int = 50  # BM25 and starting-model results per query in the candidate pool
     group_size: int = 8  # judged or logged items per query (stage 2)
     random_items: int = 16  # random catalog items per batch: the multi-grained "global" comparison
     temperature: float = 0.05
-    fn_margin: float = 0.0  # false-negative mask: drop candidates scoring above positive - margin
+    fn_margin: float = DEFAULT_MARGIN  # false-negative mask: drop candidates scoring above positive + margin
+    positives: str = "coarse"  # stage 1 positive: "coarse" (exact or substitute grade) or "best" grade only
     min_odds_ratio: float = 4.0  # ROAR
     roar_weight: float = 1.0
     multi_grained_weight: float = 1.0
     stage2_contrastive_weight: float = 0.5
-    lr_text: float = 5e-5
-    lr_terms: float = 5e-3
-    lr_heads: float = 1e-3
+    lr_text: float = 1e-5
+    lr_terms: float = 1e-4
+    lr_heads: float = 1e-4
     warmup_steps: int = 50
+    fusion: str = "dev"  # block weights: "dev" (fixed in training, fit on dev at the end), "train", "fixed"
     query_graph_dropout: float = 0.5  # training queries have edges, held-out ones do not
     item_graph_dropout: float = 0.1  # new items have none either
     behaviour_prob: float = 0.5  # chance an example uses one of its logged searches
@@ -81,6 +107,12 @@ class TrainConfig:
     encode_batch: int = 256
     export_onnx: bool = True  # also write the query tower as ONNX (fp32 + int8) for serving
     seed: int = 7
+
+    def __post_init__(self) -> None:
+        if self.positives not in ("coarse", "best"):
+            raise ValueError(f"positives must be 'coarse' or 'best', got {self.positives!r}")
+        if self.fusion not in ("dev", "train", "fixed"):
+            raise ValueError(f"fusion must be 'dev', 'train' or 'fixed', got {self.fusion!r}")
 
 
 class TrainingError(ValueError):
@@ -156,49 +188,6 @@ def _has_positive(ex: Example, searches: dict[str, dict[str, Any]]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Texts: token ids and the cached frozen prefix
-# --------------------------------------------------------------------------------------------
-
-
-class TextSource:
-    """Token ids of a fixed list of texts and, when the model has a frozen prefix, its output per
-    text (fp16, computed once), so a training step runs only the trainable layers."""
-
-    def __init__(self, model: UnifiedRetriever, fz: unified.Featurizer, texts: Sequence[str], device: torch.device,
-                 batch: int, progress: Callable | None = None):
-        enc = fz.tokenizer(list(texts), truncation=True, max_length=fz.cfg.max_length)
-        self.ids = [list(x) for x in enc["input_ids"]]
-        self.prefix: list[torch.Tensor] | None = None
-        if model.text.split == 0:
-            return  # everything trains: nothing to cache
-        self.prefix = [None] * len(self.ids)  # type: ignore[list-item]
-        order = sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))  # similar lengths pad less
-        with torch.no_grad():
-            for start in range(0, len(order), batch):
-                idx = order[start:start + batch]
-                text = self._tokens(idx).to(device)
-                hidden = model.text.prefix(text.input_ids, text.attention_mask).to("cpu", torch.float16)
-                for row, i in enumerate(idx):
-                    self.prefix[i] = hidden[row, :len(self.ids[i])].clone()
-                if progress:
-                    progress(len(idx))
-
-    def _tokens(self, idx: Sequence[int]) -> TextInput:
-        ids = unified.pad([self.ids[i] for i in idx])
-        return TextInput(ids, (ids != 0).long() if ids.shape[1] else ids)
-
-    def get(self, idx: Sequence[int]) -> TextInput:
-        text = self._tokens(idx)
-        if self.prefix is not None:
-            width = text.input_ids.shape[1]
-            hidden = torch.zeros(len(idx), width, self.prefix[idx[0]].shape[-1], dtype=torch.float16)
-            for row, i in enumerate(idx):
-                hidden[row, :len(self.ids[i])] = self.prefix[i]
-            text.prefix = hidden
-        return text
-
-
-# --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
 
@@ -236,6 +225,14 @@ class Trainer:
         self.known = [self._known_positive(ex) for ex in ts.examples]  # used every step: computed once
         self.query_terms = [self.fz.query_terms(ex.text) for ex in ts.examples]
         self.query_graph = torch.tensor([self.fz.graph_queries.get(ex.key, -1) for ex in ts.examples], dtype=torch.long)
+        dev_qids = sorted(ts.dev)
+        self.dev_qids, self.dev_judged = dev_qids, [ts.dev[q] for q in dev_qids]
+        self.dev_texts = [data.queries[q] for q in dev_qids]
+        self.dev_terms = [self.fz.query_terms(t) for t in self.dev_texts]
+        self.dev_graph = torch.tensor([self.fz.graph_queries.get(normalize_query(t), -1) for t in self.dev_texts],
+                                      dtype=torch.long)
+        if cfg.fusion != "train":  # see the module docstring: block weights are not fit on training queries
+            self.model.fusion_logits.requires_grad_(False)
         self.model.to(device)
 
         # The term table gets sparse gradients and its own lazy Adam: a step touches a few thousand
@@ -253,15 +250,25 @@ class Trainer:
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * (cfg.stage1_epochs + cfg.stage2_epochs)
         warm = max(1, cfg.warmup_steps)
-        schedule = lambda s: min((s + 1) / warm, max(0.05, 1 - s / max(1, self.total_steps)))  # noqa: E731
+        schedule = lambda s: min((s + 1) / warm, max(0.05, 1 - s / max(1, self.total_steps)))
         self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (self.opt, self.term_opt)]
         self.position = Position()
+        self.fingerprint = ""  # of data and settings: train() sets it; a checkpoint from others is refused
         self.history: list[dict[str, Any]] = []
         self.losses: dict[str, list[float]] = {}
         self.elapsed_before = 0.0
         self.reserve = 60.0
         self.negatives = np.zeros((n, 0), dtype=np.int64)
         self.catalog = np.zeros((len(self.items), model_cfg.dim), dtype=np.float32)
+        self.pool: Pool | None = None
+        self.best: dict[str, Any] | None = None  # {"state", "metrics", "when"}: the state that ships
+        self.phases: dict[str, float] = {}  # seconds per phase of this run (model card, benchmark)
+        self.masked_shares: list[float] = []  # per stage-1 step: share of candidates the false-negative mask removed
+        self.start_full: dict[str, float] = {}  # dev by exact search over the catalog: untrained model
+        self.final_full: dict[str, float] = {}  # ... and the state that ships
+        self.fusion_fit: dict[str, Any] | None = None
+        self.no_gain = False  # no trained state beat the untrained one on dev
+        self.start_state: dict[str, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- batches
 
@@ -285,45 +292,111 @@ class Trainer:
     def _catalog_lookup(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         return {i: self.catalog[self.item_row[i]] for i in ids if i in self.item_row}
 
-    # ---------------------------------------------------------------- encoding, mining, dev metrics
+    # ---------------------------------------------------------------- encoding, pool, mining, dev metrics
+
+    def _timed(self, phase: str, began: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.monotonic() - began
 
     @torch.no_grad()
-    def encode_catalog(self, label: str) -> None:
+    def encode_rows(self, rows: Sequence[int], label: str) -> np.ndarray:
+        """Vectors of catalog rows under the current model (length-sorted batches); also
+        updates ``self.catalog`` (what user contexts look recent items up in)."""
         began = time.monotonic()
         self.model.eval()
-        out = np.empty_like(self.catalog)
-        with self._bar(label, len(self.items)) as advance:
-            for start in range(0, len(self.items), self.cfg.encode_batch):
-                rows = list(range(start, min(len(self.items), start + self.cfg.encode_batch)))
-                out[start:start + len(rows)] = self.model.encode_items(self._item_batch(rows, 0.0, None)).cpu().numpy()
-                advance(len(rows))
-        self.catalog = out
-        self.reserve = 60 + 1.5 * (time.monotonic() - began)  # what writing the artifact will need
+        with self._bar(label, len(rows)) as advance:
+            for batch in self.item_text.sorted_batches(rows, self.cfg.encode_batch):
+                self.catalog[batch] = self.model.encode_items(self._item_batch(batch, 0.0, None)).cpu().numpy()
+                advance(len(batch))
+        if len(rows) == len(self.items):
+            self.reserve = 60 + 1.5 * (time.monotonic() - began)  # what writing the artifact will need
+        return self.catalog[list(rows)]
 
     @torch.no_grad()
-    def _query_vectors(self, texts: Sequence[str]) -> np.ndarray:
+    def _queries(self, source: TextSource, terms: list[list[int]], graph: torch.Tensor, blocks: bool = False):
+        """Vectors (or the three unit blocks) of a list of queries without user context."""
         self.model.eval()
-        out = []
-        for start in range(0, len(texts), self.cfg.encode_batch):
-            batch = self.fz.queries(texts[start:start + self.cfg.encode_batch])
-            out.append(self.model.encode_queries(batch.to(self.device)).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.catalog.shape[1]), np.float32)
+        outs: list[Any] = []
+        for batch in source.sorted_batches(range(len(terms)), self.cfg.encode_batch):
+            b = Batch(source.get(batch), unified.pad([terms[r] for r in batch]), graph[batch]).to(self.device)
+            out = self.model.query_blocks(b) if blocks else (self.model.encode_queries(b),)
+            outs.append((batch, [o.cpu().numpy() for o in out]))
+        parts = []
+        for k in range(3 if blocks else 1):
+            dim = outs[0][1][k].shape[1] if outs else self.catalog.shape[1]
+            arr = np.zeros((len(terms), dim), dtype=np.float32)
+            for batch, out in outs:
+                arr[batch] = out[k]
+            parts.append(arr)
+        return parts if blocks else parts[0]
 
-    @torch.no_grad()
+    def train_query_vectors(self) -> np.ndarray:
+        return self._queries(self.query_text, self.query_terms, torch.full_like(self.query_graph, -1))
+
+    def dev_query_vectors(self) -> np.ndarray:
+        return self._queries(self.dev_text, self.dev_terms, self.dev_graph)
+
+    def build_pool(self) -> None:
+        """Candidate lists from BM25 and the starting model over the whole catalog (once)."""
+        began = time.monotonic()
+        cfg = self.cfg
+        texts = [ex.text for ex in self.ts.examples] + self.dev_texts
+        bm25 = bm25_scorer(self.items, texts)
+        with self._bar("candidate pool: BM25", len(texts)) as advance:
+            lexical = np.concatenate([top_k(bm25(s, min(len(texts), s + 512)), cfg.pool_depth)
+                                      for s in range(0, len(texts), 512)] or [np.zeros((0, 1), np.int64)])
+            advance(len(texts))
+        self._timed("pool: bm25", began)
+        catalog = self.encode_rows(range(len(self.items)), "candidate pool: encoding catalog (starting model)")
+        self._timed("pool: catalog encode (start)", began)
+        queries = np.concatenate([self.train_query_vectors(), self.dev_query_vectors()])
+        dense = np.concatenate([top_k(queries[s:s + 512] @ catalog.T, cfg.pool_depth)
+                                for s in range(0, len(texts), 512)] or [np.zeros((0, 1), np.int64)])
+        n = len(self.ts.examples)
+        judged_rows = [[self.item_row[i] for i in ex.judged if i in self.item_row] for ex in self.ts.examples]
+        judged_rows += [[self.item_row[i] for i in j if i in self.item_row] for j in self.dev_judged]
+        lists = candidate_lists(lexical, dense, extra=judged_rows)
+        dev = lists[n:]
+        self.pool = Pool(lists[:n], np.unique(dev[dev >= 0]) if len(dev) else np.zeros(0, np.int64))
+        self.say(f"candidate pool: {len(self.pool.rows)} of {len(self.items)} items "
+                 f"({len(self.pool.dev_rows)} ranked for dev)")
+        self._timed("pool", began)
+
+    def evaluate_pool(self, when: str, stage: int, epoch: int) -> dict[str, float]:
+        """Encode the pool, re-mine hard negatives from it, rank dev over it; keep the best state."""
+        began = time.monotonic()
+        rows = self.pool.rows
+        self.encode_rows(rows, f"{when}: encoding the candidate pool")
+        self.mine()
+        metrics = dev_metrics(self.dev_query_vectors(), self.catalog[self.pool.dev_rows], self.pool.dev_rows,
+                              self.item_ids, self.dev_judged) if self.dev_judged else {}
+        steps = sum(len(v) for k, v in self.losses.items() if k.endswith("_loss"))
+        entry = {"when": when, "stage": stage, "epoch": epoch, "steps": steps, **metrics}
+        better = self.best is None or metrics.get("dev_ndcg@10", 0.0) > self.best["metrics"].get("dev_ndcg@10", 0.0)
+        entry["best"] = bool(better)
+        self.history.append(entry)
+        if better or self.start_state is None:
+            state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+            if self.start_state is None:
+                self.start_state = state
+            if better:
+                self.best = {"state": state, "metrics": metrics, "when": when}
+        if metrics:
+            self.say(f"{when}: dev (pool) " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                     + (" (best so far)" if better else ""))
+        self._timed("dev evaluation + mining", began)
+        return metrics
+
     def mine(self) -> None:
-        """Top unjudged, unengaged items of each training query under the current model."""
-        self.model.eval()
+        """Each training query's top unjudged, unengaged pool candidates under the current model."""
         n, depth = len(self.ts.examples), self.cfg.mine_depth
         negatives = np.full((n, depth), -1, dtype=np.int64)
-        catalog = torch.from_numpy(self.catalog)
-        for start in range(0, n, self.cfg.encode_batch):
-            rows = list(range(start, min(n, start + self.cfg.encode_batch)))
-            q = self.model.encode_queries(self._query_batch(rows, None, 0.0, None)).cpu()
-            top = torch.topk(q @ catalog.T, k=min(len(self.items), depth + 64), dim=1).indices.numpy()
-            for r, cand in zip(rows, top):
-                known = self.known[r]
-                picked = [c for c in cand if self.item_ids[c] not in known][:depth]
-                negatives[r, :len(picked)] = picked
+        q = self.train_query_vectors()
+        for r in range(n):
+            cand = self.pool.train[r]
+            cand = cand[cand >= 0]
+            order = cand[np.argsort(-(self.catalog[cand] @ q[r]), kind="stable")]
+            picked = [int(c) for c in order if self.item_ids[c] not in self.known[r]][:depth]
+            negatives[r, :len(picked)] = picked
         self.negatives = negatives
 
     def _known_positive(self, ex: Example) -> set[str]:
@@ -331,17 +404,6 @@ class Trainer:
         for sid in ex.searches:
             known |= {i for i, label in self.ts.searches[sid]["items"].items() if label != "shown_unclicked"}
         return known
-
-    def dev_metrics(self) -> dict[str, float]:
-        if not self.ts.dev:
-            return {}
-        qids = sorted(self.ts.dev)
-        q = self._query_vectors([self.ts.data.queries[x] for x in qids])
-        top = torch.topk(torch.from_numpy(q) @ torch.from_numpy(self.catalog).T,
-                         k=min(100, len(self.items)), dim=1).indices.numpy()
-        ranked = [[self.item_ids[c] for c in row] for row in top]
-        return {"dev_ndcg@10": float(np.mean([ndcg_at(r, self.ts.dev[x]) for r, x in zip(ranked, qids)])),
-                "dev_recall@100": float(np.mean([recall_at(r, self.ts.dev[x]) for r, x in zip(ranked, qids)]))}
 
     # ---------------------------------------------------------------- steps
 
@@ -351,13 +413,16 @@ class Trainer:
             return self.ts.searches[ex.searches[rng.integers(len(ex.searches))]]
         return None
 
-    def _positive(self, ex: Example, view: dict[str, Any] | None, rng: np.random.Generator) -> int:
-        """The best engaged item of the logged search, else one of the best-graded items."""
+    def _positive(self, ex: Example, view: dict[str, Any] | None, rng: np.random.Generator,
+                  coarse: bool = False) -> int:
+        """The best engaged item of the logged search, else one of the best-graded items; with
+        ``coarse`` (stage 1, method 4) any exact- or substitute-grade item is a positive."""
         levels = {} if view is None else {i: LABEL_LEVEL[lab] for i, lab in view["items"].items()
                                           if i in self.item_row and LABEL_LEVEL[lab] >= LABEL_LEVEL["clicked"]}
         labels = levels or {i: g for i, g in ex.judged.items() if i in self.item_row}
         best = max(labels.values())
-        pool = sorted(i for i, v in labels.items() if v == best)
+        floor = min(best, 2) if coarse and not levels else best
+        pool = sorted(i for i, v in labels.items() if v >= floor)
         return self.item_row[pool[rng.integers(len(pool))]]
 
     def _hard_negatives(self, rows: Sequence[int], rng: np.random.Generator, per_query: int) -> list[int]:
@@ -369,7 +434,7 @@ class Trainer:
         return negs
 
     def _contrastive(self, rows: Sequence[int], q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-                     candidates: Sequence[int]) -> torch.Tensor:
+                     candidates: Sequence[int]):
         knowns = [self.known[r] for r in rows]
         cand_ids = [self.item_ids[c] for c in candidates]
         known = torch.tensor([[cid in k for cid in cand_ids] for k in knowns], device=self.device)
@@ -379,13 +444,15 @@ class Trainer:
     def _stage1_loss(self, rows: Sequence[int], rng: np.random.Generator, gen: torch.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         views = [self._view(self.ts.examples[r], rng) for r in rows]
-        positives = [self._positive(self.ts.examples[r], v, rng) for r, v in zip(rows, views)]
+        coarse = cfg.positives == "coarse"
+        positives = [self._positive(self.ts.examples[r], v, rng, coarse) for r, v in zip(rows, views)]
         negs = self._hard_negatives(rows, rng, cfg.hard_negatives)
         contexts = [None if v is None else v["context"] for v in views]
         q = self.model.encode_queries(self._query_batch(rows, contexts, cfg.query_graph_dropout, gen))
         items = self.model.encode_items(self._item_batch(positives + negs, cfg.item_graph_dropout, gen))
-        loss = self._contrastive(rows, q, items[:len(rows)], items[len(rows):], positives + negs)
-        return {"loss": loss, "contrastive": loss}
+        out = self._contrastive(rows, q, items[:len(rows)], items[len(rows):], positives + negs)
+        self.masked_shares.append(out.masked_share)
+        return {"loss": out.loss, "contrastive": out.loss}
 
     def _stage2_loss(self, rows: Sequence[int], rng: np.random.Generator, gen: torch.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -434,7 +501,7 @@ class Trainer:
         parts = {"roar": roar, "mg_retrieval": mg.retrieval, "mg_ranking": mg.ranking}
         if cfg.stage2_contrastive_weight > 0:  # keeps stage 1's hard-negative discrimination
             contrastive = self._contrastive(rows, q, items[[col[p] for p in positives]], items[[col[n] for n in negs]],
-                                            positives + negs)
+                                            positives + negs).loss
             loss = loss + cfg.stage2_contrastive_weight * contrastive
             parts["contrastive"] = contrastive
         return {"loss": loss, **parts}
@@ -451,13 +518,19 @@ class Trainer:
     def run(self, started: float) -> None:
         cfg = self.cfg
         deadline = None if cfg.max_minutes is None else started + cfg.max_minutes * 60 - self.elapsed_before
-        texts = self.ts.examples
+        began = time.monotonic()
         with self._bar("caching frozen text prefix (items)", len(self.items)) as advance:
             self.item_text = TextSource(self.model, self.fz, [unified.item_text(it) for it in self.items],
                                         self.device, cfg.encode_batch, advance)
-        with self._bar("caching frozen text prefix (queries)", len(texts)) as advance:
-            self.query_text = TextSource(self.model, self.fz, [ex.text for ex in texts], self.device,
+        with self._bar("caching frozen text prefix (queries)", len(self.ts.examples)) as advance:
+            self.query_text = TextSource(self.model, self.fz, [ex.text for ex in self.ts.examples], self.device,
                                          cfg.encode_batch, advance)
+        self.dev_text = TextSource(self.model, self.fz, self.dev_texts, self.device, cfg.encode_batch)
+        self._timed("frozen-prefix cache", began)
+        if self.pool is None:  # not resumed: the pool and the starting point's dev numbers
+            self.build_pool()
+            self.start_full = self.full_dev_metrics()
+            self.evaluate_pool("start (untrained)", 0, 0)
         plan = [(1, cfg.stage1_epochs), (2, cfg.stage2_epochs)]
         planned = sum(e for _, e in plan)
         done_epochs = 0
@@ -472,14 +545,6 @@ class Trainer:
                     if deadline is not None and deadline - self.reserve - time.monotonic() <= 0:
                         self.say(f"time budget: skipping stage {stage} epoch {epoch + 1}")
                         continue
-                    if epoch % max(1, cfg.mine_every) == 0:  # fresh hard negatives from the current model
-                        self.encode_catalog(f"stage {stage} epoch {epoch + 1}: encoding catalog")
-                        metrics = self.dev_metrics()
-                        self.history.append({"stage": stage, "epoch": epoch, "when": "start", **metrics})
-                        if metrics:
-                            self.say(f"stage {stage} epoch {epoch + 1}: "
-                                     + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                        self.mine()
                     self.position = Position(stage, epoch, 0)
                 epoch_deadline = None
                 if deadline is not None:
@@ -491,25 +556,13 @@ class Trainer:
                 order = rng.permutation(len(self.ts.examples))
                 batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
                 self.model.train()
+                began = time.monotonic()
                 with self._bar(f"stage {stage} epoch {epoch + 1}/{epochs}", len(batches)) as advance:
                     advance(self.position.step)
                     for step, rows in enumerate(batches):
                         if step < self.position.step:
                             continue
-                        step_rng = np.random.default_rng([cfg.seed, stage, epoch, step])
-                        step_seed = cfg.seed * 1_000_003 + stage * 10_007 + epoch * 101 + step
-                        gen = torch.Generator().manual_seed(step_seed)
-                        torch.manual_seed(step_seed)  # dropout: a resumed run repeats the same steps
-                        parts = (self._stage1_loss if stage == 1 else self._stage2_loss)(list(rows), step_rng, gen)
-                        self.opt.zero_grad(set_to_none=True)
-                        self.term_opt.zero_grad(set_to_none=True)
-                        parts["loss"].backward()
-                        torch.nn.utils.clip_grad_norm_(self.dense_params, 5.0)
-                        for opt, sched in zip((self.opt, self.term_opt), self.scheds):
-                            opt.step()
-                            sched.step()
-                        for k, v in parts.items():
-                            self.losses.setdefault(f"stage{stage}_{k}", []).append(float(v.detach()))
+                        self._step(stage, epoch, step, list(rows))
                         self.position = Position(stage, epoch, step + 1)
                         advance(1)
                         if time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60:
@@ -518,12 +571,86 @@ class Trainer:
                         if epoch_deadline is not None and time.monotonic() > epoch_deadline:
                             self.say(f"time budget: stage {stage} epoch {epoch + 1} ends after {step + 1} steps")
                             break
+                self._timed(f"stage {stage} steps", began)
+                self.evaluate_pool(f"stage {stage} epoch {epoch + 1}", stage, epoch + 1)
                 self.position = Position(stage, epoch + 1, 0) if epoch + 1 < epochs else Position(stage + 1, 0, 0)
                 self.save_checkpoint(started)
                 last_checkpoint = time.monotonic()
-        self.encode_catalog("final: encoding catalog")
-        final = self.dev_metrics()
-        self.history.append({"stage": 3, "epoch": 0, "when": "final", **final})
+        self.finish()
+
+    def _step(self, stage: int, epoch: int, step: int, rows: list[int]) -> None:
+        cfg = self.cfg
+        step_rng = np.random.default_rng([cfg.seed, stage, epoch, step])
+        step_seed = cfg.seed * 1_000_003 + stage * 10_007 + epoch * 101 + step
+        gen = torch.Generator().manual_seed(step_seed)
+        torch.manual_seed(step_seed)  # dropout: a resumed run repeats the same steps
+        parts = (self._stage1_loss if stage == 1 else self._stage2_loss)(rows, step_rng, gen)
+        self.opt.zero_grad(set_to_none=True)
+        self.term_opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.dense_params, 5.0)
+        for opt, sched in zip((self.opt, self.term_opt), self.scheds):
+            opt.step()
+            sched.step()
+        for k, v in parts.items():
+            self.losses.setdefault(f"stage{stage}_{k}", []).append(float(v.detach()))
+
+    def full_dev_metrics(self) -> dict[str, float]:
+        """Dev metrics by exact search over the whole catalog (``self.catalog`` must be current)."""
+        if not self.dev_judged:
+            return {}
+        return dev_metrics(self.dev_query_vectors(), self.catalog, np.arange(len(self.items)), self.item_ids,
+                           self.dev_judged)
+
+    def finish(self) -> None:
+        """Load the best state, fit the block weights on dev, encode the catalog with it."""
+        began = time.monotonic()
+        self.model.load_state_dict(self.best["state"])
+        if self.cfg.fusion == "dev" and self.dev_judged:
+            rows = self.pool.dev_rows
+            self.encode_rows(rows, "fusion: encoding the dev pool")
+            with torch.no_grad():
+                items = [b.cpu().numpy() for b in self._item_blocks(rows)]
+            queries = self._queries(self.dev_text, self.dev_terms, self.dev_graph, blocks=True)
+            weights, value = fit_fusion(queries, items, rows, self.item_ids, self.dev_judged)
+            before = [round(float(w), 3) for w in self.model.fusion_weights()]
+            self.model.set_fusion_weights(weights)
+            self.fusion_fit = {"before": before, "after": [round(float(w), 3) for w in weights],
+                               "dev_ndcg@10_pool": round(value, 4)}
+            self.say(f"fusion weights fit on dev: {before} -> {self.fusion_fit['after']} (dev pool nDCG@10 {value:.4f})")
+        self._timed("fusion fit on dev", began)
+        began = time.monotonic()
+        self.encode_rows(range(len(self.items)), "final: encoding the catalog (best state)")
+        self.final_full = self.full_dev_metrics()
+        self.history.append({"when": "shipped (exact search)", "stage": 3, "epoch": 0, "best": True,
+                             "steps": sum(len(v) for k, v in self.losses.items() if k.endswith("_loss")),
+                             **self.final_full})
+        start = self.start_full.get("dev_ndcg@10", 0.0)
+        if self.final_full.get("dev_ndcg@10", 0.0) < start and self.best["when"] != "start (untrained)":
+            # The pool said better, exact search says worse: the untrained state ships instead.
+            self.say("the best state on the pool is below the untrained model by exact search: shipping the latter")
+            self.model.load_state_dict(self.start_state)
+            self.best = {"state": self.start_state, "metrics": self.history[0], "when": "start (untrained)"}
+            self.fusion_fit = None
+            self.encode_rows(range(len(self.items)), "final: encoding the catalog (untrained state)")
+            self.final_full = self.full_dev_metrics()
+            self.history[-1].update(self.final_full)
+        self._timed("final catalog encode", began)
+        trained = [h for h in self.history if h["when"] not in ("start (untrained)", "shipped (exact search)")]
+        self.no_gain = bool(self.dev_judged) and self.best["when"] == "start (untrained)"
+        if self.no_gain:
+            self.say(f"[bold red]WARNING: no trained state beat the untrained model on dev[/] (dev pool nDCG@10 "
+                     f"{self.best['metrics'].get('dev_ndcg@10', 0):.4f} at the start, best trained "
+                     f"{max([h.get('dev_ndcg@10', 0) for h in trained] or [0]):.4f}); writing the untrained state")
+        self.say(f"dev nDCG@10 (exact search over the catalog): start {start:.4f} -> shipped "
+                 f"{self.final_full.get('dev_ndcg@10', 0):.4f} (best state: {self.best['when']})")
+
+    @torch.no_grad()
+    def _item_blocks(self, rows: Sequence[int]) -> list[torch.Tensor]:
+        self.model.eval()
+        outs = [self.model.item_blocks(self._item_batch(list(rows[s:s + self.cfg.encode_batch]), 0.0, None))
+                for s in range(0, len(rows), self.cfg.encode_batch)]
+        return [torch.cat([o[k] for o in outs]) for k in range(3)]
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -538,6 +665,9 @@ class Trainer:
             "optimizers": [self.opt.state_dict(), self.term_opt.state_dict()],
             "schedulers": [s.state_dict() for s in self.scheds], "history": self.history,
             "losses": self.losses, "negatives": self.negatives, "catalog": self.catalog,
+            "pool": None if self.pool is None else (self.pool.train, self.pool.dev_rows), "best": self.best,
+            "start_state": self.start_state,
+            "start_full": getattr(self, "start_full", {}), "phases": self.phases, "masked": self.masked_shares,
             "elapsed": self.elapsed_before + time.monotonic() - started,
         }
         tmp = path.with_suffix(".tmp")
@@ -560,6 +690,9 @@ class Trainer:
         self.position = Position(**state["position"])
         self.history, self.losses = state["history"], state["losses"]
         self.negatives, self.catalog = state["negatives"], state["catalog"]
+        self.pool = None if state["pool"] is None else Pool(*state["pool"])
+        self.best, self.start_full, self.start_state = state["best"], state["start_full"], state["start_state"]
+        self.phases, self.masked_shares = state["phases"], state["masked"]
         self.elapsed_before = float(state["elapsed"])
         return True
 
@@ -639,6 +772,12 @@ def write_artifact(trainer: Trainer, out_dir: Path, data_dir: Path, feedback_dir
                  "logged_searches": len(ts.searches)},
         "steps": steps, "minutes": round(elapsed / 60, 2), "device": str(trainer.device),
         "history": trainer.history,
+        "selection": {"shipped": trainer.best["when"], "no_gain_over_untrained": trainer.no_gain,
+                      "dev_start_exact": trainer.start_full, "dev_shipped_exact": trainer.final_full,
+                      "fusion_fit_on_dev": trainer.fusion_fit},
+        "phases_seconds": {k: round(v, 1) for k, v in trainer.phases.items()},
+        "pool_items": 0 if trainer.pool is None else len(trainer.pool.rows),
+        "fn_mask_share": round(float(np.mean(trainer.masked_shares)), 4) if trainer.masked_shares else None,
         "final_losses": {k: float(np.mean(v[-20:])) for k, v in trainer.losses.items()},
         "fusion_weights": [round(float(w), 4) for w in model.fusion_weights().detach()],
     }
@@ -655,11 +794,20 @@ def write_artifact(trainer: Trainer, out_dir: Path, data_dir: Path, feedback_dir
 
 
 def model_card(version: str, trainer: Trainer, metrics: dict[str, Any]) -> str:
-    m, d, cfg = trainer.model.cfg, metrics["data"], trainer.cfg
+    m, d, cfg, sel = trainer.model.cfg, metrics["data"], trainer.cfg, metrics["selection"]
+    fmt = lambda h, k: f"{h[k]:.4f}" if k in h else "-"
     history = "\n".join(
-        f"| {h['when']} | {h['stage']} | {h['epoch'] + 1} | {h.get('dev_ndcg@10', float('nan')):.4f} | "
-        f"{h.get('dev_recall@100', float('nan')):.4f} |" for h in metrics["history"])
+        f"| {h['when']} | {h['steps']} | {fmt(h, 'dev_ndcg@10')} | {fmt(h, 'dev_recall@100')} | "
+        f"{'best' if h.get('best') else ''} |" for h in metrics["history"])
     steps = ", ".join(f"{k.removesuffix('_loss')}: {v}" for k, v in metrics["steps"].items())
+    phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in metrics["phases_seconds"].items())
+    verdict = ("**WARNING: no trained state beat the untrained model on dev; this artifact is the untrained "
+               "state** (with block weights fit on dev)." if sel["no_gain_over_untrained"] else
+               f"Shipped: the state after `{sel['shipped']}`, the best on dev.")
+    fusion = sel["fusion_fit_on_dev"]
+    fusion_line = (f"Block weights fit on dev: {fusion['before']} -> {fusion['after']}." if fusion else
+                   f"Block weights: {cfg.fusion} (not fit on dev).")
+    start, shipped = sel["dev_start_exact"], sel["dev_shipped_exact"]
     return f"""# tailbridge unified retriever `{version}`
 
 Query and item towers, each fusing a MiniLM text encoder (all-MiniLM-L6-v2, top {m.train_layers} layers
@@ -673,15 +821,25 @@ real-time context. One {m.dim}-d unit vector per side (semantic {m.semantic_dim}
 - Feedback log: {d['feedback_dir'] or 'none'} ({d['logged_searches']} logged searches, held-out query texts removed).
 
 ## Training
-- Stage 1 (masked contrastive, {cfg.hard_negatives} hard negatives per query re-mined every epoch, margin
-  {cfg.fn_margin}): {cfg.stage1_epochs} epochs. Stage 2 (ROAR min odds ratio {cfg.min_odds_ratio} + multi-grained
-  + {cfg.stage2_contrastive_weight} x contrastive): {cfg.stage2_epochs} epochs. Batch {cfg.batch_size}.
-- Steps: {steps}. Time: {metrics['minutes']} min on {metrics['device']}.
-- Trade-offs for CPU: frozen lower MiniLM layers with cached outputs, texts cut at {m.max_length} tokens,
-  mining once per epoch.
+- Stage 1 (masked contrastive, {cfg.positives} positives, {cfg.hard_negatives} hard negatives per query re-mined
+  from the candidate pool every epoch, false-negative margin {cfg.fn_margin}, mask removed
+  {metrics['fn_mask_share']} of candidates): {cfg.stage1_epochs} epochs. Stage 2 (ROAR min odds ratio
+  {cfg.min_odds_ratio} + multi-grained + {cfg.stage2_contrastive_weight} x contrastive): {cfg.stage2_epochs} epochs.
+  Batch {cfg.batch_size}; learning rates text {cfg.lr_text}, term table {cfg.lr_terms}, heads {cfg.lr_heads},
+  warm-up {cfg.warmup_steps} steps.
+- Candidate pool: {metrics['pool_items']} of {d['items']} items (BM25 and starting-model top {cfg.pool_depth}
+  per query + judged items).
+- Steps: {steps}. Time: {metrics['minutes']} min on {metrics['device']} ({phases}).
 
-## Dev metrics (exact search over the whole catalog)
-| when | stage | epoch | nDCG@10 | Recall@100 |
+## Model selection (dev)
+{verdict} {fusion_line}
+
+Exact search over the whole catalog: nDCG@10 {start.get('dev_ndcg@10', float('nan')):.4f} untrained ->
+{shipped.get('dev_ndcg@10', float('nan')):.4f} shipped (Recall@100 {start.get('dev_recall@100', float('nan')):.4f} ->
+{shipped.get('dev_recall@100', float('nan')):.4f}). The curve (ranking the dev candidate pool, comparable between
+rows; the last row is exact search):
+
+| when | steps | nDCG@10 | Recall@100 | |
 |---|---|---|---|---|
 {history}
 

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tailbridge.synthetic.catalog import STRATA, Item, SynthDataset, SynthQuery, _make_split, _misspell
+from tailbridge.synthetic.catalog import (
+    STRATA,
+    Item,
+    SynthDataset,
+    SynthQuery,
+    _make_split,
+    _misspell,
+)
 
 RATER_NOISE = 0.35
 POPULARITY_EXPONENT = 1.3
