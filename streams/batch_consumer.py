@@ -54,6 +54,7 @@ class BatchConsumer(ConsumerRebalanceListener):
         self.consumer: AIOKafkaConsumer | None = None
         self.committable: dict = {}  # tp -> offset after the last handled batch's records, not committed yet
         self.committed_at = time.monotonic()
+        self.committing: asyncio.Task | None = None  # the periodic commit, off the fetch loop
         self.idle = asyncio.Event()  # no batch in flight
         self.idle.set()
         self.revoking = False
@@ -75,11 +76,12 @@ class BatchConsumer(ConsumerRebalanceListener):
                 fetched = await consumer.getmany(timeout_ms=POLL_MS, max_records=self.size)
                 if fetched:
                     await self._handle(fetched)
-                if self.committable and time.monotonic() - self.committed_at >= settings.worker_commit_seconds:
-                    await self._commit()
+                if self.committable and time.monotonic() - self.committed_at >= settings.worker_commit_seconds \
+                        and (self.committing is None or self.committing.done()):
+                    self.committing = asyncio.create_task(self._commit())  # not awaited: no wait added to a batch
         finally:  # cancelled too: commit what was applied, leave the group
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(self._commit(), STOP_COMMIT_S)
+                await asyncio.wait_for(self._commit_now(), STOP_COMMIT_S)
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(consumer.stop(), STOP_COMMIT_S)
 
@@ -96,6 +98,13 @@ class BatchConsumer(ConsumerRebalanceListener):
             for tp, messages in fetched.items():
                 self.committable[tp] = messages[-1].offset + 1
 
+    async def _commit_now(self) -> None:
+        """After the periodic commit in flight, if any: offsets are committed in order."""
+        if self.committing is not None:
+            with contextlib.suppress(Exception):
+                await self.committing
+        await self._commit()
+
     async def _commit(self) -> None:
         if not self.committable:
             return
@@ -106,6 +115,8 @@ class BatchConsumer(ConsumerRebalanceListener):
             try:
                 await self.consumer.commit(offsets)
             except KafkaError as exc:  # membership changed: the next owner redelivers, the processor skips
+                for tp, offset in offsets.items():  # unless a later batch moved them on meanwhile
+                    self.committable.setdefault(tp, offset)
                 log.warning("%s: offsets not committed (%s); those events may be redelivered",
                             self.processor.name, exc)
 
@@ -114,7 +125,7 @@ class BatchConsumer(ConsumerRebalanceListener):
         try:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.idle.wait(), REVOKE_WAIT_S)
-            await self._commit()
+            await self._commit_now()
         finally:
             self.revoking = False
 

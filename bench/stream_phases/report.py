@@ -131,7 +131,8 @@ def print_results(mode: str, runs: list[dict], summary: dict, verdict: dict, sta
     stage.add_column("median ms", justify="right")
     stage.add_column("share", justify="right")
     stage.add_column("runs (ms)", justify="right")
-    for block, title in (("behaviour_batch", "BehaviourProcessor.process, 500 events"),
+    behaviour_batch = (get(runs[0], "stages.behaviour_batch.batch_size") or 0) if runs else 0
+    for block, title in (("behaviour_batch", f"BehaviourProcessor.process, {behaviour_batch:,} events"),
                          ("index_batch", "Indexer.process, 50 items")):
         keys = [k for k in (get(runs[0], f"stages.{block}") or {}) if k.endswith("_ms") and k not in CPU_KEYS] \
             if runs else []
@@ -259,11 +260,12 @@ def diagnose(runs: list[dict], summary: dict, verdict: dict, cpus: int) -> list[
                      if (cores := cpu("throughput", name)) is not None}
         faust, plain = median("consume.cpu_us_per_event"), median("consume.plain_aiokafka.cpu_us_per_event")
         processing, decode = median("stages.behaviour_batch.cpu_us_per_event"), median("stages.behaviour_batch.decode_ms")
+        batch = median("stages.behaviour_batch.batch_size") or 1
         parts = {}
-        if faust is not None:
-            parts["faust's per-message delivery (no-op agent, decode included)"] = faust
+        if plain is not None:  # the worker reads the behaviour topics in batches (streams.batch_consumer)
+            parts["the batch consumer's fetch and decode (plain aiokafka getmany, decode included)"] = plain
         if processing is not None:
-            parts["the behaviour processor (fold, Feast rows, Redis)"] = processing - (decode or 0) * 1000 / 500
+            parts["the behaviour processor (fold, Feast rows, Redis)"] = processing - (decode or 0) * 1000 / batch
         why = ""
         if "worker" in per_event:
             spent = sum(per_event.values())
@@ -272,7 +274,8 @@ def diagnose(runs: list[dict], summary: dict, verdict: dict, cpus: int) -> list[
         if parts:
             name = max(parts, key=parts.get)
             why += (f"; of the worker's, {name} is the largest: {parts[name]:,.0f} µs"
-                    + (f" (a plain aiokafka consumer reads and decodes for {plain:,.0f} µs)" if plain else ""))
+                    + (f" (faust's per-message delivery, which the worker no longer uses for these topics, "
+                       f"costs {faust:,.0f} µs)" if faust else ""))
         out.append({"target": "throughput", **v, "limit": f"{workers} worker(s){machine('throughput')}{why}"})
     v = verdict["freshness"]
     if v["value"] is not None:
@@ -282,7 +285,7 @@ def diagnose(runs: list[dict], summary: dict, verdict: dict, cpus: int) -> list[
         if kafka and worker:
             k, w = statistics.median(kafka), statistics.median(worker)
             name = "Kafka delivery (worker_fetch_wait_ms)" if k >= w else \
-                "the worker after delivery (faust's delivery, worker_batch_seconds, the Redis transaction)"
+                "the worker after delivery (the batch handed over, the Redis transaction, the event loop's share of the CPU)"
             why = f"; p99 of the parts: Kafka delivery {k:,.0f} ms, worker after delivery {w:,.0f} ms: {name} limits"
         noop = summary.get("consume.pooled")
         if noop:

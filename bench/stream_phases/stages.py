@@ -1,5 +1,5 @@
 """Where the worker's time goes, in-process (no Kafka): ``BehaviourProcessor.process`` on
-batches of ``worker_batch_size`` events, split into decode, Redis reads (categories, WATCH,
+batches of as many events as the worker hands it (``behaviour.batch_events``), split into decode, Redis reads (categories, WATCH,
 user states), the fold, staging the writes (Feast rows among them) and the Redis write (one
 script call in MULTI/EXEC); one item-stats flush; ``Indexer.process`` on batches of 50 items,
 split into encode (the worker's item encoder: MiniLM on ONNX int8), Milvus upsert and the rest.
@@ -14,7 +14,7 @@ from typing import Any
 
 from tailbridge.bench.common import cpu_ticks, CLOCK_TICKS, pct, progress_bar
 from tailbridge.bench.stream_phases.namespace import Namespace, Setup, seed_catalog
-from tailbridge.streams.behaviour import BehaviourProcessor
+from tailbridge.streams.behaviour import BehaviourProcessor, batch_events
 from tailbridge.streams.events import decode, encode
 from tailbridge.streams.topics import TOPICS
 from tailbridge.synthetic.shoppers import catalog_events, simulate
@@ -63,7 +63,7 @@ def behaviour_stages(setup: Setup, ns: Namespace, run_index: int) -> dict:
     _timed(processor.user_rows, "fields", bucket)
     _timed(processor.item_rows, "fields", bucket)
     redis_pid = setup.stack_pids.get("redis")
-    batch_size = ns.settings.worker_batch_size
+    batch_size = batch_events(ns.settings)
     stream = simulate(setup.dataset, seed=cfg.seed * 100 + 80 + run_index)
     allowed = TOPICS["queries"].events + TOPICS["interactions"].events
     rows = []
