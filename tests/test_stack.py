@@ -4,6 +4,7 @@ so these stacks never touch the session's."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ def own_stack(tmp_path):
         kafka_bootstrap=f"127.0.0.1:{stack.free_port()}",
         milvus_uri=f"http://127.0.0.1:{stack.free_port()}",
         redis_url=f"redis://127.0.0.1:{stack.free_port()}/0",  # nothing answers there
+        milvus_engine="milvus",  # the confined Milvus 2.3.5 server: its start, stop and restart are under test
     )
     yield settings
     stack.down(settings)
@@ -105,7 +107,8 @@ def test_only_loopback_addresses_count_as_ours_to_start():
 
 
 def test_milvus_collections_are_searchable_after_a_restart(own_stack):
-    """Milvus Lite reopens its collections released; `stack up` loads them again."""
+    """Milvus reopens its collections released (Milvus Lite) or loads them slowly; `stack up`
+    loads them. The 2.3.5 server ignores SIGTERM: `down` kills it, and its data survives."""
     from tailbridge.streams import item_index
 
     stack.up(own_stack)
@@ -116,7 +119,10 @@ def test_milvus_collections_are_searchable_after_a_restart(own_stack):
                           "attributes": "{}",
                           "model_version": "v-restart", "updated_ms": 0}])
     client.flush(name)
+    started = time.monotonic()
     stack.down(own_stack)
+    assert time.monotonic() - started < stack.STOP_GRACE_S["milvus"] + 8
+    assert not stack.milvus_socket(own_stack).exists() or not stack.milvus_ready(own_stack)
 
     milvus = next(s for s in stack.up(own_stack) if s.name == "milvus")
     assert "1 collections loaded" in milvus.detail, milvus.detail

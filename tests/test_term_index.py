@@ -99,3 +99,15 @@ def test_match_query_quotes_whatever_the_user_typed():
     assert match_query('sofa "OR" NEAR(') == '"sofa" OR "or" OR "near"'
     assert match_query("10.5 wide") == '"10 5" OR "10" OR "5" OR "wide"'
     assert match_query("  -- ") is None
+
+
+def test_long_queries_keep_their_rarest_terms(tmp_path):
+    terms = TermIndex(tmp_path / "terms.sqlite")
+    terms.upsert([row(f"f{i}", f"the {'oak' if i % 2 else 'pine'} shelf for the wall", "Nook", "Shelves", 50.0)
+                  for i in range(40)] + [row("z1", "the zebra lamp", "Zed", "Lamps", 30.0)])
+    # "the" is in every document, "shelf" and "wall" in 40 of 41: left out while rarer ones remain
+    assert terms._common("the zebra shelf for the wall") == {"the", "shelf", "for", "wall"}
+    [hits] = terms.search(["the zebra shelf for the wall"], 5)
+    assert ids(hits) == ["z1"]
+    assert terms._common("the shelf") == frozenset()  # all common: the query is left whole
+    assert len(terms.search(["the shelf"], 50)[0]) == 41
