@@ -259,14 +259,104 @@ def train_demo_ranker(settings: Settings, data_dir: Path, console: Console) -> b
         return False
 
 
+DEMO_RETRIEVER_VERSION = "demo"
+DEMO_RETRIEVER_MINUTES = 8.0  # the trainer's budget counts its preparation too (caching, candidate pool)
+MINILM_DEPTH = 10  # "MiniLM misses it": not in MiniLM's top 10 over the same catalog
+TAIL_CANDIDATES = 80  # test tail queries tried for the long-tail example
+
+
+def serve_demo_retriever(settings: Settings, data_dir: Path, console: Console) -> bool:
+    """Train the unified retriever on the demo data within a small budget (a finished artifact
+    is reused on the next run), then reindex serving to it beside MiniLM's collection, which is
+    kept for the long-tail comparison. False (MiniLM keeps serving) when there is no model."""
+    from tailbridge.cli.training import CommandError, train_retriever
+    from tailbridge.models.retrieval.encoders import load_encoder, retriever_dir
+    from tailbridge.models.retrieval.export import INT8_FILE
+    from tailbridge.streams.indexer import reindex
+
+    model_dir = retriever_dir(DEMO_RETRIEVER_VERSION)
+    if (model_dir / INT8_FILE).is_file():
+        console.print(f"retriever {DEMO_RETRIEVER_VERSION!r} already trained ({model_dir}): reusing it")
+    else:
+        try:
+            train_retriever(data_dir, model_dir.parent, DEMO_RETRIEVER_VERSION, feedback_dir(settings), 0, False, None,
+                            {"max_minutes": DEMO_RETRIEVER_MINUTES})
+        except CommandError as exc:
+            console.print(f"[yellow]no trained retriever ({exc}); search serves MiniLM[/]")
+            return False
+        if not (model_dir / INT8_FILE).is_file():
+            console.print(f"[yellow]the retriever trainer wrote no servable model at {model_dir}; search serves MiniLM[/]")
+            return False
+    milvus = item_index.connect(settings)
+    if item_index.serving_version(milvus, settings) != DEMO_RETRIEVER_VERSION:
+        with console.status(f"re-encoding the catalog with {DEMO_RETRIEVER_VERSION!r} (`tailbridge reindex`), "
+                            "MiniLM's collection kept beside it"):
+            result = reindex(settings, DEMO_RETRIEVER_VERSION, milvus, load_encoder(DEMO_RETRIEVER_VERSION),
+                             keep_old=True)
+        console.print(f"serving {result['to']} ({result['items']} items re-encoded); {result['from']} kept")
+    return True
+
+
+def minilm_top(settings: Settings):
+    """MiniLM alone: text -> its top MINILM_DEPTH item ids (dense search of MiniLM's collection,
+    kept beside the serving one), or None when that collection is not there."""
+    from tailbridge.models.retrieval.encoders import MINILM_VERSION
+    from tailbridge.models.retrieval.export import MINILM_ONNX_DIR, OnnxMiniLMEncoder
+
+    milvus = item_index.connect(settings)
+    collection = item_index.collection_name(settings, MINILM_VERSION)
+    if item_index.serving_version(milvus, settings) == MINILM_VERSION or not milvus.has_collection(collection):
+        return None
+    encoder = OnnxMiniLMEncoder(settings.data_dir / "models" / MINILM_ONNX_DIR)
+
+    def top(text: str) -> list[str]:
+        vector = encoder.encode_queries([text])[0].tolist()
+        hits = item_index.dense_search(milvus, collection, [vector], MINILM_DEPTH, "", ["item_id"], 10.0)[0]
+        return [str(hit["entity"]["item_id"]) for hit in hits]
+
+    return top
+
+
 def example_searches(dataset, users: list[str]) -> list[tuple[str, dict]]:
-    """A head query for two shoppers with different tastes, and a long-tail query."""
+    """A head query for two shoppers with different tastes."""
     head = max((q for q in dataset.queries if q.stratum == "head"), key=lambda q: q.frequency)
-    tail = next(q for q in dataset.queries if q.stratum == "tail" and dataset.split.get(q.query_id) == "test"
-                and q.form == "need")
-    examples = [(f"head query for {user}", {"query": head.text, "user_id": user, "k": 5, "explain": True})
-                for user in users[:2]]
-    return examples + [("long-tail query (anonymous)", {"query": tail.text, "k": 5, "explain": True})]
+    return [(f"head query for {user}", {"query": head.text, "user_id": user, "k": 5, "explain": True})
+            for user in users[:2]]
+
+
+def show_long_tail(client, settings: Settings, dataset, console: Console) -> None:
+    """A long-tail test query whose served results include a relevant item (judged exact or
+    substitute) that MiniLM alone does not have in its top 10: the first whose item came by the
+    dense route (the unified retriever itself), else the first by any route. Without a trained
+    retriever, the first tail query as it is served."""
+    tails = [q for q in dataset.queries if q.stratum == "tail" and dataset.split.get(q.query_id) == "test"]
+    titles = {item.item_id: item.title for item in dataset.items}
+    minilm = minilm_top(settings)
+    found = None
+    for query in tails[:TAIL_CANDIDATES if minilm else 1]:
+        request = {"query": query.text, "k": 5, "explain": True}
+        body = client.post("/search", json=request).json()
+        if minilm is None:
+            print_results(console, "long-tail query (anonymous)", request, body)
+            return
+        judged = dataset.qrels.get(query.query_id, {})
+        baseline = minilm(query.text)
+        missed = [hit for hit in body["results"] if judged.get(hit["item_id"], 0) >= 2 and hit["item_id"] not in baseline]
+        if missed and (found is None or any(hit["source"] == "dense" for hit in missed)):
+            found = (request, body, judged, baseline, missed)
+            if any(hit["source"] == "dense" for hit in missed):
+                break
+    if found is None:
+        console.print(f"[yellow]none of {TAIL_CANDIDATES} test tail queries has a relevant result MiniLM misses[/]")
+        return
+    request, body, judged, baseline, missed = found
+    print_results(console, "long-tail query (anonymous)", request, body)
+    for hit in missed:
+        console.print(f"  [green]#{hit['position']} {hit['title']!r}[/] (judged "
+                      f"{'exact' if judged[hit['item_id']] == 3 else 'substitute'}, by the {hit['source']} route) is "
+                      f"not in MiniLM's top {MINILM_DEPTH} for this query")
+    console.print("  MiniLM alone: " + "; ".join(f"{titles.get(i, i)[:40]!r}{' (relevant)' if judged.get(i, 0) >= 2 else ''}"
+                                               for i in baseline[:3]) + " ...")
 
 
 def two_different_shoppers(settings: Settings) -> list[str]:
@@ -296,13 +386,17 @@ def print_results(console: Console, title: str, request: dict, body: dict) -> No
 
 
 def serve(settings: Settings, dataset, console: Console, keep_serving: bool) -> None:
-    """Start the query handler (with a worker, so page clicks flow back into features), show
-    three searches, then keep serving until Ctrl-C (or stop, with keep_serving False)."""
+    """Serve the trained unified retriever (trained and indexed first; MiniLM when it cannot
+    be), start the query handler (with a worker, so page clicks flow back into features), show
+    a head query for two shoppers and a long-tail query, then keep serving until Ctrl-C (or
+    stop, with keep_serving False)."""
     import httpx
     import uvicorn
 
     from tailbridge.serving.app import create_app
 
+    console.rule("the unified retriever, trained on the demo data, serves")
+    serve_demo_retriever(settings, settings.data_dir / "demo", console)  # where `make demo` synthesised the data
     worker = start_worker(settings, DEMO_WORKER_ENV)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.serve_host, port=settings.serve_port,
                                            log_level="warning"))
@@ -327,6 +421,7 @@ def serve(settings: Settings, dataset, console: Console, keep_serving: bool) -> 
             from tailbridge.cli.rewriting import show_rewritten  # the rewriter's example (cli/rewriting.py)
 
             show_rewritten(client, settings, console, print_results)
+            show_long_tail(client, settings, dataset, console)
         console.print(f"\n[bold]tailbridge is serving at {url}/[/] (search page), API docs at {url}/docs; "
                       "a worker keeps features fresh.")
         if keep_serving:
