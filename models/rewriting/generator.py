@@ -121,7 +121,9 @@ def load_base(cache_root: Path, device: str | None = None) -> Generator:
     gguf = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    model.hf_quantizer = None  # dequantized already: save plain weights
+    model.hf_quantizer = None  # dequantized already: save plain weights, and say so in the config
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     generator = Generator(model, tokenizer, device or default_device())
     building = plain.with_name(plain.name + ".building")
     generator.save(building)

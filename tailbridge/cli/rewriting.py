@@ -82,6 +82,7 @@ def train_rewriter(
     name: Annotated[Optional[str], typer.Option(help="Version name stem (default: <data>-<fingerprint>).")] = None,
     feedback_queries: Annotated[int, typer.Option(min=2, help="Stage-2 tail queries.")] = 48,
     candidates: Annotated[int, typer.Option(min=2, help="Beam candidates per stage-2 query.")] = 4,
+    dev_queries: Annotated[int, typer.Option(min=1, help="Held-out tail queries every version is judged on.")] = 32,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")] = None,
 ) -> None:
     """Train the query rewriter: multi-instruction SFT, offline feedback, objective alignment."""
@@ -95,7 +96,8 @@ def train_rewriter(
     feedback = feedback or default_feedback(data)
     try:
         search = build_search(data)
-        cfg = RewriterConfig(budget_minutes=budget_minutes, feedback_queries=feedback_queries, candidates=candidates)
+        cfg = RewriterConfig(budget_minutes=budget_minutes, feedback_queries=feedback_queries, candidates=candidates,
+                             dev_queries=dev_queries)
         written = train(data, root, lambda: load_base(root), search, feedback, cfg, name,
                         STAGES if stage == "all" else (stage,), say=console.print)
     except _errors() as exc:
