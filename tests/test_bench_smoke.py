@@ -119,7 +119,8 @@ def test_retriever_smoke(stack_runs, demo, tmp_path):
     # One epoch of stage 1 only: a trained artifact in a few seconds (the benchmark times encoding).
     one_epoch = dataclasses.replace(TRAIN, stage1_epochs=1, stage2_epochs=0)
     model = train(demo, tmp_path / "models", "tiny", MODEL, one_epoch, say=lambda _: None)
-    result, output = SmokeRun.start("retriever", tmp_path, "--model", str(model), "--data", str(demo)).finish(600)
+    result, output = SmokeRun.start("retriever", tmp_path, "--model", str(model), "--data", str(demo),
+                                    "--quality").finish(600)
     assert "query encoding, batch 1" in output
     assert result["queries"] == 20 and result["meta"]["smoke"] is True
     runtimes = result["runtimes"]
@@ -130,6 +131,12 @@ def test_retriever_smoke(stack_runs, demo, tmp_path):
     assert runtimes["tailbridge onnx fp32"]["min_cosine_to_torch"] > 0.99  # the same model, another runtime
     assert runtimes["tailbridge onnx int8"]["cosine_to_torch"] > 0.9
     assert (model / "query_tower.int8.onnx").is_file()  # exported by the benchmark
+    quality = result["quality"]  # trained vs untrained vs the baselines, overall and per stratum
+    assert {"bm25", "minilm", "hybrid-rrf", "untrained", "tailbridge"} <= set(quality["systems"])
+    assert set(quality["ratios"]) == {"overall", "head", "torso", "tail"}
+    assert quality["ratios"]["overall"]["trained_over_best_baseline"] > 0
+    assert {"frozen-prefix cache", "stage 1 steps"} <= set(quality["training_phases_seconds"])
+    assert "nDCG@10 on" in output and (model.parent / "tiny-untrained" / "model.safetensors").is_file()
 
 
 @pytest.mark.integration
