@@ -38,6 +38,16 @@ def test_engaged_pairs_are_actions_on_the_page_inside_the_window():
                   action(None, "a", "click", 1), action("q3", "a", "click", 1)):  # no search, unknown search
         pairs.add(event)
     assert pairs.count() == 2
+    assert pairs.count_all() == 3  # q2's late click too
+
+
+def test_the_demo_window_holds_the_replays_sessions():
+    dataset = synth.generate(items=60, users=6, seed=3)
+    # 1,200 events at 400/s: the widest search-to-engagement gap is some hundred events, under a second.
+    assert demo.demo_window_s(dataset, rate=400, events=1200, seed=3) == demo.DEMO_FEEDBACK_WINDOW_S
+    slow = demo.demo_window_s(dataset, rate=5, events=1200, seed=3)  # the same sessions, 80 x slower
+    assert slow > demo.DEMO_FEEDBACK_WINDOW_S
+    assert demo.demo_window_s(dataset, rate=0, events=1200, seed=3) == demo.DEMO_FEEDBACK_WINDOW_S  # unbounded rate
 
 
 @pytest.mark.integration
@@ -48,7 +58,11 @@ def test_the_replay_ends_indexed_and_labelled(stack_settings, tmp_path):
         demo.live_replay(ns.settings, dataset, rate=400, events=1200, seed=3, console=console)
     text = console.export_text()
     indexed = re.search(r"catalog items -> indexed in Milvus\s*│\s*(\d+)\s*│\s*(\d+)", text)
-    labelled = re.search(r"labelled engaged rows in the feedback log \(10 s window\)\s*│\s*(\d+)\s*│\s*(\d+)", text)
+    engaged = re.search(r"engaged \(search, item\) pairs in the stream\s*│\s*(\d+)\s*│", text)
+    labelled = re.search(r"labelled engaged rows in the feedback log\s*│\s*(\d+)\s*│\s*(\d+)", text)
     assert indexed and indexed.groups() == ("60", "60"), text[-3000:]
     assert labelled and labelled.group(1) == labelled.group(2) and int(labelled.group(1)) > 0, text[-3000:]
+    # The window holds the replay's sessions: every engagement of the stream is labelled.
+    assert engaged and engaged.group(1) == labelled.group(1), text[-3000:]
+    assert re.search(r"feedback window: \d+ s of event time", text), text[-3000:]
     assert "still had their feedback window open" not in text

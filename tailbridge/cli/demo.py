@@ -5,6 +5,8 @@ and logged; then what was published is put beside what the worker made of it."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import signal
 import subprocess
@@ -32,7 +34,10 @@ from tailbridge.streams.topics import all_topic_names, count_messages
 from tailbridge.settings import Settings
 from tailbridge.vocab import LABEL_OF_ACTION
 
-DEMO_FEEDBACK_WINDOW_S = 10  # short, so the demo shows labelled feedback before it ends
+DEMO_FEEDBACK_WINDOW_S = 10  # at least: short, so the demo shows labelled feedback before it ends
+# The replay's window is as long as its sessions take at the replay's rate (``demo_window_s``), with
+# this margin for a publisher that falls behind the rate (stretching the sessions in event time).
+WINDOW_MARGIN = 2.0
 # The replay's events are stamped as they are sent: a partition quiet for 3 s has nothing late
 # coming, so the last searches' windows close soon after the replay (streams.event_time).
 DEMO_WORKER_ENV = {"TAILBRIDGE_FEEDBACK_WINDOW_SECONDS": str(DEMO_FEEDBACK_WINDOW_S),
@@ -64,11 +69,28 @@ def stop_worker(worker: subprocess.Popen) -> None:
         worker.wait()
 
 
+def demo_window_s(dataset, rate: float, events: int, seed: int) -> float:
+    """A feedback window that holds the replay's sessions: the events are stamped as they are
+    sent, so a search's engagements come (events published in between) / rate seconds after it.
+    The widest such gap of the replay (the simulator is deterministic), at the rate, with a
+    margin; at least DEMO_FEEDBACK_WINDOW_S (also when the rate is unbounded)."""
+    from tailbridge.synthetic.shoppers import simulate
+
+    searched, widest = {}, 0
+    for n, event in enumerate(itertools.islice(simulate(dataset, seed=seed), events)):
+        if isinstance(event, QueryEvent):
+            searched[event.query_id] = n
+        elif isinstance(event, InteractionEvent) and event.action in LABEL_OF_ACTION and event.query_id in searched:
+            widest = max(widest, n - searched[event.query_id])
+    return float(max(DEMO_FEEDBACK_WINDOW_S, math.ceil(WINDOW_MARGIN * widest / rate) if rate > 0 else 0))
+
+
 def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int, console: Console) -> list:
-    worker = start_worker(settings, DEMO_WORKER_ENV)
+    window_s = demo_window_s(dataset, rate, events, seed)
+    worker = start_worker(settings, DEMO_WORKER_ENV | {"TAILBRIDGE_FEEDBACK_WINDOW_SECONDS": f"{window_s:g}"})
     sent = Counter()
     active_users, engaged_items = Counter(), Counter()
-    tally = EngagedPairs(DEMO_FEEDBACK_WINDOW_S)
+    tally = EngagedPairs(window_s)
 
     def on_behaviour(event) -> None:
         sent["behaviour"] += 1
@@ -108,9 +130,10 @@ def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int
 
 
 class EngagedPairs:
-    """The engaged (search, item) pairs of the replayed stream that the feedback log should label:
-    a click, add to cart or purchase of an item on the search's page, no later than the search's
-    time plus the feedback window (event time, as the worker attributes them)."""
+    """The engaged (search, item) pairs of the replayed stream: a click, add to cart or purchase
+    of an item on the search's page; ``count`` those the feedback log should label, no later than
+    the search's time plus the feedback window (event time, as the worker attributes them),
+    ``count_all`` every one, whenever it came."""
 
     def __init__(self, window_s: float):
         self.window_ms = int(window_s * 1000)
@@ -124,10 +147,14 @@ class EngagedPairs:
             pair, at = (event.query_id, event.item_id), epoch_ms(event.event_time)
             self.actions[pair] = min(at, self.actions.get(pair, at))
 
-    def count(self) -> int:
+    def count(self, window_ms: float | None = None) -> int:
+        window_ms = self.window_ms if window_ms is None else window_ms
         searches, actions = dict(self.searches), list(self.actions.items())  # copies: the publisher adds meanwhile
         return sum(1 for (query, item), at in actions
-                   if query in searches and item in searches[query][1] and at <= searches[query][0] + self.window_ms)
+                   if query in searches and item in searches[query][1] and at <= searches[query][0] + window_ms)
+
+    def count_all(self) -> int:
+        return self.count(float("inf"))
 
 
 class Dashboard:
@@ -168,7 +195,7 @@ class Dashboard:
             flow.add_column(column, justify="right" if column else "left")
         flow.add_row("catalog upserts -> Milvus vectors", str(self.sent["catalog"]), str(self.indexed))
         flow.add_row("queries + interactions -> Feast", str(self.sent["behaviour"]), str(self.applied))
-        flow.add_row(f"labelled feedback rows ({DEMO_FEEDBACK_WINDOW_S} s window)", "", str(self.feedback_rows))
+        flow.add_row(f"labelled feedback rows ({self.tally.window_ms / 1000:g} s window)", "", str(self.feedback_rows))
         flow.add_row("engaged (search, item) pairs -> engaged rows in the log", str(self.tally.count()),
                      str(self.engaged_rows))
         flow.add_row("searches with their feedback window open", "", str(self.open_searches))
@@ -181,9 +208,13 @@ class Dashboard:
         for column in ("", "published", "processed"):
             table.add_column(column, justify="right" if column else "left")
         table.add_row("catalog items -> indexed in Milvus", str(self.catalog_size), str(self.indexed))
-        table.add_row(f"engaged (search, item) pairs in the stream -> labelled engaged rows in the feedback log "
-                      f"({DEMO_FEEDBACK_WINDOW_S} s window)", str(self.tally.count()), str(self.engaged_rows))
+        table.add_row("engaged (search, item) pairs in the stream", str(self.tally.count_all()), "")
+        table.add_row("  of them inside their search's window -> labelled engaged rows in the feedback log",
+                      str(self.tally.count()), str(self.engaged_rows))
         console.print(table)
+        console.print(f"feedback window: {self.tally.window_ms / 1000:g} s of event time (at least "
+                      f"{DEMO_FEEDBACK_WINDOW_S} s; else {WINDOW_MARGIN:g} x the replay's widest gap from a search to "
+                      "an engagement, at the replay rate); the log labels only engagements inside it")
         if self.open_searches:
             console.print(f"[yellow]{self.open_searches} searches still had their feedback window open (not logged "
                           f"yet) when the demo stopped waiting[/]")
