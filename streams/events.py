@@ -203,11 +203,28 @@ class RewriteFeedback(_Event):
     original_purchases: int = Field(0, ge=0, le=MAX_POSITION)
 
 
+class DriftAlert(_Event):
+    """The drift monitor (``streams.monitor``) found a window whose test score passed its
+    calibrated threshold: ``metric`` on the window [window_start, window_end) of stream time."""
+
+    key_field: ClassVar[str] = "metric"
+    type: Literal["drift_alert"] = "drift_alert"
+    metric: NonEmpty
+    window: NonEmpty = Field(description="Window length, e.g. '60s'.")
+    window_start: AwareDatetime
+    window_end: AwareDatetime
+    score: float = Field(allow_inf_nan=False)
+    threshold: float = Field(allow_inf_nan=False)
+    severity: Literal["warning", "critical"]
+    monitor: NonEmpty = Field(description="Which monitor instance (each reads its share of the partitions).")
+
+
 Event = Annotated[
-    Union[QueryEvent, InteractionEvent, CatalogUpsert, CatalogDelete, RewriteFeedback],
+    Union[QueryEvent, InteractionEvent, CatalogUpsert, CatalogDelete, RewriteFeedback, DriftAlert],
     Field(discriminator="type"),
 ]
-EVENT_TYPES: tuple[type[_Event], ...] = (QueryEvent, InteractionEvent, CatalogUpsert, CatalogDelete, RewriteFeedback)
+EVENT_TYPES: tuple[type[_Event], ...] = (QueryEvent, InteractionEvent, CatalogUpsert, CatalogDelete, RewriteFeedback,
+                                         DriftAlert)
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 

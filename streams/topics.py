@@ -17,6 +17,7 @@ from tailbridge.streams.events import (
     SCHEMA_VERSION,
     CatalogDelete,
     CatalogUpsert,
+    DriftAlert,
     InteractionEvent,
     QueryEvent,
     RewriteFeedback,
@@ -50,6 +51,7 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec("interactions", (InteractionEvent,), "user_id", "impressions, clicks, add-to-carts, purchases"),
         TopicSpec("catalog", (CatalogUpsert, CatalogDelete), "item_id", "product upserts and deletes"),
         TopicSpec("rewrite_feedback", (RewriteFeedback,), "query_key", "outcomes of served query rewrites"),
+        TopicSpec("drift_alerts", (DriftAlert,), "metric", "drift monitor alerts: metric, window, score, threshold"),
     )
 }
 

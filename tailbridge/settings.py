@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     milvus_uri: str = Field("http://127.0.0.1:19530", description="Milvus (or Milvus Lite server) URI; "
                             "`unix:/path.sock` reaches the embedded server without a TCP port.")
     milvus_engine: Literal["milvus", "lite"] = Field(
-        "lite", description="What `stack up` starts when nothing answers at milvus_uri: milvus (the Milvus "
+        "milvus", description="What `stack up` starts when nothing answers at milvus_uri: milvus (the Milvus "
         "2.3.5 server, confined to loopback; BM25 by the term index beside it) or lite (Milvus Lite 3.2.2, "
         "pure Python, server-side BM25, slow at scale).")
     online_store: Literal["auto", "redis", "sqlite"] = Field(
@@ -155,6 +155,26 @@ class Settings(BaseSettings):
         "query's routes with this posterior probability..."
     )
     rewrite_drop_probability: float = Field(0.99, gt=0, le=1, description="...and drop it at this probability.")
+
+    monitor_alpha_window: float = Field(
+        1e-4, gt=0, lt=1, description="Drift monitor: chance that any test alerts on one window without drift (split "
+        "over the tests by Bonferroni; thresholds are calibrated on the monitor's no-drift reference)."
+    )
+    monitor_bucket_seconds: float = Field(
+        10.0, gt=0, description="Drift monitor: span of stream time per bucket; windows are 1 and 6 buckets."
+    )
+    monitor_warmup_seconds: float = Field(
+        60.0, gt=0, description="Drift monitor: stream time that fixes bins and query strata before the reference."
+    )
+    monitor_reference_seconds: float = Field(
+        300.0, gt=0, description="Drift monitor: stream time of the no-drift reference the thresholds are calibrated on."
+    )
+    monitor_query_vectors: Literal["minilm", "hashed", "none"] = Field(
+        "minilm", description="Drift monitor: query vectors of the MMD test (all-MiniLM-L6-v2, hashed trigrams, or no test)."
+    )
+    monitor_metrics_port: int = Field(
+        9108, ge=0, le=65535, description="Where `tailbridge monitor run` serves its Prometheus metrics (0: not served)."
+    )
 
     def as_env(self) -> dict[str, str]:
         """These settings as TAILBRIDGE_* variables, for a child process that must see the same stack."""

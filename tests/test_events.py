@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from tailbridge.streams.events import (
     CatalogDelete,
     CatalogUpsert,
+    DriftAlert,
     EventValidationError,
     InteractionEvent,
     QueryEvent,
@@ -38,6 +39,8 @@ def sample_events():
         RewriteFeedback(query_id="q1", user_id="u1", session_id="s1", query="couch for 3",
                         query_key=normalize_query("couch for 3"), rewrite="3 seat sofa", rewriter_version="r1",
                         outcome="clicked", item_id="item_1", event_time=NOW),
+        DriftAlert(metric="q.key_mix", window="60s", window_start=NOW, window_end=NOW, score=0.2, threshold=0.05,
+                   severity="critical", monitor="m1", event_time=NOW),
     ]
 
 

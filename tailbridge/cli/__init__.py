@@ -15,6 +15,7 @@ from rich.table import Table
 
 from tailbridge.cli import loop as loop_cli
 from tailbridge.cli import models as models_cli
+from tailbridge.cli.monitor import monitor_app
 from tailbridge.settings import get_settings
 
 # Library deprecation notices (kafka-python, Feast) are for their maintainers, not our users.
@@ -35,6 +36,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(worker_app, name="worker")
+app.add_typer(monitor_app, name="monitor")
 app.add_typer(models_cli.app, name="models")
 app.command("loop")(loop_cli.loop_command)
 
@@ -215,16 +217,21 @@ def print_published(reports) -> None:
         _fail("some events were not delivered:\n" + "\n".join(errors))
 
 
-def _replay(data: Path, rate: float, events: int, seed: int, catalog: bool) -> None:
+def _replay(data: Path, rate: float, events: int, seed: int, catalog: bool, drift: Optional[str] = None) -> None:
+    from tailbridge.synthetic.drift import DriftSpec
     from tailbridge.synthetic.replay import replay_dataset
 
+    try:
+        spec = DriftSpec.parse(drift) if drift else None
+    except ValueError as exc:
+        _fail(str(exc))
     dataset = _load_demo_data(data)
     with _progress() as progress:
         catalog_task = progress.add_task("catalog upserts", total=len(dataset.items), visible=catalog)
         task = progress.add_task(f"behaviour events @ {rate:g}/s" if rate else "behaviour events", total=events)
         reports = replay_dataset(get_settings(), dataset, rate, events, seed, catalog,
                                       on_catalog=lambda e: progress.advance(catalog_task),
-                                      on_behaviour=lambda e: progress.advance(task))
+                                      on_behaviour=lambda e: progress.advance(task), drift=spec)
     print_published(reports)
 
 
@@ -235,9 +242,12 @@ def data_replay(
     seed: Annotated[int, typer.Option(help="Seed of the simulated sessions.")] = 7,
     catalog: Annotated[bool, typer.Option(help="First publish every catalog item as an upsert.")] = True,
     data: Annotated[Optional[Path], typer.Option(help="Demo data dir [default: DATA_DIR/demo].")] = None,
+    drift: Annotated[Optional[str], typer.Option(
+        help="Inject drift KIND@T, T seconds (or 90s, 5m) into the stream: taste, vocab (new category), missing / "
+             "constant (a broken field), model (a model swap).")] = None,
 ) -> None:
     """Publish simulated shopper sessions (queries, impressions, clicks, carts, purchases) to Kafka."""
-    _replay(data or _default_data_dir(), rate, events, seed, catalog)
+    _replay(data or _default_data_dir(), rate, events, seed, catalog, drift)
 
 
 # ------------------------------------------------------------------ stream processing
@@ -449,7 +459,7 @@ def train_ranker(
     out: Annotated[Optional[Path], typer.Option(help="Artifact root (default: DATA_DIR/models/ranker).")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=0, help="Stage-1 epochs (text encoder frozen).")] = None,
     finetune_steps: Annotated[Optional[int], typer.Option(min=0, help="Stage-2 steps (encoder fine-tuned).")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(min=0.5, help="Time budget for both models (default 10).")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(min=0.5, help="Time budget for all the models (default 14).")] = None,
     baseline: Annotated[bool, typer.Option(
         help="Also train the comparison models (shared-bottom, click-only, no position model).")] = True,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")] = None,

@@ -73,11 +73,14 @@ def publish(
 
 def replay_dataset(settings: Settings, dataset, rate: float, events: int, seed: int, catalog: bool = True,
                    on_catalog: Callable[[_Event], None] = lambda e: None,
-                   on_behaviour: Callable[[_Event], None] = lambda e: None) -> list[PublishReport]:
+                   on_behaviour: Callable[[_Event], None] = lambda e: None, drift=None) -> list[PublishReport]:
     """The demo catalog as upserts (at full speed), then ``events`` simulated behaviour events
-    (queries, impressions, clicks, carts, purchases) at ``rate`` per second."""
+    (queries, impressions, clicks, carts, purchases) at ``rate`` per second; with ``drift`` (a
+    ``synthetic.drift.DriftSpec``) the stream drifts that way from its time T on."""
+    from tailbridge.synthetic.drift import with_drift
     from tailbridge.synthetic.shoppers import catalog_events, simulate
 
     reports = [publish(settings, catalog_events(dataset), on_sent=on_catalog)] if catalog else []
-    behaviour = itertools.islice(simulate(dataset, seed=seed), events)
+    stream = with_drift(dataset, seed, drift) if drift is not None else simulate(dataset, seed=seed)
+    behaviour = itertools.islice(stream, events)
     return reports + [publish(settings, behaviour, rate=rate, on_sent=on_behaviour)]

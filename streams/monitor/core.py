@@ -1,0 +1,548 @@
+"""The drift monitor: events in, one report per closed bucket of stream time out.
+
+Stream (event) time is cut into buckets of ``bucket_s``. The first ``warmup_s`` only learn the
+shape of the data: bin edges of each number at its quantiles, the query frequencies that make
+head / torso / tail and the known-query set. The next ``reference_s`` are the reference: every
+signal is summarised per bucket with those fixed bins. At its end the monitor pins the reference
+and calibrates a threshold per test and window length (``models.monitoring.calibration``). From
+then on each closed bucket is added to a ring of the last ``max(windows)`` buckets and every test
+compares each window (the last w buckets, for each w in ``windows``) with the reference.
+
+Memory is bounded whatever the stream's length: per bucket a few count vectors and a sample of
+``vector_sample`` queries, a ring of buckets, the reference's buckets, and two capped maps (the
+recent searches interactions are attributed to, the known queries).
+
+Nothing an event carries can stop the monitor: anything odd (a missing optional field, an
+unknown model version, a non-finite or extreme score, an interaction with no known search, an
+event of another type) is counted in ``counts`` and the rest of the event is still used.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from tailbridge.models.monitoring import calibration, stats
+from tailbridge.streams.events import InteractionEvent, QueryEvent
+from tailbridge.vocab import normalize_query
+
+Embed = Callable[[Sequence[str]], np.ndarray]
+ACTIONS = ("impression", "click", "add_to_cart", "purchase")
+SCRIPTS = ("latin", "digits", "cyrillic", "greek", "arabic", "hebrew", "cjk", "other")
+STRATA = ("head", "torso", "tail")
+RESULTS = ("zero", "few", "full")  # served items: 0, 1-2, 3+
+FEW_RESULTS = 3
+OTHER, UNATTRIBUTED = "other", "unattributed"
+NUMBERS = ("q.length", "q.top_score", "i.position", "i.price")  # binned at warm-up quantiles
+SEVERE = 2.0  # a score this many times its threshold is "critical"
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    bucket_s: float = 10.0
+    windows: tuple[int, ...] = (1, 6)  # window lengths in buckets: 10 s catches broken fields, 60 s subtler drift
+    warmup_s: float = 60.0
+    reference_s: float = 300.0
+    alpha_window: float = 1e-4  # chance that any test alerts on one window evaluation without drift
+    draws: int = 400  # bootstrap draws per test and window length
+    numeric_bins: int = 10
+    score_bins: int = 5  # served-score bins of the click-rate-by-score (calibration) test
+    head_share: float = 0.5  # the most frequent queries up to this share of searches are "head"
+    torso_share: float = 0.8  # ... up to this, "torso"; the rest (and unseen queries) "tail"
+    key_mix: int = 30  # the most frequent queries whose mix is tracked one by one
+    vector_sample: int = 32  # queries embedded per bucket
+    recent_searches: int = 100_000  # searches remembered to attribute interactions to
+    known_queries: int = 200_000
+    max_versions: int = 16  # model versions tracked one by one; more are "other"
+    min_count: int = 20  # fewer observations in a window: that test is not scored
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Alert:
+    metric: str
+    window: str  # e.g. "60s"
+    start_ms: int
+    end_ms: int
+    score: float
+    threshold: float
+    severity: str  # warning | critical
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Threshold:
+    value: float
+    n_reference: float  # observations in the reference
+    n_typical: float  # observations in a typical window of this length
+    scales: bool  # statistic shrinks as 1/n: scale the threshold with the window's size
+
+    def at(self, n_window: float) -> float:
+        if not self.scales or n_window <= 0:
+            return self.value
+        return self.value * (1 / self.n_reference + 1 / n_window) / (1 / self.n_reference + 1 / self.n_typical)
+
+
+@dataclass
+class Report:
+    """One evaluation: every test on every window ending at ``end_ms``."""
+
+    end_ms: int
+    scores: dict[str, dict[str, list]]  # test -> window -> [score, threshold or None]
+    outcomes: dict[str, dict[str, float]]  # model version -> rates over the longest window
+    alerts: list[Alert]
+    alerting: list[str]  # "test@window" above threshold now (onsets are in ``alerts``)
+
+    def as_json(self) -> dict:
+        return {"end_ms": self.end_ms, "scores": self.scores, "outcomes": self.outcomes,
+                "alerts": [a.as_json() for a in self.alerts], "alerting": self.alerting}
+
+
+@dataclass(frozen=True)
+class Test:
+    name: str
+    kind: str  # hist | rate | mean | calib | mmd
+    signal: str  # the summary it reads
+    numeric: bool = False  # a binned number: also a Wasserstein score
+
+
+def _script(text: str) -> int:
+    for ch in text:
+        if ch.isalpha():
+            if ch.isascii():
+                return 0
+            code = ord(ch)
+            if 0x400 <= code < 0x530:
+                return 2
+            if 0x370 <= code < 0x400:
+                return 3
+            if 0x600 <= code < 0x700:
+                return 4
+            if 0x590 <= code < 0x600:
+                return 5
+            if 0x2E80 <= code < 0xA000 or 0xAC00 <= code < 0xD7B0:
+                return 6
+            return 0 if code < 0x250 else 7  # accented Latin is Latin
+    return 1 if any(ch.isdigit() for ch in text) else 7
+
+
+def _finite(value) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+class Bucket:
+    """Summaries of one span of stream time. ``values`` maps a signal to its count vector."""
+
+    __slots__ = ("index", "values", "outcomes", "texts", "vectors")
+
+    def __init__(self, index: int, dims: dict[str, int], sample: int, rng: random.Random):
+        self.index = index
+        self.values = {name: [0.0] * size for name, size in dims.items()}
+        # version -> [searches, impressions, clicks, carts, purchases, sum 1/position of clicks, clicks with position]
+        self.outcomes: dict[str, list[float]] = {}
+        self.texts = stats.Reservoir(sample, rng)
+        self.vectors: np.ndarray | None = None
+
+    def vector(self, name: str) -> np.ndarray:
+        return np.asarray(self.values[name], dtype=float)
+
+
+class Monitor:
+    def __init__(self, config: MonitorConfig = MonitorConfig(), embed: Embed | None = None):
+        self.config, self.embed = config, embed
+        self.rng = random.Random(config.seed)
+        self.counts: Counter = Counter()
+        self.bucket_ms = int(config.bucket_s * 1000)
+        self.warmup_buckets = max(1, round(config.warmup_s / config.bucket_s))
+        self.reference_buckets = max(2, round(config.reference_s / config.bucket_s))
+        self.start: int | None = None  # first bucket index
+        self.current: Bucket | None = None
+        self.ring: list[Bucket] = []  # the last max(windows) closed buckets, oldest first
+        self.reference: list[Bucket] = []
+        self.thresholds: dict[tuple[str, int], Threshold] = {}
+        self.alerting: set[str] = set()
+        self.recent: dict[str, tuple[str, bytes, str]] = {}  # query_id -> (version, score bin per position, query key)
+        # learned at the end of warm-up
+        self.samples = {name: stats.Reservoir(2000, self.rng) for name in NUMBERS + ("served_score",)}
+        self.frequencies: Counter = Counter()
+        self.edges: dict[str, list[float]] = {}
+        self.dims: dict[str, int] | None = None
+        self.known: set[str] = set()
+        self.strata: dict[str, int] = {}
+        self.slots: dict[str, int] = {}
+        self.versions: dict[str, int] = {}
+        self.tests: list[Test] = []
+        self.gamma = 1.0
+        self.ref_vectors: np.ndarray | None = None
+        self.ref_kernel_mean = 0.0
+
+    # ------------------------------------------------------------ phases
+
+    @property
+    def phase(self) -> str:
+        if self.dims is None:
+            return "warmup"
+        return "monitoring" if self.thresholds else "reference"
+
+    def observe_all(self, events: Iterable) -> list[Report]:
+        reports = []
+        for event in events:
+            reports.extend(self.observe(event))
+        return reports
+
+    def observe(self, event) -> list[Report]:
+        """Take one event; the reports of the buckets it closed (usually none)."""
+        self.counts["events"] += 1
+        try:
+            t_ms = int(event.event_time.timestamp() * 1000)
+        except (AttributeError, ValueError, OverflowError):
+            self.counts["bad_event_time"] += 1
+            return []
+        reports = self._advance(t_ms // self.bucket_ms)
+        try:
+            if isinstance(event, QueryEvent):
+                self._query(event)
+            elif isinstance(event, InteractionEvent):
+                self._interaction(event)
+            else:
+                self.counts["ignored_event_type"] += 1
+        except Exception:  # noqa: BLE001  an event must never stop the monitor: counted, skipped
+            self.counts["bad_event"] += 1
+        return reports
+
+    def _advance(self, index: int) -> list[Report]:
+        if self.current is None:
+            self.start = index
+            self.current = self._bucket(index)
+            return []
+        if index <= self.current.index:
+            if index < self.current.index:
+                self.counts["late_event"] += 1  # folded into the open bucket
+            return []
+        reports = []
+        gap = index - self.current.index
+        closed = self.current
+        reports.extend(self._close(closed))
+        # A quiet stream: its empty buckets count (a window of silence is a signal too), but
+        # never more than a window's worth.
+        for missing in range(max(closed.index + 1, index - max(self.config.windows)), index):
+            reports.extend(self._close(self._bucket(missing)))
+        if gap > 1:
+            self.counts["empty_buckets"] += gap - 1
+        self.current = self._bucket(index)
+        return reports
+
+    def _bucket(self, index: int) -> Bucket:
+        return Bucket(index, self.dims or {}, self.config.vector_sample, self.rng)
+
+    def _close(self, bucket: Bucket) -> list[Report]:
+        age = bucket.index - self.start
+        if self.dims is None:
+            if age + 1 >= self.warmup_buckets:
+                self._learn_shape()
+            return []
+        if self.embed is not None and bucket.texts.items:
+            bucket.vectors = self._embed(bucket.texts.items)
+        if not self.thresholds:
+            self.reference.append(bucket)
+            if len(self.reference) >= self.reference_buckets:
+                self._pin()
+            return []
+        self.ring.append(bucket)
+        del self.ring[:-max(self.config.windows)]
+        return [self._evaluate(bucket)]
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = np.asarray(self.embed(list(texts)), dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-9)
+
+    # ------------------------------------------------------------ warm-up -> reference
+
+    def _learn_shape(self) -> None:
+        c = self.config
+        for name in NUMBERS:
+            self.edges[name] = stats.quantile_edges(self.samples[name].items, c.numeric_bins)
+        self.edges["served_score"] = stats.quantile_edges(self.samples["served_score"].items, c.score_bins)
+        total, running = sum(self.frequencies.values()), 0
+        for key, count in self.frequencies.most_common():
+            share = running / total if total else 1.0
+            self.strata[key] = 0 if share < c.head_share else 1 if share < c.torso_share else 2
+            running += count
+        self.known = set(list(self.frequencies)[:c.known_queries])
+        self.slots = {key: i for i, (key, _) in enumerate(self.frequencies.most_common(c.key_mix))}
+        self.versions = {v: i for i, v in enumerate(sorted(self.versions))}
+        del self.samples, self.frequencies  # warm-up only
+        bins = {name: len(edges) + 1 for name, edges in self.edges.items()}
+        self.dims = {
+            "q.stratum": len(STRATA), "q.key_mix": len(self.slots) + 1, "q.new": 2, "q.length": bins["q.length"],
+            "q.script": len(SCRIPTS), "q.results": len(RESULTS), "q.rewritten": 2, "q.top_score": bins["q.top_score"],
+            "q.top_score.missing": 2, "q.version_mix": len(self.versions) + 1,
+            "i.action": len(ACTIONS), "i.position": bins["i.position"], "i.position.missing": 2,
+            "i.price": bins["i.price"], "i.price.missing": 2, "i.price.default": 2,
+            "o.ctr": 2, "o.cart": 2, "o.purchase": 2, "o.mrr": 3, "o.calibration": 2 * bins["served_score"],
+        }
+        hist = ["q.stratum", "q.key_mix", "q.script", "q.results", "q.version_mix", "i.action"]
+        rates = ["q.new", "q.rewritten", "q.top_score.missing", "i.position.missing", "i.price.missing",
+                 "i.price.default", "o.ctr", "o.cart", "o.purchase"]
+        self.tests = ([Test(n, "hist", n) for n in hist] + [Test(n, "hist", n, numeric=True) for n in NUMBERS]
+                      + [Test(n, "rate", n) for n in rates] + [Test("o.mrr", "mean", "o.mrr"),
+                                                               Test("o.calibration", "calib", "o.calibration")]
+                      + ([Test("q.vector", "mmd", "q.vector")] if self.embed is not None else []))
+
+    def _pin(self) -> None:
+        """Calibrate every test on the reference buckets (see ``models.monitoring.calibration``)."""
+        c = self.config
+        alpha = calibration.bonferroni(c.alpha_window, len(self.tests) * len(c.windows))
+        rng = np.random.default_rng(c.seed)
+        for test in self.tests:
+            for w in c.windows:
+                self.thresholds[(test.name, w)] = self._calibrate(test, w, alpha, rng)
+        self.alpha_test = alpha
+        self.ref_sums = {name: sum(b.vector(name) for b in self.reference) for name in self.dims}
+        self.ring = self.reference[-max(c.windows):]  # so the first windows are whole: the latest no-drift buckets
+
+    def _calibrate(self, test: Test, w: int, alpha: float, rng: np.random.Generator) -> Threshold:
+        c, r = self.config, len(self.reference)
+        if test.kind == "mmd":
+            sizes, block = self._reference_blocks()
+            null = calibration.mmd_null(block, sizes, w, c.draws, rng)
+            n_ref = float(sizes.sum())
+            return Threshold(calibration.tail_threshold(null, alpha), n_ref, n_ref / r * w, True)
+        buckets = np.stack([b.vector(test.signal) for b in self.reference])
+        statistic = {"hist": stats.psi, "rate": stats.proportion_z, "mean": stats.mean_z,
+                     "calib": stats.calibration_chi2}[test.kind]
+        null = calibration.bootstrap_null(buckets, w, statistic, c.draws, rng)
+        n_ref = float(self._size(test, buckets.sum(0)))
+        n_typ = n_ref / r * w
+        if test.kind == "hist":
+            floor = calibration.psi_floor(buckets.shape[1], n_ref, n_typ, alpha)
+        elif test.kind == "calib":
+            k = buckets.shape[1] // 2
+            floor = float(calibration.sstats.chi2.isf(alpha, k) / k)
+        else:
+            floor = calibration.z_floor(alpha)
+        squared = test.kind in ("rate", "mean")  # |z|: its square is the chi-square-like one
+        return Threshold(calibration.tail_threshold(null, alpha, floor, squared), n_ref, n_typ, test.kind == "hist")
+
+    def _reference_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Kernel sums between every pair of reference buckets' query vectors (computed once)."""
+        if self.ref_vectors is None:
+            parts = [b.vectors if b.vectors is not None else np.zeros((0, 1), np.float32) for b in self.reference]
+            dim = max((p.shape[1] for p in parts if len(p)), default=1)
+            parts = [p if len(p) else np.zeros((0, dim), np.float32) for p in parts]
+            self.ref_vectors = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+            self.ref_sizes = np.array([len(p) for p in parts], dtype=float)
+            self.gamma = stats.median_gamma(self.ref_vectors) if len(self.ref_vectors) > 1 else 1.0
+            kernel = stats.rbf_kernel(self.ref_vectors, self.ref_vectors, self.gamma)
+            self.ref_kernel_mean = float(kernel.mean()) if kernel.size else 0.0
+            owner = np.repeat(np.arange(len(parts)), self.ref_sizes.astype(int))
+            onehot = np.zeros((len(owner), len(parts)))
+            onehot[np.arange(len(owner)), owner] = 1.0
+            self.ref_blocks = onehot.T @ kernel @ onehot
+        return self.ref_sizes, self.ref_blocks
+
+    @staticmethod
+    def _size(test: Test, summary: np.ndarray) -> float:
+        """Observations behind a summary: what a window must have to be scored."""
+        if test.kind == "hist":
+            return float(summary.sum())
+        if test.kind == "rate":
+            return float(summary[1])
+        if test.kind == "mean":
+            return float(summary[2])
+        if test.kind == "calib":
+            return float(summary[len(summary) // 2:].sum())
+        return float(len(summary))
+
+    # ------------------------------------------------------------ evaluation
+
+    def _evaluate(self, last: Bucket) -> Report:
+        c = self.config
+        end_ms = (last.index + 1) * self.bucket_ms
+        scores: dict[str, dict[str, list]] = {}
+        alerts, alerting = [], set()
+        ref_sums = self.ref_sums
+        for w in c.windows:
+            window = self.ring[-w:]
+            label = f"{int(w * c.bucket_s)}s"
+            sums = {name: sum(b.vector(name) for b in window) for name in self.dims}
+            for test in self.tests:
+                score, n = self._score(test, window, sums, ref_sums)
+                if score is None or n < c.min_count:
+                    continue
+                threshold = self.thresholds[(test.name, w)].at(n)
+                scores.setdefault(test.name, {})[label] = [round(score, 6), round(threshold, 6)]
+                if test.numeric:
+                    w1 = stats.wasserstein_binned(ref_sums[test.signal], sums[test.signal], self.edges[test.name])
+                    scores.setdefault(f"{test.name}.wasserstein", {})[label] = [round(w1, 6), None]
+                if score > threshold:
+                    key = f"{test.name}@{label}"
+                    alerting.add(key)
+                    if key not in self.alerting:  # an onset; a drift that lasts is not alerted again each bucket
+                        alerts.append(Alert(test.name, label, (last.index + 1 - w) * self.bucket_ms, end_ms,
+                                            round(score, 6), round(threshold, 6),
+                                            "critical" if score >= SEVERE * threshold else "warning"))
+        self.alerting = alerting
+        self.counts["windows_evaluated"] += 1
+        self.counts["alerts"] += len(alerts)
+        return Report(end_ms, scores, self._outcomes(self.ring[-max(c.windows):]), alerts, sorted(alerting))
+
+    def _score(self, test: Test, window: list[Bucket], sums: dict, ref_sums: dict) -> tuple[float | None, float]:
+        if test.kind == "mmd":
+            vectors = [b.vectors for b in window if b.vectors is not None and len(b.vectors)]
+            if not vectors or self.ref_vectors is None or not len(self.ref_vectors):
+                return None, 0.0
+            x = np.concatenate(vectors)
+            return stats.mmd2(x, self.ref_vectors, self.gamma, self.ref_kernel_mean), float(len(x))
+        summary = sums[test.signal]
+        statistic = {"hist": stats.psi, "rate": stats.proportion_z, "mean": stats.mean_z,
+                     "calib": stats.calibration_chi2}[test.kind]
+        return float(statistic(ref_sums[test.signal], summary)), self._size(test, summary)
+
+    @staticmethod
+    def _outcomes(window: list[Bucket]) -> dict[str, dict[str, float]]:
+        totals: dict[str, np.ndarray] = {}
+        for bucket in window:
+            for version, values in bucket.outcomes.items():
+                totals[version] = totals.get(version, 0) + np.asarray(values)
+        out = {}
+        for version, (searches, impressions, clicks, carts, purchases, rr, ranked) in totals.items():
+            out[version] = {"searches": int(searches), "impressions": int(impressions),
+                            "ctr": clicks / impressions if impressions else None,
+                            "cart_rate": carts / searches if searches else None,
+                            "purchase_rate": purchases / searches if searches else None,
+                            "mrr": rr / ranked if ranked else None}
+        return out
+
+    # ------------------------------------------------------------ events
+
+    def _version(self, event: QueryEvent) -> str:
+        versions = event.model_versions
+        label = versions.get("ranker") or ",".join(f"{k}={v}" for k, v in sorted(versions.items())) or "none"
+        return label[:200]
+
+    def _query(self, event: QueryEvent) -> None:
+        self.counts["queries"] += 1
+        key = normalize_query(event.query)
+        served = event.served
+        top = _finite(served[0].score) if served else None
+        if served and top is None and served[0].score is not None:
+            self.counts["nonfinite_score"] += 1
+        version = self._version(event)
+        if self.dims is None:  # warm-up: learn the shape only
+            self.frequencies[key] += 1
+            self.samples["q.length"].add(len(key.split()))
+            if top is not None:
+                self.samples["q.top_score"].add(top)
+            for item in served:
+                if (score := _finite(item.score)) is not None:
+                    self.samples["served_score"].add(score)
+            if len(self.versions) < self.config.max_versions:
+                self.versions[version] = 0
+            return
+        v = self.current.values
+        v["q.stratum"][self.strata.get(key, 2)] += 1
+        v["q.key_mix"][self.slots.get(key, len(self.slots))] += 1
+        new = v["q.new"]
+        new[0] += key not in self.known
+        new[1] += 1
+        v["q.length"][stats.bin_index(self.edges["q.length"], len(key.split()))] += 1
+        v["q.script"][_script(key)] += 1
+        v["q.results"][0 if not served else 1 if len(served) < FEW_RESULTS else 2] += 1
+        rewritten = v["q.rewritten"]
+        rewritten[0] += bool(event.rewrites_used)
+        rewritten[1] += 1
+        missing = v["q.top_score.missing"]
+        missing[0] += top is None
+        missing[1] += 1
+        if top is not None:
+            v["q.top_score"][stats.bin_index(self.edges["q.top_score"], top)] += 1
+        slot = self.versions.get(version)
+        if slot is None:
+            self.counts["unknown_model_version"] += 1
+        v["q.version_mix"][len(self.versions) if slot is None else slot] += 1
+        label = self._tracked(version)
+        self._outcome(label)[0] += 1
+        edges = self.edges["served_score"]
+        bins = bytes(255 if (s := _finite(item.score)) is None else stats.bin_index(edges, s) for item in served[:255])
+        recent = self.recent
+        if len(recent) >= self.config.recent_searches:
+            del recent[next(iter(recent))]  # the oldest search
+        recent[event.query_id] = (label, bins, key)
+        self.current.texts.add(event.query[:512])
+
+    def query_key(self, query_id: str | None) -> str | None:
+        """The normalised query of a recent search (after warm-up), if remembered."""
+        search = self.recent.get(query_id) if query_id else None
+        return search[2] if search else None
+
+    def _tracked(self, version: str) -> str:
+        """The version's own label, or "other" once ``max_versions`` are tracked in this bucket."""
+        outcomes = self.current.outcomes
+        return version if version in outcomes or len(outcomes) < self.config.max_versions else OTHER
+
+    def _outcome(self, label: str) -> list[float]:
+        outcomes = self.current.outcomes
+        if label not in outcomes:
+            outcomes[label] = [0.0] * 7
+        return outcomes[label]
+
+    def _interaction(self, event: InteractionEvent) -> None:
+        self.counts["interactions"] += 1
+        position, price = event.position, event.price
+        if self.dims is None:
+            if position is not None:
+                self.samples["i.position"].add(position)
+            if price is not None and event.action in ("add_to_cart", "purchase"):
+                self.samples["i.price"].add(price)
+            return
+        v = self.current.values
+        action = ACTIONS.index(event.action)
+        v["i.action"][action] += 1
+        missing = v["i.position.missing"]
+        missing[0] += position is None
+        missing[1] += 1
+        if position is not None:
+            v["i.position"][stats.bin_index(self.edges["i.position"], position)] += 1
+        if action >= 2:  # carts and purchases carry the price
+            missing = v["i.price.missing"]
+            missing[0] += price is None
+            missing[1] += 1
+            if price is not None:
+                default = v["i.price.default"]
+                default[0] += price == 0
+                default[1] += 1
+                v["i.price"][stats.bin_index(self.edges["i.price"], price)] += 1
+        search = self.recent.get(event.query_id) if event.query_id else None
+        if search is None:
+            self.counts["unattributed_interaction"] += 1
+            label, bins = self._tracked(UNATTRIBUTED), b""
+        else:
+            label, bins, _ = search
+        outcome = self._outcome(label)
+        outcome[1 + action] += 1
+        if action == 0:  # each rate is per impression
+            for name in ("o.ctr", "o.cart", "o.purchase"):
+                v[name][1] += 1
+        else:
+            v[("o.ctr", "o.cart", "o.purchase")[action - 1]][0] += 1
+        score_bin = bins[position - 1] if position is not None and position <= len(bins) else 255
+        if score_bin != 255 and action <= 1:
+            k = len(v["o.calibration"]) // 2
+            v["o.calibration"][(k if action == 0 else 0) + score_bin] += 1
+        if action == 1 and position is not None:
+            rr = 1.0 / position
+            mrr = v["o.mrr"]
+            mrr[0] += rr
+            mrr[1] += rr * rr
+            mrr[2] += 1
+            outcome[5] += rr
+            outcome[6] += 1
