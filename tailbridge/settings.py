@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     milvus_uri: str = Field("http://127.0.0.1:19530", description="Milvus (or Milvus Lite server) URI; "
                             "`unix:/path.sock` reaches the embedded server without a TCP port.")
     milvus_engine: Literal["milvus", "lite"] = Field(
-        "milvus", description="What `stack up` starts when nothing answers at milvus_uri: milvus (the Milvus "
+        "lite", description="What `stack up` starts when nothing answers at milvus_uri: milvus (the Milvus "
         "2.3.5 server, confined to loopback; BM25 by the term index beside it) or lite (Milvus Lite 3.2.2, "
         "pure Python, server-side BM25, slow at scale).")
     online_store: Literal["auto", "redis", "sqlite"] = Field(
