@@ -62,7 +62,7 @@ class RankerTrainConfig:
     weight_decay: float = 0.01
     test_fraction: float = 0.2  # the latest searches, held out
     stats_window_hours: float = 24.0
-    max_minutes: float | None = 10.0  # both models together; stage 2 ends early to finish in time
+    max_minutes: float | None = 14.0  # all models together; stage 2 ends early to finish in time
     # Method 5's lowest level: random catalog items per training search, labelled nothing. Logged
     # pages are ~all relevant, so without them the ranker never learns to push down what
     # retrieval brings in from other categories.
