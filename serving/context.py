@@ -69,6 +69,45 @@ class _View:
                 for name, raw in zip(self.names, values[1:])}
 
 
+class _Coalesced:
+    """HMGETs of one field list issued in the same event-loop iteration go out as one pipeline:
+    one connection and one round trip for a burst of concurrent searches. Each command on its
+    own takes a connection of the pool, and opening dozens at once (several round trips each)
+    made a burst of 50 cold reads take ~600 ms on a loaded machine (30-45 ms warm; one
+    pipeline, a few ms). A caller that gave up (its deadline) is simply not answered."""
+
+    def __init__(self, client: aioredis.Redis, fields: list[bytes]):
+        self._redis, self._fields = client, fields
+        self._waiting: list[tuple[bytes, asyncio.Future]] = []
+
+    async def hmget(self, key: bytes) -> list[bytes | None]:
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._waiting.append((key, answer))
+        if len(self._waiting) == 1:
+            loop.call_soon(self._send)
+        return await answer
+
+    def _send(self) -> None:
+        batch, self._waiting = self._waiting, []
+        asyncio.ensure_future(self._pipeline(batch))
+
+    async def _pipeline(self, batch: list[tuple[bytes, asyncio.Future]]) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, _ in batch:
+                    pipe.hmget(key, self._fields)
+                rows = await pipe.execute()
+        except Exception as exc:  # every caller of the batch gets the error
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        for (_, answer), values in zip(batch, rows):
+            if not answer.done():
+                answer.set_result(values)
+
+
 class RedisOnlineFeatures:
     """Feast rows read straight from Redis, asynchronously."""
 
@@ -81,9 +120,10 @@ class RedisOnlineFeatures:
         self._items = _View(RedisRows(store, "item_stats"), list(STATS_FIELDS))
         self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
                                               socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S)
+        self._user_reads = _Coalesced(self._redis, self._users.fields)
 
     async def user_context(self, user_id: str) -> dict[str, Any] | None:
-        row = self._users.decode(await self._redis.hmget(self._users.rows.key(user_id), self._users.fields))
+        row = self._users.decode(await self._user_reads.hmget(self._users.rows.key(user_id)))
         return as_context(row) if row else None
 
     async def item_stats(self, item_ids: list[str]) -> dict[str, dict[str, float]]:

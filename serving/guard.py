@@ -4,10 +4,10 @@ rewrites, item stats).
 Each call is a coroutine awaited at most ``timeout_s`` (``asyncio.wait_for`` cancels it, so a
 slow dependency never holds a thread or the event loop). A dependency that *fails* (refuses
 the connection, answers an error) is skipped for ``cooldown_s``: every search then answers at
-once without it instead of paying the deadline. A *timeout* trips the breaker only after
-``trip_after`` in a row: one read that missed its deadline on a busy machine says nothing about
-the next, and skipping the user context for ``cooldown_s`` at 50 searches/s would cost a
-hundred searches their personalisation.
+once without it instead of paying the deadline. A *timeout* never trips it: a cancelled read
+costs nothing but its own deadline, and on a busy machine a burst of concurrent reads can all
+miss it together, which says nothing about the next ones; skipping the user context for
+``cooldown_s`` at 50 searches/s would cost a hundred searches their personalisation.
 """
 
 from __future__ import annotations
@@ -32,12 +32,10 @@ class Outcome(Generic[T]):
 
 
 class Guarded:
-    def __init__(self, name: str, timeout_s: float, cooldown_s: float, trip_after: int = 3):
+    def __init__(self, name: str, timeout_s: float, cooldown_s: float):
         self.name = name
         self.timeout_s = timeout_s
         self.cooldown_s = cooldown_s
-        self.trip_after = trip_after
-        self._timeouts_in_a_row = 0
         self._skip_until = 0.0
         self.last_error: str | None = None
 
@@ -47,17 +45,10 @@ class Guarded:
         try:
             value = await asyncio.wait_for(fn(), self.timeout_s)
         except TimeoutError:
-            self._timeouts_in_a_row += 1
-            return self._failed(f"no answer within {self.timeout_s * 1000:.0f} ms",
-                                trip=self._timeouts_in_a_row >= self.trip_after)
+            self.last_error = f"no answer within {self.timeout_s * 1000:.0f} ms"
+            return Outcome(None, self.last_error)
         except Exception as exc:  # any client error means "answer without this dependency"
-            return self._failed(f"{type(exc).__name__}: {exc}", trip=True)
-        self._timeouts_in_a_row = 0
-        return Outcome(value, None)
-
-    def _failed(self, reason: str, trip: bool) -> Outcome:
-        self.last_error = reason
-        if trip:
+            self.last_error = f"{type(exc).__name__}: {exc}"
             self._skip_until = time.monotonic() + self.cooldown_s
-            self._timeouts_in_a_row = 0
-        return Outcome(None, reason)
+            return Outcome(None, self.last_error)
+        return Outcome(value, None)

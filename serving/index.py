@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 OUTPUT_FIELDS = ["item_id", "title", "brand", "category", "category_path", "price"]
 REFRESH_S = 1.0  # how often the alias is re-read; a search never mixes versions, this only bounds how long the old one serves
 ENCODER_THREADS = 2  # query encoders kept loaded, one per encoding thread: about one per core
-MILVUS_THREADS = 32  # blocking Milvus calls in flight at once (each holds a thread while it waits)
+# Blocking engine calls in flight at once. Few: each thread also does Python work (requests,
+# results) under the GIL, and many of them starve the event loop, whose reads have 50 ms
+# deadlines; calls beyond wait in the pool's queue, which costs no CPU.
+MILVUS_THREADS = 8
 KEPT_VERSIONS = 2  # encoder pools kept loaded: the serving version and the one before (searches may still hold it)
 
 

@@ -198,11 +198,13 @@ class SearchService:
         context: the trained retriever personalises the query vector) and their dense search
         runs beside the rewrites' lexical search. Stage times overlap: ``retrieve`` is the time
         spent waiting on the index after the embedding (the engine on the critical path)."""
+        # The reads first: their deadline is short, and a task runs in the order it was made.
+        reads = asyncio.gather(timer.timed("user_context", self._context(request, degraded)),
+                               timer.timed("rewrites", self._rewrites(request, degraded)))
         query_lexical = asyncio.create_task(timer.timed("lexical_query", self.index.lexical(
             serving, [request.query], limit, expr, filters)))
         try:
-            context, rewrites = await asyncio.gather(timer.timed("user_context", self._context(request, degraded)),
-                                                     timer.timed("rewrites", self._rewrites(request, degraded)))
+            context, rewrites = await reads
             texts = [request.query, *rewrites]
             vectors = await timer.timed("embed", serving.encoders.encode(texts, [context] * len(texts)))
             waiting = time.perf_counter()

@@ -90,13 +90,12 @@ def test_a_failing_dependency_is_skipped_at_once_for_the_cooldown():
     assert not skipped.ok and skipped.error.startswith("skipped after a recent failure")
 
 
-def test_timeouts_skip_the_dependency_only_after_several_in_a_row():
-    """One read that missed its deadline on a busy machine must not cost the next searches
-    their personalisation; a dependency that keeps missing it is skipped."""
+def test_timeouts_never_skip_the_dependency():
+    """A burst of reads that missed the deadline on a busy machine must not cost the next
+    searches their personalisation."""
     from tailbridge.serving.guard import Guarded
 
-    guard = Guarded("x", timeout_s=0.01, cooldown_s=60, trip_after=3)
-    outcomes = guarded_outcomes(guard, [_hangs, _hangs, _answers, _hangs, _hangs, _answers, _hangs, _answers])
-    assert [o.ok for o in outcomes] == [False, False, True, False, False, True, False, True]
-    outcomes = guarded_outcomes(guard, [_hangs, _hangs, _hangs, _answers])
-    assert [o.error.split(" ")[0] for o in outcomes] == ["no", "no", "no", "skipped"]
+    guard = Guarded("x", timeout_s=0.01, cooldown_s=60)
+    outcomes = guarded_outcomes(guard, [_hangs, _hangs, _hangs, _hangs, _answers])
+    assert [o.ok for o in outcomes] == [False, False, False, False, True]
+    assert outcomes[0].error == "no answer within 10 ms"
