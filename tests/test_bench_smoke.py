@@ -232,3 +232,15 @@ def test_engine_smoke(stack_settings, tmp_path):
     summary = result["summary"]
     assert 0 < summary["dense_p50_ms"] <= summary["dense_p99_ms"] and 0 < summary["lexical_p50_ms"]
     assert summary["dense_qps"] > 0
+
+
+def test_monitor_smoke(tmp_path):
+    """The drift monitor benchmark, in process (no stack): every drift kind gets a delay or is
+    reported missed, the no-drift stream's false alarms and the cost and memory are there."""
+    result, output = SmokeRun.start("monitor", tmp_path).finish(300)
+    summary = result["summary"]
+    assert result["meta"]["smoke"] is True and "drift detection delay" in output
+    assert set(summary["delays"]) == {"taste", "vocab", "missing", "constant", "model"}
+    assert summary["delays"]["missing"]["median_s"] is not None  # a field gone missing is always caught
+    assert summary["windows_evaluated"] > 0 and summary["per_window_rate"] is not None
+    assert summary["monitor_events_per_s_median"] > 0 and summary["state_bytes_last_median"] > 0
