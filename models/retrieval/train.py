@@ -36,7 +36,6 @@ and ends an epoch early when its share is spent.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -375,7 +374,7 @@ class Trainer:
         entry["best"] = bool(better)
         self.history.append(entry)
         if better or self.start_state is None:
-            state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+            state = self._trainable_state()
             if self.start_state is None:
                 self.start_state = state
             if better:
@@ -385,6 +384,12 @@ class Trainer:
                      + (" (best so far)" if better else ""))
         self._timed("dev evaluation + mining", began)
         return metrics
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """A copy of what training can change (the frozen MiniLM layers and buffers never do):
+        the kept states cost a fraction of the model in memory and in checkpoints."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+                if p.requires_grad or n == "fusion_logits"}
 
     def mine(self) -> None:
         """Each training query's top unjudged, unengaged pool candidates under the current model."""
@@ -605,7 +610,7 @@ class Trainer:
     def finish(self) -> None:
         """Load the best state, fit the block weights on dev, encode the catalog with it."""
         began = time.monotonic()
-        self.model.load_state_dict(self.best["state"])
+        self.model.load_state_dict(self.best["state"], strict=False)
         if self.cfg.fusion == "dev" and self.dev_judged:
             rows = self.pool.dev_rows
             self.encode_rows(rows, "fusion: encoding the dev pool")
@@ -629,7 +634,7 @@ class Trainer:
         if self.final_full.get("dev_ndcg@10", 0.0) < start and self.best["when"] != "start (untrained)":
             # The pool said better, exact search says worse: the untrained state ships instead.
             self.say("the best state on the pool is below the untrained model by exact search: shipping the latter")
-            self.model.load_state_dict(self.start_state)
+            self.model.load_state_dict(self.start_state, strict=False)
             self.best = {"state": self.start_state, "metrics": self.history[0], "when": "start (untrained)"}
             self.fusion_fit = None
             self.encode_rows(range(len(self.items)), "final: encoding the catalog (untrained state)")
