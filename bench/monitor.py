@@ -36,10 +36,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from rich.table import Table
-
 from tailbridge.bench.common import console, fmt, run_meta, write_json
 from tailbridge.streams.events import decode, encode
 from tailbridge.streams.monitor.core import Monitor, MonitorConfig
+
 from tailbridge.synthetic import catalog as synth
 from tailbridge.synthetic.drift import KINDS, drifted
 from tailbridge.synthetic.shoppers import simulate

@@ -7,12 +7,12 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from tailbridge.models.monitoring.embed import hashed_trigrams
 from tailbridge.streams.events import CatalogDelete, InteractionEvent, QueryEvent, ServedItem
 from tailbridge.streams.monitor import report as html_report
 from tailbridge.streams.monitor.core import Monitor, MonitorConfig
 from tailbridge.streams.monitor.query_stats import feature_row
+
 from tailbridge.synthetic import catalog as synth
 from tailbridge.synthetic.drift import DriftSpec, drifted, shifted_tastes
 from tailbridge.synthetic.shoppers import simulate

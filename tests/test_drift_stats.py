@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 from scipy import stats as sstats
-
 from tailbridge.models.monitoring import calibration, stats
 from tailbridge.models.monitoring.embed import hashed_trigrams
 

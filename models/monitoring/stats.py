@@ -38,7 +38,7 @@ def quantile_edges(values: Sequence[float], bins: int) -> list[float]:
     if not len(values):
         return []
     qs = np.quantile(np.asarray(values, dtype=float), np.arange(1, bins) / bins)
-    return sorted(set(float(q) for q in qs))
+    return sorted({float(q) for q in qs})
 
 
 def bin_index(edges: Sequence[float], value: float) -> int:
@@ -67,7 +67,7 @@ def wasserstein_binned(reference: np.ndarray, window: np.ndarray, edges: Sequenc
         return 0.0
     support = np.concatenate([[edges[0]], (edges[:-1] + edges[1:]) / 2, [edges[-1]]])
     gaps = np.diff(support)
-    cdf = lambda counts: np.cumsum(_proportions(counts, 0.0), axis=-1)[..., :-1]  # noqa: E731
+    cdf = lambda counts: np.cumsum(_proportions(counts, 0.0), axis=-1)[..., :-1]
     out = np.sum(np.abs(cdf(reference) - cdf(window)) * gaps, axis=-1)
     return float(out) if np.ndim(out) == 0 else out
 

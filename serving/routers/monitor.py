@@ -9,7 +9,6 @@ from pathlib import Path
 import redis
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
-
 from tailbridge.serving.dependencies import ComponentsDep
 from tailbridge.streams.monitor import store
 

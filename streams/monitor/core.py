@@ -23,12 +23,12 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
-
 from tailbridge.models.monitoring import calibration, stats
 from tailbridge.streams.events import InteractionEvent, QueryEvent
+
 from tailbridge.vocab import normalize_query
 
 Embed = Callable[[Sequence[str]], np.ndarray]
@@ -140,7 +140,7 @@ def _finite(value) -> float | None:
 class Bucket:
     """Summaries of one span of stream time. ``values`` maps a signal to its count vector."""
 
-    __slots__ = ("index", "values", "outcomes", "texts", "vectors")
+    __slots__ = ("index", "outcomes", "texts", "values", "vectors")
 
     def __init__(self, index: int, dims: dict[str, int], sample: int, rng: random.Random):
         self.index = index

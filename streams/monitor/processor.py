@@ -25,15 +25,16 @@ from collections import Counter, deque
 from datetime import UTC, datetime
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge
-
-from tailbridge.settings import Settings
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Counter as PromCounter
 from tailbridge.streams.events import DriftAlert, InteractionEvent, QueryEvent, encode
 from tailbridge.streams.monitor import store
 from tailbridge.streams.monitor.core import Monitor, MonitorConfig, Report
 from tailbridge.streams.monitor.query_stats import QueryStats
 from tailbridge.streams.processor import Periodic, Processor, Resources
 from tailbridge.streams.topics import TOPICS, make_producer
+
+from tailbridge.settings import Settings
 from tailbridge.vocab import normalize_query
 
 log = logging.getLogger("tailbridge.monitor")
@@ -139,7 +140,7 @@ class Outbox:
         if self.producer is None:
             self.producer = make_producer(self.settings, max_block_ms=5000, client_id="tailbridge-monitor")
         topic = TOPICS["drift_alerts"].topic(self.settings)
-        as_time = lambda ms: datetime.fromtimestamp(ms / 1000, UTC)  # noqa: E731
+        as_time = lambda ms: datetime.fromtimestamp(ms / 1000, UTC)
         futures = []
         for a in alerts:
             event = DriftAlert(metric=a["metric"], window=a["window"], window_start=as_time(a["start_ms"]),
@@ -165,8 +166,8 @@ def query_encoder(settings: Settings):
     def embed(texts):
         if "encode" not in loaded:
             try:
-                from tailbridge.models.retrieval.export import load_item_encoder
                 from tailbridge.models.retrieval.encoders import MINILM_VERSION
+                from tailbridge.models.retrieval.export import load_item_encoder
 
                 loaded["encode"] = load_item_encoder(MINILM_VERSION, settings.data_dir).encode_queries
             except Exception as exc:  # noqa: BLE001  no model files: the monitor still runs
@@ -198,9 +199,9 @@ def processor(resources: Resources, config: MonitorConfig | None = None, embed=N
             outbox.add(monitor.observe(event))
             if isinstance(event, QueryEvent):
                 query_stats.count(normalize_query(event.query), "search", int(event.event_time.timestamp() * 1000))
-            elif isinstance(event, InteractionEvent) and event.action in ("click", "purchase"):
-                if (key := monitor.query_key(event.query_id)) is not None:
-                    query_stats.count(key, event.action, int(event.event_time.timestamp() * 1000))
+            elif (isinstance(event, InteractionEvent) and event.action in ("click", "purchase")
+                  and (key := monitor.query_key(event.query_id)) is not None):
+                query_stats.count(key, event.action, int(event.event_time.timestamp() * 1000))
         return {f"monitor_{k}": v for k, v in (Counter(monitor.counts) - before).items()}
 
     return Processor("drift_monitor", topics=("queries", "interactions"), apply=apply,
@@ -211,7 +212,6 @@ def processor(resources: Resources, config: MonitorConfig | None = None, embed=N
 def create_monitor_app(settings: Settings, config: MonitorConfig | None = None, embed=None):
     """The faust app of `tailbridge monitor run`: the monitor alone, consumer group ``<prefix>-monitor``."""
     import redis
-
     from tailbridge.feature_repo.online import resolve_online_store
     from tailbridge.feature_repo.store import feature_store
     from tailbridge.streams.app import faust_app, install

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 from tailbridge.feature_repo.redis_rows import RedisRows
+
 from tailbridge.settings import Settings
 from tailbridge.vocab import PRIOR_CTR, PRIOR_CTR_WEIGHT
 

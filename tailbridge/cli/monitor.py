@@ -72,7 +72,8 @@ def report(
     import redis
 
     from tailbridge.feature_repo.online import resolve_online_store
-    from tailbridge.streams.monitor import report as render, store
+    from tailbridge.streams.monitor import report as render
+    from tailbridge.streams.monitor import store
 
     settings = get_settings()
     online = resolve_online_store(settings)
