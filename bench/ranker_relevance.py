@@ -8,33 +8,26 @@ query handler's blend (``serving.search.blend``) at several retrieval weights.
 The ranker learns behaviour from logged pages; this measures what it does to relevance on
 candidates retrieval brings, which include other categories the logged pages rarely show.
 Items carry no behaviour stats (the priors), and no user: the text and catalog part only.
+The measurement is ``models.ranking.evaluation.judged_relevance``, which ``tailbridge eval
+ranker`` runs too.
 ``--smoke``: 20 queries, 20 candidates, to check the benchmark works (no measurement).
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.table import Table
 
 from tailbridge.bench.common import console, run_meta, write_json
-from tailbridge.models.data.loaders import load_dataset
-from tailbridge.models.metrics import ndcg_at
 from tailbridge.models.ranking import model as rk
-from tailbridge.models.retrieval.encoders import MiniLMEncoder
+from tailbridge.models.ranking.evaluation import judged_relevance
 from tailbridge.serving.search import blend
-from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
 
-
-def candidate(item_id: str, item: dict) -> dict:
-    path = item.get("category_path") or []
-    return {"item_id": item_id, "title": item["title"], "brand": item.get("brand", ""),
-            "category": path[-1] if path else "", "category_path": " > ".join(path), "price": item.get("price", 0.0),
-            **{field: NO_STATS[field] for field in STATS_FIELDS}}
+# judged_relevance's names for one model called "ranker" -> this benchmark's
+NAMES = {"no ranker (retrieval order)": "retrieval order", "ranker alone": "ranker alone"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,41 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.queries, args.candidates = min(args.queries, 20), min(args.candidates, 20)
     torch.set_num_threads(1)
-    data = load_dataset(args.data)
-    judged = data.split("test")
-    qids = sorted(judged)
-    random.Random(1).shuffle(qids)
-    qids = qids[:args.queries]
-    item_ids = sorted(data.items)
-    encoder = MiniLMEncoder()
-    with console.status(f"encoding {len(item_ids)} items and {len(qids)} queries with MiniLM..."):
-        scores = encoder.encode_queries([data.queries[q] for q in qids]) @ encoder.encode_items(
-            [data.items[i] for i in item_ids]).T
-    top = np.argsort(-scores, axis=1)[:, :args.candidates]
     ranker = rk.load_ranker(args.ranker)
-
-    ndcg: dict[str, list[float]] = {"retrieval order": [], "ranker alone": []}
-    for row, qid in enumerate(qids):
-        cands = [candidate(item_ids[j], data.items[item_ids[j]]) for j in top[row]]
-        ndcg["retrieval order"].append(ndcg_at([c["item_id"] for c in cands], judged[qid]))
-        heads = ranker.score(data.queries[qid], cands, None)
-        by_ranker = sorted(range(len(cands)), key=lambda i: -heads[i]["score"])
-        ndcg["ranker alone"].append(ndcg_at([cands[i]["item_id"] for i in by_ranker], judged[qid]))
-        for weight in args.weights:
-            blend(heads, weight)
-            order = sorted(range(len(cands)), key=lambda i: (-heads[i]["final"], i))
-            ndcg.setdefault(f"blend, retrieval weight {weight:g}", []).append(
-                ndcg_at([cands[i]["item_id"] for i in order], judged[qid]))
-
-    table = Table(title=f"nDCG@10 re-ranking MiniLM's top {args.candidates}: {len(qids)} test queries of "
-                        f"{data.name}, ranker {ranker.version}" + (" (smoke)" if args.smoke else ""))
+    with console.status("encoding the catalog and the queries with MiniLM, re-ranking..."):
+        result = judged_relevance(args.data, {"ranker": ranker}, blend, args.queries, args.candidates,
+                                  say=lambda _: None, retrieval_weights=args.weights)
+    report = {NAMES.get(name, name.replace("ranker blended (retrieval weight ", "blend, retrieval weight ")
+                        .rstrip(")")): value for name, value in result["ndcg@10"].items()}
+    table = Table(title=f"nDCG@10 re-ranking MiniLM's top {args.candidates}: {result['queries']} test queries of "
+                        f"{args.data.name}, ranker {ranker.version}" + (" (smoke)" if args.smoke else ""))
     table.add_column("order")
     table.add_column("nDCG@10", justify="right")
-    report = {name: float(np.mean(values)) for name, values in ndcg.items()}
     for name, value in report.items():
         table.add_row(name, f"{value:.4f}")
     console.print(table)
-    write_json(args.json, {"meta": run_meta(data=str(args.data), smoke=args.smoke), "queries": len(qids),
+    write_json(args.json, {"meta": run_meta(data=str(args.data), smoke=args.smoke), "queries": result["queries"],
                            "candidates": args.candidates, "ranker": ranker.version, "ndcg@10": report})
     return 0
 

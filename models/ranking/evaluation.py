@@ -204,8 +204,8 @@ def judged_relevance(data_dir: Path, models: Mapping[str, rk.Ranker], blend: Cal
                      candidates: int = 50, say: Callable[[str], None] = print,
                      retrieval_weights: Sequence[float] = (0.5, 1.0, 2.0)) -> dict[str, Any]:
     """nDCG@10 on ``queries`` judged test queries (a fixed shuffle) of MiniLM's top ``candidates``
-    re-ranked: retrieval order ("no ranker"), each model alone, and the version blended with the
-    retrieval order at each weight by ``blend`` (the query handler's). Items carry the behaviour
+    re-ranked: retrieval order ("no ranker"), each model alone, and the first model blended with
+    the retrieval order at each weight by ``blend`` (the query handler's). Items carry the behaviour
     priors and there is no user: what is measured is text and catalog knowledge."""
     import random
 
@@ -225,6 +225,7 @@ def judged_relevance(data_dir: Path, models: Mapping[str, rk.Ranker], blend: Cal
         [data.items[i] for i in item_ids]).T
     top = np.argsort(-scores, axis=1)[:, :candidates]
     ndcg: dict[str, list[float]] = {"no ranker (retrieval order)": []}
+    first = next(iter(models))
     for row, qid in enumerate(qids):
         cands = [candidate({**data.items[item_ids[j]], "item_id": item_ids[j]}, (PRIOR_CTR, PRIOR_CVR, 0.0))
                  for j in top[row]]
@@ -234,12 +235,12 @@ def judged_relevance(data_dir: Path, models: Mapping[str, rk.Ranker], blend: Cal
             heads = ranker.score(data.queries[qid], cands, None)
             order = sorted(range(len(cands)), key=lambda i: (-heads[i]["score"], i))
             ndcg.setdefault(f"{name} alone", []).append(ndcg_at([ids[i] for i in order], judged[qid]))
-            if name != "multi-task":
+            if name != first:
                 continue
             for weight in retrieval_weights:
                 blend(heads, weight)
                 order = sorted(range(len(cands)), key=lambda i: (-heads[i]["final"], i))
-                ndcg.setdefault(f"multi-task blended (retrieval weight {weight:g})", []).append(
+                ndcg.setdefault(f"{name} blended (retrieval weight {weight:g})", []).append(
                     ndcg_at([ids[i] for i in order], judged[qid]))
     return {"queries": len(qids), "candidates": candidates, "retriever": "all-MiniLM-L6-v2 (exact search)",
             "ndcg@10": {name: float(np.mean(v)) for name, v in ndcg.items()}}
