@@ -342,6 +342,17 @@ def test_trained_artifact_scores(trained, demo):
         assert set(row) == {"click", "score"} and row["score"] == pytest.approx(row["click"])
 
 
+def test_an_older_artifact_is_refused_with_a_retrain_message(tmp_path):
+    old = tmp_path / "old"
+    for name in ("text", "tokenizer"):
+        (old / name).mkdir(parents=True)
+    (old / "model.safetensors").write_bytes(b"")
+    (old / "config.json").write_text(json.dumps({"ranker": {}, "features": list(ft.FEATURES[len(ft.QUERY_FEATURES):])}))
+    assert not rk.is_current(old) and not rk.is_current(tmp_path / "missing")
+    with pytest.raises(ValueError, match="older ranker version.*retrain"):
+        rk.load_ranker(old)
+
+
 def test_load_ranker_unknown_version_lists_known():
     with pytest.raises(ValueError, match="unknown ranker version 'no-such-version'.*known:"):
         rk.load_ranker("no-such-version")

@@ -393,6 +393,13 @@ QUERY_ONNX_FILE = "query_encoder.onnx"
 BASELINES_DIR = "baselines"  # comparison models trained beside a version (one folder each), for the eval
 
 
+def is_current(model_dir: Path) -> bool:
+    """Whether the artifact was trained on the features this code computes (an older ranker's
+    cannot be scored by it)."""
+    path = Path(model_dir) / CONFIG_FILE
+    return path.is_file() and json.loads(path.read_text()).get("features") == list(FEATURES)
+
+
 def load(model_dir: Path) -> Ranker:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -401,11 +408,10 @@ def load(model_dir: Path) -> Ranker:
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, "text", "tokenizer") if not (model_dir / f).exists()]
     if missing:
         raise FileNotFoundError(f"{model_dir}: not a ranker artifact (missing {', '.join(missing)})")
-    config = json.loads((model_dir / CONFIG_FILE).read_text())
-    if config.get("features") != list(FEATURES):
+    if not is_current(model_dir):
         raise ValueError(f"{model_dir}: trained on other features than this code computes (an older ranker "
                          "version): retrain it with `tailbridge train ranker`")
-    cfg = RankerConfig.from_json(config["ranker"])
+    cfg = RankerConfig.from_json(json.loads((model_dir / CONFIG_FILE).read_text())["ranker"])
     model = RankerModel(cfg, load_bert(model_dir / "text", config_only=True))
     model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"), local_files_only=True)

@@ -277,10 +277,14 @@ def train_demo_ranker(settings: Settings, data_dir: Path, console: Console) -> b
     the loop stream -> feedback log -> model -> serving, in minutes. False when it cannot."""
     from tailbridge.cli.training import CommandError, train_ranker
 
+    from tailbridge.models.ranking.model import is_current
+
     root = settings.data_dir / "models" / "ranker"
-    if (root / DEMO_RANKER_VERSION).is_dir():
+    if is_current(root / DEMO_RANKER_VERSION):
         console.print(f"ranker {DEMO_RANKER_VERSION!r} already trained ({root / DEMO_RANKER_VERSION}): reusing it")
         return True
+    if (root / DEMO_RANKER_VERSION).is_dir():
+        console.print(f"ranker {DEMO_RANKER_VERSION!r} was trained by an older ranker version: training it again")
     try:
         train_ranker(data_dir, root, DEMO_RANKER_VERSION, feedback_dir(settings), 0, baseline=False, threads=None,
                      train_overrides={"max_minutes": DEMO_RANKER_MINUTES})
