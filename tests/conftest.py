@@ -137,20 +137,36 @@ def stack_settings(tmp_path_factory) -> Iterator[Settings]:
         yield settings
 
 
-@pytest.fixture(scope="session")
-def bm25_milvus_settings(stack_settings, tmp_path_factory) -> Iterator[Settings]:
-    """The session's stack with a BM25-capable Milvus instead of its own: a Milvus Lite 3.2.2
-    server (server-side BM25 and hybrid search; the stack's default engine has neither) in a
-    state dir of its own. Kafka and Redis are the session's, used as external servers."""
-    if BACKEND == "testcontainers":  # the container is a Milvus 2.5+ server: it has BM25 itself
+def _engine_stack(stack_settings: Settings, root: Path, engine: str) -> Iterator[Settings]:
+    """The session's stack, or, when its Milvus is another engine, the same Kafka and Redis
+    (used as external servers) with a Milvus of ``engine`` in a state dir of its own."""
+    if stack_settings.milvus_engine == engine:
         yield stack_settings
         return
     settings = stack_settings.model_copy(update={
-        "state_dir": tmp_path_factory.mktemp("bm25-milvus") / "state", "milvus_engine": "lite",
-        "milvus_uri": f"http://127.0.0.1:{free_port()}",
+        "state_dir": root / "state", "milvus_engine": engine, "milvus_uri": f"http://127.0.0.1:{free_port()}",
         "redis_url": stack.resolve_online_store(stack_settings).redis_url or stack_settings.redis_url})
     try:
         stack.up(settings)
         yield settings
     finally:
         stack.down(settings)
+
+
+@pytest.fixture(scope="session")
+def bm25_milvus_settings(stack_settings, tmp_path_factory) -> Iterator[Settings]:
+    """A BM25-capable Milvus: Milvus Lite 3.2.2 (server-side BM25 and hybrid search), or the
+    containers' Milvus 2.5+."""
+    if BACKEND == "testcontainers":
+        yield stack_settings
+        return
+    yield from _engine_stack(stack_settings, tmp_path_factory.mktemp("bm25-milvus"), "lite")
+
+
+@pytest.fixture(scope="session")
+def milvus_server_settings(stack_settings, tmp_path_factory) -> Iterator[Settings]:
+    """The embedded Milvus 2.3.5 server (no BM25: the term index beside it), confined to its
+    own network namespace."""
+    if BACKEND == "testcontainers":
+        pytest.skip("the containers' Milvus is not the embedded server")
+    yield from _engine_stack(stack_settings, tmp_path_factory.mktemp("milvus-server"), "milvus")

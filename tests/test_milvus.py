@@ -1,6 +1,6 @@
-"""Both Milvus paths, on real servers: the stack's embedded engine (the Milvus 2.3.5 server: no
-BM25, so the term index beside it) and a BM25-capable Milvus (Milvus Lite 3.2.2 here, Milvus
-2.5+ in containers). The same indexer and search functions serve both."""
+"""Both Milvus paths, on real servers: the embedded Milvus 2.3.5 server (no BM25, so the term
+index beside it) and a BM25-capable Milvus (Milvus Lite 3.2.2 here, Milvus 2.5+ in containers).
+The same indexer and search functions serve both."""
 
 import ipaddress
 import re
@@ -30,10 +30,10 @@ DIM = 16
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["embedded", "bm25"], scope="module")
+@pytest.fixture(params=["server", "bm25"], scope="module")
 def engine(request) -> tuple[str, object]:
     """(which, settings) with a namespace of the module's own on that engine."""
-    base = request.getfixturevalue("stack_settings" if request.param == "embedded" else "bm25_milvus_settings")
+    base = request.getfixturevalue("milvus_server_settings" if request.param == "server" else "bm25_milvus_settings")
     run_id = uuid.uuid4().hex[:8]
     settings = base.model_copy(update={"topic_prefix": f"tbm_{run_id}", "feast_project": f"tbm_{run_id}"})
     yield request.param, settings
@@ -169,7 +169,8 @@ def test_nothing_but_the_indexer_writes_milvus_rows():
     """Behaviour stats live in the online store: no other module upserts (let alone partially)
     a Milvus row, so clicks never move an item's lexical score on either path."""
     writes = re.compile(r"\b(milvus|client)\.(upsert|insert|delete)\(")
-    writers = {path.relative_to(ROOT).as_posix() for folder in ("streams", "serving", "models", "bench", "tailbridge")
+    # (bench/ fills collections of its own)
+    writers = {path.relative_to(ROOT).as_posix() for folder in ("streams", "serving", "models", "tailbridge")
                for path in (ROOT / folder).rglob("*.py") if writes.search(path.read_text())}
     assert writers == {"streams/indexer.py"}, writers
     behaviour = (ROOT / "streams" / "behaviour.py").read_text()
@@ -177,7 +178,7 @@ def test_nothing_but_the_indexer_writes_milvus_rows():
 
 
 @pytest.mark.skipif(BACKEND != "embedded", reason="the containers' Milvus is not started by the stack")
-def test_every_server_the_stack_started_listens_on_loopback_only(stack_settings):
+def test_every_server_the_stack_started_listens_on_loopback_only(stack_settings, milvus_server_settings):
     """Every listening socket of every process the stack started is on a loopback address, or
     in a private network namespace whose only interface is loopback (the Milvus 2.3.5 server,
     which binds all interfaces there)."""
@@ -185,8 +186,9 @@ def test_every_server_the_stack_started_listens_on_loopback_only(stack_settings)
 
     host_netns = Path("/proc/self/ns/net").readlink()
     seen = []
-    for name in stack.COMPONENTS:
-        leader = stack._live_pid(stack_settings, name)
+    started = [(settings, name) for settings in (stack_settings, milvus_server_settings) for name in stack.COMPONENTS]
+    for settings, name in started:
+        leader = stack._live_pid(settings, name)
         if leader is None:
             continue
         for pid in stack.group_pids(leader):
@@ -194,11 +196,14 @@ def test_every_server_the_stack_started_listens_on_loopback_only(stack_settings)
             for host, port in listening(pid):
                 seen.append((name, pid, host, port))
                 if netns == host_netns:
-                    assert host.startswith("127.") or host == "::1", (name, pid, host, port)
+                    ip = ipaddress.ip_address(host)
+                    assert ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback), \
+                        (name, pid, host, port)
                 else:
                     interfaces = [line.split(":")[0].strip() for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]]
                     assert interfaces == ["lo"], (name, pid, interfaces)
     assert {name for name, *_ in seen} >= {"kafka", "milvus"}, seen
+    assert any(Path(f"/proc/{pid}/ns/net").readlink() != host_netns for _, pid, *_ in seen)  # the confined server
 
 
 def listening(pid: int) -> list[tuple[str, int]]:

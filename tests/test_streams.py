@@ -153,11 +153,11 @@ def test_an_item_delete_removes_it_from_search(env):
                          category_path=["Kitchen", "Coffee"], brand="Quokka", price=39.0)
     publish(settings, [item])
 
-    def found() -> bool:
-        alias = item_index.alias_name(settings)
-        hits = milvus.search(alias, data=["quokka espresso tamper"], anns_field="sparse", limit=5,
-                             output_fields=["item_id"])[0]
-        return any(hit["item_id"] == "item_del" for hit in hits)
+    def found() -> bool:  # on the lexical route, in Milvus or in the term index beside it
+        collection = item_index.serving_collection(milvus, settings)
+        terms = None if item_index.has_bm25(milvus, collection) else item_index.terms(settings)
+        [hits] = item_index.lexical_search(milvus, collection, ["quokka espresso tamper"], 5, "", ["item_id"], 10, terms)
+        return any(hit["entity"]["item_id"] == "item_del" for hit in hits)
 
     wait_until(lambda: item_index.serving_collection(milvus, settings) and found(), 90, "the item to be searchable")
     row = milvus.query(item_index.alias_name(settings), ids=["item_del"], output_fields=["model_version", "brand"])[0]

@@ -49,11 +49,13 @@ def make_legacy_serving_collection(milvus, settings) -> None:
     """The serving collection as an older release made it: a `title` of LEGACY_TITLE_BYTES.
     The contract allows longer titles; this collection cannot hold them."""
     version = settings.encoder_version
-    schema = item_index._schema(load_encoder(version).dim)
+    bm25 = item_index.server_has_bm25(milvus)
+    schema = item_index._schema(load_encoder(version).dim, bm25)
     next(f for f in schema.fields if f.name == "title").params["max_length"] = LEGACY_TITLE_BYTES
     index = milvus.prepare_index_params()
     index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
-    index.add_index(field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+    if bm25:
+        index.add_index(field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
     name = item_index.collection_name(settings, version)
     milvus.create_collection(name, schema=schema, index_params=index)
     milvus.alter_collection_properties(name, {item_index.VERSION_PROPERTY: version})
