@@ -60,6 +60,7 @@ class MonitorConfig:
     known_queries: int = 200_000
     max_versions: int = 16  # model versions tracked one by one; more are "other"
     min_count: int = 20  # fewer observations in a window: that test is not scored
+    max_skew_s: float = 60.0  # a source (queries, interactions) further behind the newest is taken as idle
     seed: int = 0
 
 
@@ -163,7 +164,11 @@ class Monitor:
         self.warmup_buckets = max(1, round(config.warmup_s / config.bucket_s))
         self.reference_buckets = max(2, round(config.reference_s / config.bucket_s))
         self.start: int | None = None  # first bucket index
-        self.current: Bucket | None = None
+        self.current: Bucket | None = None  # the bucket of the event being read
+        self.open: dict[int, Bucket] = {}  # buckets not closed yet, by index
+        self.next_close = 0  # index of the next bucket to close
+        self.latest: dict[str, int] = {}  # source (event type) -> its latest bucket index
+        self.skew_buckets = max(1, round(config.max_skew_s / config.bucket_s))
         self.ring: list[Bucket] = []  # the last max(windows) closed buckets, oldest first
         self.reference: list[Bucket] = []
         self.thresholds: dict[tuple[str, int], Threshold] = {}
@@ -205,38 +210,48 @@ class Monitor:
         except (AttributeError, ValueError, OverflowError):
             self.counts["bad_event_time"] += 1
             return []
-        reports = self._advance(t_ms // self.bucket_ms)
+        if not isinstance(event, (QueryEvent, InteractionEvent)):
+            self.counts["ignored_event_type"] += 1  # nor does it move the monitor's clock
+            return []
+        reports = self._advance(t_ms // self.bucket_ms, type(event).__name__)
         try:
             if isinstance(event, QueryEvent):
                 self._query(event)
-            elif isinstance(event, InteractionEvent):
-                self._interaction(event)
             else:
-                self.counts["ignored_event_type"] += 1
+                self._interaction(event)
         except Exception:  # noqa: BLE001  an event must never stop the monitor: counted, skipped
             self.counts["bad_event"] += 1
         return reports
 
-    def _advance(self, index: int) -> list[Report]:
-        if self.current is None:
-            self.start = index
-            self.current = self._bucket(index)
-            return []
-        if index <= self.current.index:
-            if index < self.current.index:
-                self.counts["late_event"] += 1  # folded into the open bucket
-            return []
+    def _advance(self, index: int, source: str) -> list[Report]:
+        """Route the event to its bucket and close every bucket all sources have passed.
+
+        Queries and interactions come from different topics (and partitions), which a consumer
+        does not read in step, above all when it catches up on a backlog: a bucket closes only
+        when each source's latest event is past it (the watermark), except a source more than
+        ``max_skew_s`` behind the newest, which is treated as idle (its events then count as late)."""
+        if self.start is None:
+            self.start = self.next_close = index
+        if index < self.next_close:
+            self.counts["late_event"] += 1  # its bucket was evaluated already: folded into the oldest open one
+            index = self.next_close
+        self.latest[source] = max(self.latest.get(source, index), index)
+        front = max(self.latest.values())
+        watermark = min(i for i in self.latest.values() if i >= front - self.skew_buckets)
         reports = []
-        gap = index - self.current.index
-        closed = self.current
-        reports.extend(self._close(closed))
-        # A quiet stream: its empty buckets count (a window of silence is a signal too), but
-        # never more than a window's worth.
-        for missing in range(max(closed.index + 1, index - max(self.config.windows)), index):
-            reports.extend(self._close(self._bucket(missing)))
-        if gap > 1:
-            self.counts["empty_buckets"] += gap - 1
-        self.current = self._bucket(index)
+        if watermark - self.next_close > max(self.config.windows):  # a long silence: a window's worth of it
+            self.counts["empty_buckets"] += watermark - self.next_close - max(self.config.windows)
+            for stale in [i for i in self.open if i < watermark - max(self.config.windows)]:
+                reports.extend(self._close(self.open.pop(stale)))
+            self.next_close = watermark - max(self.config.windows)
+        while self.next_close < watermark:
+            bucket = self.open.pop(self.next_close, None) or self._bucket(self.next_close)
+            reports.extend(self._close(bucket))
+            self.next_close += 1
+        bucket = self.open.get(index)
+        if bucket is None:
+            bucket = self.open[index] = self._bucket(index)
+        self.current = bucket
         return reports
 
     def _bucket(self, index: int) -> Bucket:
@@ -289,6 +304,8 @@ class Monitor:
             "i.price": bins["i.price"], "i.price.missing": 2, "i.price.default": 2,
             "o.ctr": 2, "o.cart": 2, "o.purchase": 2, "o.mrr": 3, "o.calibration": 2 * bins["served_score"],
         }
+        for bucket in self.open.values():  # opened during warm-up: they start the reference with no counts
+            bucket.values = {name: [0.0] * size for name, size in self.dims.items()}
         hist = ["q.stratum", "q.key_mix", "q.script", "q.results", "q.version_mix", "i.action"]
         rates = ["q.new", "q.rewritten", "q.top_score.missing", "i.position.missing", "i.price.missing",
                  "i.price.default", "o.ctr", "o.cart", "o.purchase"]
