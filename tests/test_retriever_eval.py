@@ -6,8 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from tailbridge.models.retrieval.evaluate import SystemRun, encode_catalog, fuse_rrf, run_system
+from tailbridge.models.retrieval.evaluate import (
+    SystemRun,
+    encode_catalog,
+    fuse_rrf,
+    run_system,
+)
 from tailbridge.models.retrieval.lexical import bm25_scorer, top_k
 
 torch.set_num_threads(1)
@@ -68,6 +72,7 @@ def test_catalog_vectors_are_cached_per_version_and_catalog(tmp_path):
 
 def test_results_are_written_as_each_system_finishes(tmp_path):
     from tailbridge.models.retrieval.evaluate import evaluate
+
     from tailbridge.synthetic import catalog as synth
 
     data = tmp_path / "data"
