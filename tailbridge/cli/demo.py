@@ -103,10 +103,10 @@ def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int
     publisher = threading.Thread(target=lambda: reports.extend(replay_dataset(
         settings, dataset, rate, events, seed, catalog=True,
         on_catalog=lambda e: sent.update(["catalog"]), on_behaviour=on_behaviour)), daemon=True)
-    dashboard = Dashboard(settings, len(dataset.items), events, sent, active_users, engaged_items,
-                          {item.item_id: item.title for item in dataset.items}, tally)
-    publisher.start()
-    try:
+    try:  # from here on a Ctrl-C (or any error) stops the worker this function started
+        dashboard = Dashboard(settings, len(dataset.items), events, sent, active_users, engaged_items,
+                              {item.item_id: item.title for item in dataset.items}, tally)
+        publisher.start()
         with Live(dashboard.render(), console=console, refresh_per_second=2) as live:
             deadline, progress = None, None
             while True:
