@@ -57,10 +57,21 @@ def monitored(stack_settings, tmp_path_factory):
                              event_time=clock.now, model_versions={"ranker": "never-seen"},
                              served=[ServedItem(item_id="x", position=1, score=1e300)])
             broken = list(itertools.islice(drifted("missing", dataset, seed=2, clock=clock), 5 * RATE))
-            report = publish(settings, [*calm, odd, *broken])
+            # The calm stream first, as a backlog, then the drift once the monitor compares: which
+            # of the two topics a backlog is read from first is not fixed, and a search read before
+            # the monitor has its reference counts toward the reference, not a model version.
+            def phase():
+                return (store.read(ns.redis, settings)["status"] or {}).get("phase")
+
+            assert publish(settings, calm).errors == []
+            wait_until(lambda: phase() == "monitoring", 240, "the monitor to reach its monitoring phase", worker=monitor)
+            report = publish(settings, [odd, *broken])
             assert report.errors == [], report.errors
             wait_until(lambda: any(a["metric"] == "i.position.missing" for a in store.read(ns.redis, settings)["alerts"]),
                        240, "the monitor's alert on missing positions", worker=monitor)
+            published = len(calm) + 1 + len(broken)  # the two topics are read in no fixed order
+            wait_until(lambda: (store.read(ns.redis, settings)["status"] or {}).get("counts", {}).get("events", 0)
+                       >= published, 120, "the monitor to read every published event", worker=monitor)
             yield ns, monitor, calm
         finally:
             monitor.stop()

@@ -232,6 +232,11 @@ class Monitor:
         ``max_skew_s`` behind the newest, which is treated as idle (its events then count as late)."""
         if self.start is None:
             self.start = self.next_close = index
+            # a source not seen yet holds the buckets back as one just behind would (it is idle,
+            # like any other, once the newest is max_skew_s ahead): a backlog read one topic first
+            # must not close the buckets before the other topic's events reach them
+            for expected in ("QueryEvent", "InteractionEvent"):
+                self.latest.setdefault(expected, index - 1)
         if index < self.next_close:
             self.counts["late_event"] += 1  # its bucket was evaluated already: folded into the oldest open one
             index = self.next_close
