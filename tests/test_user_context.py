@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from tailbridge.models.data import user_context as uc
-from tailbridge.models.data.feedback import context_at, read_feedback, searches_with_context
+from tailbridge.models.data.feedback import FeedbackError, context_at, read_feedback, searches_with_context
 from tailbridge.streams import feedback
 from tailbridge.streams.behaviour import Keys, feedback_dir
 from tailbridge.streams.events import InteractionEvent, QueryEvent
@@ -149,7 +149,10 @@ def whole_log(ns, query_ids: set[str], read, timeout: float = 90):
     def complete():
         if not (feedback_dir(ns.settings) / "examples").is_dir():
             return None
-        log = read(feedback_dir(ns.settings))
+        try:
+            log = read(feedback_dir(ns.settings))
+        except FeedbackError:  # no file written yet (the folders come first)
+            return None
         return [log] if set(log["query_id"]) == query_ids else None
 
     return wait_until(complete, timeout, "every search in the feedback log\n" + ns.worker.log_tail())[0]
