@@ -260,29 +260,14 @@ def worker(ctx: typer.Context, loglevel: Annotated[str, typer.Option(help="faust
     seconds, even while it retries. `tailbridge worker status` shows how each is doing."""
     if ctx.invoked_subcommand is not None:
         return
-    import logging
-    import os
-    import sys
-
-    import faust
-
+    from tailbridge.cli.faust_worker import run_and_exit
     from tailbridge.streams.app import create_app
 
     try:
         app_ = create_app(get_settings())
     except KeyboardInterrupt:  # before the worker's own signal handling is in place
         raise typer.Exit(130) from None
-    code = 0
-    try:
-        faust.Worker(app_, loglevel=loglevel, quiet=True).execute_from_commandline()
-    except SystemExit as stopped:
-        code = stopped.code if isinstance(stopped.code, int) else 1
-    # Offsets are committed and the producer flushed: skip the interpreter's teardown, whose
-    # garbage collection of models and clients takes seconds on a busy machine.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run_and_exit(app_, loglevel)
 
 
 @worker_app.command("status")

@@ -36,13 +36,9 @@ def run(loglevel: Annotated[str, typer.Option(help="faust log level.")] = "warni
     """Run the drift monitor: its own consumer group over queries and interactions; reports and
     alerts to Redis (/monitor, `monitor report`), alerts to the drift_alerts topic, query_stats
     to Feast, scores to Prometheus on TAILBRIDGE_MONITOR_METRICS_PORT."""
-    import logging
-    import os
-    import sys
-
-    import faust
     from prometheus_client import start_http_server
 
+    from tailbridge.cli.faust_worker import run_and_exit
     from tailbridge.streams.monitor.processor import create_monitor_app
 
     settings = get_settings()
@@ -50,16 +46,7 @@ def run(loglevel: Annotated[str, typer.Option(help="faust log level.")] = "warni
     if settings.monitor_metrics_port:
         start_http_server(settings.monitor_metrics_port, addr="127.0.0.1", registry=metrics.registry)
         console.print(f"monitor metrics on http://127.0.0.1:{settings.monitor_metrics_port}/metrics")
-    code = 0
-    try:
-        faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
-    except SystemExit as stopped:
-        code = stopped.code if isinstance(stopped.code, int) else 1
-    # As `tailbridge worker`: offsets are committed; skip the interpreter's slow teardown.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run_and_exit(app, loglevel)
 
 
 @monitor_app.command("report")
