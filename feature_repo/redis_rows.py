@@ -13,7 +13,7 @@ increasing timestamps (the behaviour processor does: ``written_ms``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -23,6 +23,7 @@ from feast.infra.online_stores.helpers import _mmh3, compute_versioned_name
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import DoubleList, FloatList, Int64List, StringList, Value
+from feast.type_map import feast_value_type_to_python_type
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -71,3 +72,32 @@ class RedisRows:
         for name, field, value in self.features:
             out[field] = (Value() if row[name] is None else value(row[name])).SerializeToString()
         return out
+
+
+class RowReader:
+    """Reading some features of a view's rows back: the fields of one HMGET (the row's timestamp
+    first) and their decoding, as ``get_online_features`` decodes them. Search reads its rows
+    this way (``serving.context``), the drift monitor too (``streams.monitor.features``)."""
+
+    def __init__(self, rows: RedisRows, names: Sequence[str]):
+        by_name = {name: field for name, field, _ in rows.features}
+        self.rows, self.names = rows, list(names)
+        self.fields = [rows.timestamp_field, *(by_name[name] for name in self.names)]
+
+    def decode(self, values: Sequence[bytes | None]) -> dict[str, Any] | None:
+        """None when the entity has no row (as Feast: no timestamp field, no row)."""
+        if not values[0]:
+            return None
+        return {name: self.value(raw) if raw else None for name, raw in zip(self.names, values[1:])}
+
+    @staticmethod
+    def value(raw: bytes) -> Any:
+        """One field's Python value (None for a value Feast wrote empty); raises on bytes that are
+        not a ``Value`` proto."""
+        return feast_value_type_to_python_type(Value.FromString(raw))
+
+    @staticmethod
+    def timestamp_ms(raw: bytes) -> int:
+        """The row's timestamp field as epoch milliseconds; raises on bytes that are not one."""
+        stamp = Timestamp.FromString(raw)
+        return stamp.seconds * 1000 + stamp.nanos // 1_000_000

@@ -22,11 +22,9 @@ from typing import Any, Protocol
 
 import redis
 import redis.asyncio as aioredis
-from feast.protos.feast.types.Value_pb2 import Value
-from feast.type_map import feast_value_type_to_python_type
 
 from tailbridge.feature_repo.definitions import user_context
-from tailbridge.feature_repo.redis_rows import RedisRows
+from tailbridge.feature_repo.redis_rows import RedisRows, RowReader
 from tailbridge.models.data.user_context import as_context
 from tailbridge.settings import Settings
 from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
@@ -51,22 +49,6 @@ class OnlineFeatures(Protocol):
 
 def _stats_or_priors(row: dict[str, Any] | None) -> dict[str, float]:
     return {name: row[name] for name in STATS_FIELDS} if row and row[STATS_FIELDS[0]] is not None else dict(NO_STATS)
-
-
-class _View:
-    """One view's fields in Feast's Redis layout, and the decoding of an HMGET of them."""
-
-    def __init__(self, rows: RedisRows, names: list[str]):
-        by_name = {name: field for name, field, _ in rows.features}
-        self.rows, self.names = rows, names
-        self.fields = [rows.timestamp_field, *(by_name[name] for name in names)]
-
-    def decode(self, values: list[bytes | None]) -> dict[str, Any] | None:
-        """None when the entity has no row (as Feast: no timestamp field, no row)."""
-        if not values[0]:
-            return None
-        return {name: feast_value_type_to_python_type(Value.FromString(raw)) if raw else None
-                for name, raw in zip(self.names, values[1:])}
 
 
 class _Coalesced:
@@ -116,8 +98,8 @@ class RedisOnlineFeatures:
 
         store = feature_store(settings)
         store.refresh_registry()
-        self._users = _View(RedisRows(store, "user_context"), [f.name for f in user_context.features])
-        self._items = _View(RedisRows(store, "item_stats"), list(STATS_FIELDS))
+        self._users = RowReader(RedisRows(store, "user_context"), [f.name for f in user_context.features])
+        self._items = RowReader(RedisRows(store, "item_stats"), list(STATS_FIELDS))
         self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
                                               socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S)
         self._user_reads = _Coalesced(self._redis, self._users.fields)

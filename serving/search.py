@@ -93,6 +93,18 @@ def blend(heads: list[dict[str, float]], retrieval_weight: float) -> None:
         h["final"] = h["ranker"] + retrieval_weight * h["retrieval_prior"]
 
 
+def _probabilities(heads: dict[str, float]) -> dict[str, float]:
+    """The ranker's heads as ServedItem fields; a head the ranker does not have (a click-only
+    model) or a value that is not a probability (never expected; it must not fail the search's
+    event) is left out."""
+    out = {}
+    for head, name in (("click", "p_click"), ("add_to_cart", "p_cart"), ("purchase", "p_purchase")):
+        value = heads.get(head)
+        if isinstance(value, (int, float)) and 0.0 <= value <= 1.0:  # NaN fails both comparisons
+            out[name] = float(value)
+    return out
+
+
 class StageTimer:
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
@@ -178,7 +190,7 @@ class SearchService:
                     "rewrites": getattr(self.rewrite_store, "version", "none")}
 
         with timer.stage("publish"):
-            self._publish(request, query_id, hits, rewrites, versions)
+            self._publish(request, query_id, hits, heads[:len(hits)] if heads else None, rewrites, versions, degraded)
 
         for dependency in degraded:
             self.metrics.degraded.labels(dependency).inc()
@@ -274,12 +286,17 @@ class SearchService:
                          price=float(f.get("price") or 0.0), source=c.source,
                          stats=ItemStats(**{name: f[name] for name in STATS_FIELDS}), parts=parts)
 
-    def _publish(self, request: SearchRequest, query_id: str, hits: list[SearchHit], rewrites: list[str],
-                 versions: dict[str, str]) -> None:
+    def _publish(self, request: SearchRequest, query_id: str, hits: list[SearchHit], heads: list[dict[str, float]] | None,
+                 rewrites: list[str], versions: dict[str, str], degraded: list[str]) -> None:
+        """The query event, with the ranker's head probabilities per item (when it scored the page)
+        and the dependencies the answer went without: the drift monitor's calibration and
+        degraded-share signals per model version."""
+        predicted = [_probabilities(h) for h in heads] if heads else [{}] * len(hits)
         event = QueryEvent(user_id=request.user_id or "anonymous", session_id=request.session_id or query_id,
                            query_id=query_id, query=request.query, rewrites_used=rewrites, model_versions=versions,
-                           served=[ServedItem(item_id=h.item_id, position=h.position, score=h.score, source=h.source)
-                                   for h in hits])
+                           degraded=degraded,
+                           served=[ServedItem(item_id=h.item_id, position=h.position, score=h.score, source=h.source, **p)
+                                   for h, p in zip(hits, predicted)])
         self.publisher.publish(event)
 
     def close(self) -> None:

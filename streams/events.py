@@ -98,6 +98,9 @@ class _Event(BaseModel):
         return getattr(self, self.key_field)
 
 
+Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
 class ServedItem(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -105,6 +108,11 @@ class ServedItem(BaseModel):
     position: int = Field(ge=1, le=MAX_POSITION, description="1-based rank on the result page.")
     score: float | None = None
     source: str | None = Field(None, description="Which retrieval route produced it (dense, bm25, rewrite...).")
+    # The ranker's head probabilities when it scored the item (position-free: were the item
+    # examined), so the drift monitor can compare predicted with observed per model version.
+    p_click: Probability | None = None
+    p_cart: Probability | None = None
+    p_purchase: Probability | None = None
 
 
 class QueryEvent(_Event):
@@ -119,6 +127,8 @@ class QueryEvent(_Event):
     served: list[ServedItem] = Field(default_factory=list)
     rewrites_used: list[str] = Field(default_factory=list)
     model_versions: dict[str, str] = Field(default_factory=dict)
+    degraded: list[NonEmpty] = Field(default_factory=list, max_length=16,
+                                     description="Dependencies the handler answered without (as in its answer).")
 
 
 class InteractionEvent(_Event):
