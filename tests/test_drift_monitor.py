@@ -151,3 +151,20 @@ def test_html_report_is_self_contained(pinned):
     page = html_report.render({"reports": data, "alerts": [alert], "status": status}, None)
     assert page.count("data:image/png;base64,") == 2 and "http" not in page.replace("http-equiv", "")
     assert "q.new" in page and "critical" in page and "Bonferroni" in page and "block bootstrap" in page
+
+
+def test_a_signal_missing_from_the_reference_is_not_scored_and_never_fatal(dataset):
+    """A reference in which no interaction carried a price leaves the price histogram with no
+    observations to compare with; when prices arrive that test is skipped and counted instead of
+    dividing by an empty reference (it raised ZeroDivisionError and dead-lettered the batch)."""
+    events = list(itertools.islice(simulate(dataset, seed=5, clock=Clock(START)), 24 * RATE))
+    cut = events[0].event_time + timedelta(seconds=16)
+    stream = [e.model_copy(update={"price": None}) if isinstance(e, InteractionEvent) and e.event_time < cut else e
+              for e in events]
+    assert any(isinstance(e, InteractionEvent) and e.price is not None for e in stream)
+    monitor = Monitor(CONFIG, hashed_trigrams)
+    reports = monitor.observe_all(stream)
+    assert monitor.phase == "monitoring" and reports
+    assert monitor.counts["unreferenced_test"] > 0
+    assert all("i.price" not in r.scores for r in reports)
+    assert all("q.stratum" in r.scores and "i.action" in r.scores for r in reports)  # the rest is still scored

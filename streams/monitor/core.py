@@ -86,6 +86,8 @@ class Threshold:
     scales: bool  # statistic shrinks as 1/n: scale the threshold with the window's size
 
     def at(self, n_window: float) -> float:
+        if self.n_reference <= 0:  # the reference never saw this signal: nothing to compare a window with
+            return math.inf
         if not self.scales or n_window <= 0:
             return self.value
         return self.value * (1 / self.n_reference + 1 / n_window) / (1 / self.n_reference + 1 / self.n_typical)
@@ -401,6 +403,9 @@ class Monitor:
                 if score is None or n < c.min_count:
                     continue
                 threshold = self.thresholds[(test.name, w)].at(n)
+                if not math.isfinite(threshold):
+                    self.counts["unreferenced_test"] += 1
+                    continue
                 scores.setdefault(test.name, {})[label] = [round(score, 6), round(threshold, 6)]
                 if test.numeric:
                     w1 = stats.wasserstein_binned(ref_sums[test.signal], sums[test.signal], self.edges[test.name])
