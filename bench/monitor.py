@@ -2,15 +2,24 @@
 drift, cost and memory, in stream time at a fixed event rate.
 
     .venv/bin/python -m tailbridge.bench.monitor [--runs 3] [--rate 1000] [--no-drift-minutes 30]
-                                                 [--embedder minilm|hashed] [--json out.json] [--smoke]
+                                                 [--embedder minilm|hashed] [--feature-sample 64]
+                                                 [--json out.json] [--smoke]
 
 Each run simulates the demo's shopper stream (``tailbridge.synthetic``; a 5,000-item demo data
 set, a new seed per run) with event times ``1 / rate`` apart, and feeds it to one in-process
 ``Monitor`` with the production configuration (10 s buckets, windows of 10 s and 60 s, 60 s of
 warm-up, 300 s of reference). At T = 120 s after the reference is pinned the monitor is copied
-once per drift kind (``synthetic.drift``: taste, vocab, missing, constant, model) and each copy
-reads the drifted stream until its first alert (at most ``--max-delay`` s): the detection delay
-is the end of the first alerting window minus T. The original reads ``--no-drift-minutes`` more
+once per drift kind (``synthetic.drift``: taste, vocab, missing, constant, model; and two broken
+Feast features: ``feature-missing``, item_stats ctr_24h written empty, ``feature-constant``,
+user_context recent_item_ids stuck at its default, the empty list) and each copy reads the
+drifted stream until its first alert (at most ``--max-delay`` s): the detection delay is the end
+of the first alerting window minus T.
+
+Feature rows: the monitor reads ``--feature-sample`` users' and items' rows per bucket, as its
+processor does from Redis; here ``synthetic.drift.FeatureRows`` keeps the rows the worker would
+write in memory (warmed by 2 minutes of stream before the monitor starts, 24 h windows spanning
+60 s of stream time, so that they are in a steady state). Building them is the worker's work and
+is not timed; reading them is the monitor's and is. The original reads ``--no-drift-minutes`` more
 of the undrifted stream: its alerts are false alarms, and the share of evaluated windows with any
 alert is the measured per-window false-alarm rate (the calibrated one is ``alpha_window``).
 
@@ -38,13 +47,19 @@ from pathlib import Path
 from rich.table import Table
 from tailbridge.bench.common import console, fmt, run_meta, write_json
 from tailbridge.streams.events import decode, encode
-from tailbridge.streams.monitor.core import Monitor, MonitorConfig
+from tailbridge.streams.monitor.core import FeatureObservation, Monitor, MonitorConfig
+from tailbridge.streams.monitor.features import FEATURES
 
 from tailbridge.synthetic import catalog as synth
-from tailbridge.synthetic.drift import KINDS, drifted
+from tailbridge.synthetic.drift import KINDS, FeatureRows, drifted
 from tailbridge.synthetic.shoppers import simulate
 
-TARGET_DELAY_S = {"missing": 30.0, "constant": 30.0}  # broken fields; every other kind 120 s
+# broken Feast features: (view, feature, how)
+FEATURE_KINDS = {"feature-missing": ("item_stats", "ctr_24h", "missing"),
+                 "feature-constant": ("user_context", "recent_item_ids", "constant")}
+ALL_KINDS = KINDS + tuple(FEATURE_KINDS)
+# broken fields and features; every other kind 120 s
+TARGET_DELAY_S = {"missing": 30.0, "constant": 30.0, "feature-missing": 30.0, "feature-constant": 30.0}
 DEFAULT_TARGET_S = 120.0
 TARGET_EVENTS_PER_S = 10_000
 
@@ -61,7 +76,7 @@ class Clock:
 
 
 class Timed:
-    """A monitor and the CPU time spent in it."""
+    """A monitor and the CPU time spent in it (events and the feature rows read for them, per event)."""
 
     def __init__(self, monitor: Monitor):
         self.monitor, self.cpu_s, self.events = monitor, 0.0, 0
@@ -72,8 +87,16 @@ class Timed:
         for event in events:
             reports.extend(self.monitor.observe(event))
         self.cpu_s += time.process_time() - started
-        self.events += len(events)
+        self.events += sum(not isinstance(e, FeatureObservation) for e in events)
         return reports
+
+
+def with_rows(events, rows: FeatureRows | None):
+    """Each event, then the feature rows the monitor's processor would read for it."""
+    for event in events:
+        yield event
+        if rows is not None:
+            yield from rows.observe(event)
 
 
 def state_bytes(monitor: Monitor) -> int:
@@ -89,12 +112,20 @@ def chunks(events, size: int = 5000):
         yield batch
 
 
-def detect(snapshot: Monitor, kind: str, dataset, seed: int, t_drift: datetime, rate: float,
+def detect(snapshot: Monitor, rows: FeatureRows | None, kind: str, dataset, seed: int, t_drift: datetime, rate: float,
            max_delay_s: float) -> dict:
     monitor = copy.deepcopy(snapshot, {id(snapshot.embed): snapshot.embed})  # the encoder is shared, not copied
+    rows = copy.deepcopy(rows)
     clock = Clock(t_drift, rate)
     limit = t_drift + timedelta(seconds=max_delay_s)
-    for batch in chunks(drifted(kind, dataset, seed, clock), 1000):
+    if kind in FEATURE_KINDS:
+        if rows is None:
+            return {"delay_s": None, "alerts": [], "skipped": "no feature rows (--feature-sample 0)"}
+        rows.break_feature(*FEATURE_KINDS[kind])
+        events = simulate(dataset, seed=seed, clock=clock)
+    else:
+        events = drifted(kind, dataset, seed, clock)
+    for batch in chunks(with_rows(events, rows), 1000):
         for report in monitor.observe_all(batch):
             if report.alerts:
                 delay = report.end_ms / 1000 - t_drift.timestamp()
@@ -105,11 +136,17 @@ def detect(snapshot: Monitor, kind: str, dataset, seed: int, t_drift: datetime, 
 
 
 def one_run(run: int, dataset, config: MonitorConfig, embed, rate: float, no_drift_min: float, after_pin_s: float,
-            max_delay_s: float, decode_sample: int) -> dict:
+            max_delay_s: float, decode_sample: int, feature_sample: int, warm_s: float = 120.0) -> dict:
     seed = 1000 + run
-    clock = Clock(datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=run), rate)
-    stream = simulate(dataset, seed=seed, clock=clock)
-    timed = Timed(Monitor(replace(config, seed=seed), embed))
+    start = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=run)
+    rows = None
+    if feature_sample:
+        rows = FeatureRows(dataset, config.bucket_s, feature_sample, day_s=min(60.0, config.warmup_s))
+        warm = Clock(start - timedelta(seconds=warm_s), rate)
+        rows.warm(itertools.islice(simulate(dataset, seed=seed + 50, clock=warm), int(warm_s * rate)))
+    clock = Clock(start, rate)
+    stream = with_rows(simulate(dataset, seed=seed, clock=clock), rows)
+    timed = Timed(Monitor(replace(config, seed=seed), embed, FEATURES if feature_sample else None))
     pinned_at = config.warmup_s + config.reference_s
     until = clock.now + timedelta(seconds=pinned_at + after_pin_s)
     pre_reports = []
@@ -118,7 +155,7 @@ def one_run(run: int, dataset, config: MonitorConfig, embed, rate: float, no_dri
         if clock.now >= until:
             break
     snapshot, t_drift = timed.monitor, clock.now
-    delays = {kind: detect(snapshot, kind, dataset, seed + 7, t_drift, rate, max_delay_s) for kind in KINDS}
+    delays = {kind: detect(snapshot, rows, kind, dataset, seed + 7, t_drift, rate, max_delay_s) for kind in ALL_KINDS}
     # No drift: the same monitor reads on.
     reports, sizes, next_mark = list(pre_reports), [], t_drift
     end = t_drift + timedelta(minutes=no_drift_min)
@@ -170,7 +207,7 @@ def summarise(runs: list[dict]) -> dict:
         return statistics.median(values) if values else None
 
     delays = {}
-    for kind in KINDS:
+    for kind in ALL_KINDS:
         values = [r["delays"][kind]["delay_s"] for r in runs]
         target = TARGET_DELAY_S.get(kind, DEFAULT_TARGET_S)
         med = median(values)
@@ -226,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="Runs that read the no-drift stream to its end (default: all; the others stop at T).")
     parser.add_argument("--max-delay", type=float, default=180.0, help="Longest wait for a drift's first alert (s).")
     parser.add_argument("--embedder", choices=("minilm", "hashed"), default="minilm")
+    parser.add_argument("--feature-sample", type=int, default=64,
+                        help="Users and items per bucket whose feature rows the monitor reads (0: none).")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="Where the MiniLM ONNX export lives.")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true")
@@ -236,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         items, users, after_pin = 300, 20, 6.0
         args.runs, args.rate, args.no_drift_minutes, args.max_delay, args.embedder = 1, 200.0, 1.0, 20.0, "hashed"
         args.no_drift_runs = None
-    meta = run_meta(config=asdict(config), rate=args.rate, embedder=args.embedder, smoke=args.smoke)
+    meta = run_meta(config=asdict(config), rate=args.rate, embedder=args.embedder, smoke=args.smoke,
+                    feature_sample=args.feature_sample)
     dataset = synth.generate(items=items, users=users, seed=7)
     embed = load_embedder(args.embedder, args.data_dir.resolve())
     runs = []
@@ -244,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.monotonic()
         minutes = args.no_drift_minutes if args.no_drift_runs is None or run < args.no_drift_runs else 0.0
         runs.append(one_run(run, dataset, config, embed, args.rate, minutes, after_pin, args.max_delay,
-                            2_000 if args.smoke else 20_000))
+                            2_000 if args.smoke else 20_000, args.feature_sample, 20.0 if args.smoke else 120.0))
         console.print(f"run {run}: {time.monotonic() - started:.0f} s, delays "
                       + ", ".join(f"{k} {fmt(v['delay_s'], 0)}" for k, v in runs[-1]["delays"].items())
                       + f", no-drift alerts {len(runs[-1]['no_drift']['alerts'])}")

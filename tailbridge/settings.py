@@ -175,6 +175,10 @@ class Settings(BaseSettings):
     monitor_metrics_port: int = Field(
         9108, ge=0, le=65535, description="Where `tailbridge monitor run` serves its Prometheus metrics (0: not served)."
     )
+    monitor_feature_sample: int = Field(
+        64, ge=0, le=10_000, description="Drift monitor: users and items per bucket whose Feast rows (user_context, "
+        "item_stats) it reads to watch their features (0: no feature tests)."
+    )
 
     def as_env(self) -> dict[str, str]:
         """These settings as TAILBRIDGE_* variables, for a child process that must see the same stack."""

@@ -240,7 +240,10 @@ def test_monitor_smoke(tmp_path):
     result, output = SmokeRun.start("monitor", tmp_path).finish(300)
     summary = result["summary"]
     assert result["meta"]["smoke"] is True and "drift detection delay" in output
-    assert set(summary["delays"]) == {"taste", "vocab", "missing", "constant", "model"}
-    assert summary["delays"]["missing"]["median_s"] is not None  # a field gone missing is always caught
+    assert set(summary["delays"]) == {"taste", "vocab", "missing", "constant", "model", "feature-missing",
+                                      "feature-constant"}
+    # a field or a Feast feature gone missing is always caught
+    assert summary["delays"]["missing"]["median_s"] is not None
+    assert summary["delays"]["feature-missing"]["median_s"] is not None
     assert summary["windows_evaluated"] > 0 and summary["per_window_rate"] is not None
     assert summary["monitor_events_per_s_median"] > 0 and summary["state_bytes_last_median"] > 0

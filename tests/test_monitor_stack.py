@@ -1,7 +1,9 @@
 """The drift monitor on the real stack: `tailbridge monitor run` (its own consumer group) reads a
-replayed stream with a broken field injected, and its findings arrive everywhere they should:
-reports and alerts in Redis, a DriftAlert on the drift_alerts topic, Feast query_stats rows,
-Prometheus scores, the /monitor page (headless Chromium) and `tailbridge monitor report`.
+replayed stream with a broken field injected, and the Feast item_stats rows it samples from Redis
+lose a feature at the same time; its findings arrive everywhere they should: reports and alerts
+in Redis, a DriftAlert on the drift_alerts topic, Feast query_stats rows, Prometheus scores, the
+/monitor page (headless Chromium) and `tailbridge monitor report`, with the feature tests and the
+ranker's calibration per model version among them.
 
 One partition: the replay is published at once, as a backlog, and the monitor's buckets follow
 event time, so the partitions must not be read one after the other here.
@@ -11,13 +13,16 @@ from __future__ import annotations
 
 import itertools
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from tailbridge.bench.common import CLI, Worker, free_port, settings_env
+from tailbridge.feature_repo.redis_rows import RedisRows
 from tailbridge.streams.events import DriftAlert, QueryEvent, ServedItem, decode
 from tailbridge.streams.monitor import store
+from tailbridge.streams.monitor.features import FEATURES
 from tailbridge.streams.topics import TOPICS, make_consumer
 
 from tailbridge.synthetic import catalog as synth
@@ -40,6 +45,24 @@ class Clock:
         return self.now
 
 
+def write_rows(ns, dataset, broken: bool = False) -> None:
+    """Static user_context and item_stats rows for the dataset's shoppers and items, as a worker
+    would have left them 90 min ago (no worker runs here: the rows stay as written, and their
+    freshness lag stays within one of the monitor's lag bins); ``broken``: without ctr_24h."""
+    users, items = RedisRows(ns.store, "user_context"), RedisRows(ns.store, "item_stats")
+    stamp = int(time.time() * 1000) - 90 * 60_000
+    with ns.redis.pipeline(transaction=False) as pipe:
+        for i, user in enumerate(dataset.users):
+            row = FEATURES["user_context"] | {"session_id": f"s{i}", "session_queries": 1 + i % 4,
+                                              "recent_queries": ["sofa"] * (i % 5)}
+            pipe.hset(users.key(user.user_id), mapping=users.fields(row, stamp))
+        for i, item in enumerate(dataset.items):
+            row = FEATURES["item_stats"] | {"impressions_24h": 10 + i % 40, "clicks_24h": i % 7,
+                                            "ctr_24h": None if broken else 0.02 + (i % 10) / 100}
+            pipe.hset(items.key(item.item_id), mapping=items.fields(row, stamp))
+        pipe.execute()
+
+
 @pytest.fixture(scope="module")
 def monitored(stack_settings, tmp_path_factory):
     root = tmp_path_factory.mktemp("monitor")
@@ -51,6 +74,7 @@ def monitored(stack_settings, tmp_path_factory):
         monitor.start()
         try:
             dataset = synth.generate(items=200, users=20, seed=4)
+            write_rows(ns, dataset)
             clock = Clock(datetime.now(UTC) - timedelta(minutes=2))
             calm = list(itertools.islice(simulate(dataset, seed=1, clock=clock), 15 * RATE))
             odd = QueryEvent(user_id="u-odd", session_id="s", query_id="q-odd", query="ünïcødé ☃ " * 20,
@@ -63,15 +87,23 @@ def monitored(stack_settings, tmp_path_factory):
             def phase():
                 return (store.read(ns.redis, settings)["status"] or {}).get("phase")
 
+            def seen():
+                return (store.read(ns.redis, settings)["status"] or {}).get("counts", {}).get("events", 0)
+
             assert publish(settings, calm).errors == []
             wait_until(lambda: phase() == "monitoring", 240, "the monitor to reach its monitoring phase", worker=monitor)
+            # the item rows break once the calm stream is read: its rows must not be read broken
+            wait_until(lambda: seen() >= len(calm), 120, "the monitor to read the calm stream", worker=monitor)
+            write_rows(ns, dataset, broken=True)
             report = publish(settings, [odd, *broken])
             assert report.errors == [], report.errors
-            wait_until(lambda: any(a["metric"] == "i.position.missing" for a in store.read(ns.redis, settings)["alerts"]),
-                       240, "the monitor's alert on missing positions", worker=monitor)
+            def alerted():
+                return {a["metric"] for a in store.read(ns.redis, settings)["alerts"]}
+
+            wait_until(lambda: {"i.position.missing", "f.item_stats.ctr_24h.missing"} <= alerted(), 240,
+                       "the monitor's alerts on missing positions and a missing feature", worker=monitor)
             published = len(calm) + 1 + len(broken)  # the two topics are read in no fixed order
-            wait_until(lambda: (store.read(ns.redis, settings)["status"] or {}).get("counts", {}).get("events", 0)
-                       >= published, 120, "the monitor to read every published event", worker=monitor)
+            wait_until(lambda: seen() >= published, 120, "the monitor to read every published event", worker=monitor)
             yield ns, monitor, calm
         finally:
             monitor.stop()
@@ -89,6 +121,15 @@ def test_reports_alerts_query_stats_and_metrics(monitored):
     calm_end_ms = calm[-1].event_time.timestamp() * 1000
     assert not [a for a in data["alerts"] if a["end_ms"] <= calm_end_ms], "an alert before the drift"
     assert any(r["outcomes"].get("simulated-noisy-v1", {}).get("searches") for r in data["reports"])
+    # the Feast rows it sampled: each feature scored, the broken one alerted
+    feature = [a for a in data["alerts"] if a["metric"] == "f.item_stats.ctr_24h.missing"]
+    assert feature and feature[0]["score"] > feature[0]["threshold"]
+    assert status["counts"]["feature_rows"] > 0 and "f.user_context.session_queries" in status["tests"]
+    assert any("f.item_stats.freshness" in r["scores"] and "f.user_context.rows.missing" in r["scores"]
+               for r in data["reports"])
+    # predicted against observed per model version (the simulated ranker's head probabilities)
+    simulated = data["reports"][-1]["outcomes"]["simulated-noisy-v1"]
+    assert 0 < simulated["click_observed"] < simulated["click_predicted"] and simulated["click_calibration_error"] > 0
 
     # the alert on its topic, as a DriftAlert
     consumer = make_consumer(settings, TOPICS["drift_alerts"].topic(settings), group_id=None,
@@ -112,6 +153,8 @@ def test_reports_alerts_query_stats_and_metrics(monitored):
     metrics = httpx.get(f"http://127.0.0.1:{settings.monitor_metrics_port}/metrics", timeout=10).text
     assert 'tailbridge_drift_score{test="i.position.missing",window="1s"}' in metrics
     assert 'tailbridge_drift_alerts_total{severity="critical",test="i.position.missing"' in metrics
+    assert 'tailbridge_drift_score{test="f.item_stats.ctr_24h.missing",window="1s"}' in metrics
+    assert 'tailbridge_monitor_outcome{metric="click_calibration_error",version="simulated-noisy-v1"}' in metrics
 
 
 def test_monitor_report_command_writes_a_self_contained_page(monitored, tmp_path):
@@ -121,7 +164,9 @@ def test_monitor_report_command_writes_a_self_contained_page(monitored, tmp_path
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     page = out.read_text()
-    assert page.count("data:image/png;base64,") == 2 and "i.position.missing" in page and "Bonferroni" in page
+    assert page.count("data:image/png;base64,") == 3  # scores, feature rows' scores, outcomes
+    assert "i.position.missing" in page and "f.item_stats.ctr_24h.missing" in page and "Bonferroni" in page
+    assert "<tr data-version='simulated-noisy-v1' data-head='click'>" in page
     bad = subprocess.run([CLI, "monitor", "report", "--since", "yesterday-ish"], env=settings_env(ns.settings),
                          capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode != 0 and "30m, 2h, 1d" in bad.stdout + bad.stderr
@@ -153,6 +198,11 @@ def test_monitor_page_in_chromium(request):
         outcome = driver.find_element(By.CSS_SELECTOR, "#outcomes .chart[data-name='ctr']")
         assert outcome.find_elements(By.CSS_SELECTOR, "polyline.series")
         assert "simulated-noisy-v1" in driver.find_element(By.ID, "versions").text
+        assert driver.find_elements(By.CSS_SELECTOR, "#features .chart[data-name='f.item_stats.ctr_24h.missing'] "
+                                                     "polyline.series")
+        assert not driver.find_elements(By.CSS_SELECTOR, "#scores .chart[data-name^='f.']")  # features apart
+        head = driver.find_elements(By.CSS_SELECTOR, "#calibration tbody tr[data-version='simulated-noisy-v1']")
+        assert [row.get_attribute("data-head") for row in head] == ["click", "cart", "purchase"]
         rows = driver.find_elements(By.CSS_SELECTOR, "#alerts tbody tr[data-metric='i.position.missing']")
         assert rows and rows[0].find_elements(By.TAG_NAME, "td")[6].text == "critical"
         assert "Bonferroni" in driver.find_element(By.ID, "method").text

@@ -117,6 +117,21 @@ def calibration_chi2(reference: np.ndarray, window: np.ndarray) -> np.ndarray | 
     return float(out) if np.ndim(out) == 0 else out
 
 
+def head_calibration_chi2(reference: np.ndarray, window: np.ndarray) -> np.ndarray | float:
+    """How far a window's observed count per predicted-probability bin is from what the model
+    predicted there, corrected by the reference's own observed / predicted ratio in that bin (a
+    model already off in the reference, or position-free predictions against per-impression
+    outcomes, is the baseline): a Poisson chi-square per scored bin, averaged. Each summary is
+    ``[observed per bin..., predicted (sum of probabilities) per bin..., impressions per bin...]``."""
+    reference, window = np.asarray(reference, dtype=float), np.asarray(window, dtype=float)
+    k = reference.shape[-1] // 3
+    ratio = (reference[..., :k] + 0.5) / (reference[..., k:2 * k] + 0.5)
+    expected = window[..., k:2 * k] * ratio
+    chi = (window[..., :k] - expected) ** 2 / np.maximum(expected, 1e-3)
+    out = np.sum(np.where(window[..., 2 * k:] > 0, chi, 0.0), axis=-1) / k
+    return float(out) if np.ndim(out) == 0 else out
+
+
 def rbf_kernel(x: np.ndarray, y: np.ndarray, gamma: float) -> np.ndarray:
     d2 = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
     return np.exp(-gamma * np.maximum(d2, 0.0))

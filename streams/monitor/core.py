@@ -8,22 +8,32 @@ and calibrates a threshold per test and window length (``models.monitoring.calib
 then on each closed bucket is added to a ring of the last ``max(windows)`` buckets and every test
 compares each window (the last w buckets, for each w in ``windows``) with the reference.
 
+Besides events it takes ``FeatureObservation``s: one entity's Feast online row (user_context,
+item_stats) as the processor sampled it, routed to the bucket of the event that named the
+entity. Each feature gets a histogram of its value (a list's length), its share of missing and
+of default values, and each view the share of entities without a row and the row's freshness
+lag: tests like every other, with thresholds calibrated on the same reference.
+
 Memory is bounded whatever the stream's length: per bucket a few count vectors and a sample of
 ``vector_sample`` queries, a ring of buckets, the reference's buckets, and two capped maps (the
 recent searches interactions are attributed to, the known queries).
 
-Nothing an event carries can stop the monitor: anything odd (a missing optional field, an
-unknown model version, a non-finite or extreme score, an interaction with no known search, an
-event of another type) is counted in ``counts`` and the rest of the event is still used.
+Nothing an event or a feature row carries can stop the monitor: anything odd (a missing optional
+field, an unknown model version, a non-finite or extreme score or feature value, a value of the
+wrong type, an interaction with no known search, an event of another type) is counted in
+``counts`` and the rest of the event is still used.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import struct
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
 
 import numpy as np
 from tailbridge.models.monitoring import calibration, stats
@@ -40,6 +50,22 @@ FEW_RESULTS = 3
 OTHER, UNATTRIBUTED = "other", "unattributed"
 NUMBERS = ("q.length", "q.top_score", "i.position", "i.price")  # binned at warm-up quantiles
 SEVERE = 2.0  # a score this many times its threshold is "critical"
+# The ranker's heads, as ServedItem carries them, and fixed bins of a predicted probability: the
+# same bins for every model version, so versions compare bin by bin.
+HEADS = (("click", "p_click"), ("cart", "p_cart"), ("purchase", "p_purchase"))
+PROBABILITY_EDGES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+_PACKED = struct.Struct("<3H")  # a served item's three predictions, 1/65534 steps; 65535: none
+_NO_PREDICTION = 65535
+# Fixed bins of a feature row's freshness lag in seconds (1 s to 2 days, about x2 apart): a lag
+# is not stationary in a way quantile bins could follow (a stalled writer's rows only get older).
+FRESHNESS_EDGES = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0,
+                   43200.0, 86400.0, 172800.0)
+# per model version: searches, impressions, clicks, carts, purchases, sum 1/position of clicks,
+# clicks with a position, degraded searches; then per head: observed, expected (sum of p) and
+# impressions with a prediction, per probability bin
+_OUTCOME_BASE = 8
+_BINS = len(PROBABILITY_EDGES) + 1
+OUTCOME_SIZE = _OUTCOME_BASE + 3 * 3 * _BINS
 
 
 @dataclass(frozen=True)
@@ -62,6 +88,20 @@ class MonitorConfig:
     min_count: int = 20  # fewer observations in a window: that test is not scored
     max_skew_s: float = 60.0  # a source (queries, interactions) further behind the newest is taken as idle
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureObservation:
+    """One entity's online row of a feature view as the monitor's processor read it.
+
+    ``event_time`` is the stream time of the event that named the entity (it picks the bucket);
+    ``values`` maps feature names to their values, None for an entity without a row; ``lag_s``
+    is the read's time minus the row's timestamp (NaN when the stored timestamp is unreadable)."""
+
+    view: str
+    event_time: datetime
+    values: Mapping[str, Any] | None
+    lag_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +151,7 @@ class Report:
 @dataclass(frozen=True)
 class Test:
     name: str
-    kind: str  # hist | rate | mean | calib | mmd
+    kind: str  # hist | rate | mean | calib | heads | mmd
     signal: str  # the summary it reads
     numeric: bool = False  # a binned number: also a Wasserstein score
 
@@ -140,6 +180,37 @@ def _finite(value) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
+def _pack(value: float | None) -> int:
+    """A predicted probability in 16 bits (the recent searches keep one per head and position)."""
+    return _NO_PREDICTION if value is None or not 0.0 <= value <= 1.0 else round(value * 65534)
+
+
+def feature_number(value: Any, default: Any) -> tuple[str, float | None]:
+    """(state, number) of one feature value: state is "missing", "bad" (not the type of its
+    default, or a non-finite number in it) or "ok"; the number is the value itself, a list's
+    length, or None for a string (which has only its missing and default shares)."""
+    if value is None:
+        return "missing", None
+    if isinstance(default, str):
+        return ("ok", None) if isinstance(value, str) else ("bad", None)
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            return "bad", None
+        return "ok", float(len(value))
+    if isinstance(value, (bool, int, float)) and math.isfinite(value):
+        return "ok", float(value)
+    return "bad", None
+
+
+def is_default(value: Any, default: Any) -> bool:
+    """Whether a value is its feature's default (a Float32 feature comes back rounded)."""
+    if isinstance(default, float) and isinstance(value, (int, float)):
+        return abs(value - default) <= 1e-6 * max(1.0, abs(default))
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return len(value) == len(default) == 0 or list(value) == list(default)
+    return value == default
+
+
 class Bucket:
     """Summaries of one span of stream time. ``values`` maps a signal to its count vector."""
 
@@ -148,8 +219,7 @@ class Bucket:
     def __init__(self, index: int, dims: dict[str, int], sample: int, rng: random.Random):
         self.index = index
         self.values = {name: [0.0] * size for name, size in dims.items()}
-        # version -> [searches, impressions, clicks, carts, purchases, sum 1/position of clicks, clicks with position]
-        self.outcomes: dict[str, list[float]] = {}
+        self.outcomes: dict[str, np.ndarray] = {}  # version -> OUTCOME_SIZE numbers (see there)
         self.texts = stats.Reservoir(sample, rng)
         self.vectors: np.ndarray | None = None
 
@@ -157,9 +227,17 @@ class Bucket:
         return np.asarray(self.values[name], dtype=float)
 
 
+STATISTICS = {"hist": stats.psi, "rate": stats.proportion_z, "mean": stats.mean_z, "calib": stats.calibration_chi2,
+              "heads": stats.head_calibration_chi2}
+
+
 class Monitor:
-    def __init__(self, config: MonitorConfig = MonitorConfig(), embed: Embed | None = None):
+    def __init__(self, config: MonitorConfig = MonitorConfig(), embed: Embed | None = None,
+                 features: Mapping[str, Mapping[str, Any]] | None = None):
+        """``features``: feature view -> feature name -> its default value (what a writer puts
+        when it knows nothing: 0, an empty list, a rate's prior); None: no feature tests."""
         self.config, self.embed = config, embed
+        self.features = {view: dict(names) for view, names in (features or {}).items()}
         self.rng = random.Random(config.seed)
         self.counts: Counter = Counter()
         self.bucket_ms = int(config.bucket_s * 1000)
@@ -175,9 +253,11 @@ class Monitor:
         self.reference: list[Bucket] = []
         self.thresholds: dict[tuple[str, int], Threshold] = {}
         self.alerting: set[str] = set()
-        self.recent: dict[str, tuple[str, bytes, str]] = {}  # query_id -> (version, score bin per position, query key)
+        # query_id -> (version, score bin per position, query key, packed head predictions per position)
+        self.recent: dict[str, tuple[str, bytes, str, bytes]] = {}
         # learned at the end of warm-up
-        self.samples = {name: stats.Reservoir(2000, self.rng) for name in NUMBERS + ("served_score",)}
+        self.samples = {name: stats.Reservoir(2000, self.rng)
+                        for name in NUMBERS + ("served_score",) + tuple(self._feature_numbers())}
         self.frequencies: Counter = Counter()
         self.edges: dict[str, list[float]] = {}
         self.dims: dict[str, int] | None = None
@@ -205,27 +285,34 @@ class Monitor:
         return reports
 
     def observe(self, event) -> list[Report]:
-        """Take one event; the reports of the buckets it closed (usually none)."""
-        self.counts["events"] += 1
+        """Take one event (or feature row); the reports of the buckets it closed (usually none)."""
+        self.counts["feature_rows" if isinstance(event, FeatureObservation) else "events"] += 1
         try:
             t_ms = int(event.event_time.timestamp() * 1000)
         except (AttributeError, ValueError, OverflowError):
             self.counts["bad_event_time"] += 1
             return []
-        if not isinstance(event, (QueryEvent, InteractionEvent)):
+        if not isinstance(event, (QueryEvent, InteractionEvent, FeatureObservation)):
             self.counts["ignored_event_type"] += 1  # nor does it move the monitor's clock
             return []
-        reports = self._advance(t_ms // self.bucket_ms, type(event).__name__)
+        if isinstance(event, FeatureObservation) and self.start is None:
+            self.counts["early_feature_row"] += 1  # the monitor's clock starts with events
+            return []
+        # a feature row is read for an event already seen: it never moves the watermark
+        source = None if isinstance(event, FeatureObservation) else type(event).__name__
+        reports = self._advance(t_ms // self.bucket_ms, source)
         try:
             if isinstance(event, QueryEvent):
                 self._query(event)
-            else:
+            elif isinstance(event, InteractionEvent):
                 self._interaction(event)
+            else:
+                self._feature_row(event)
         except Exception:  # noqa: BLE001  an event must never stop the monitor: counted, skipped
             self.counts["bad_event"] += 1
         return reports
 
-    def _advance(self, index: int, source: str) -> list[Report]:
+    def _advance(self, index: int, source: str | None) -> list[Report]:
         """Route the event to its bucket and close every bucket all sources have passed.
 
         Queries and interactions come from different topics (and partitions), which a consumer
@@ -242,7 +329,8 @@ class Monitor:
         if index < self.next_close:
             self.counts["late_event"] += 1  # its bucket was evaluated already: folded into the oldest open one
             index = self.next_close
-        self.latest[source] = max(self.latest.get(source, index), index)
+        if source is not None:
+            self.latest[source] = max(self.latest.get(source, index), index)
         front = max(self.latest.values())
         watermark = min(i for i in self.latest.values() if i >= front - self.skew_buckets)
         reports = []
@@ -293,6 +381,10 @@ class Monitor:
         for name in NUMBERS:
             self.edges[name] = stats.quantile_edges(self.samples[name].items, c.numeric_bins)
         self.edges["served_score"] = stats.quantile_edges(self.samples["served_score"].items, c.score_bins)
+        for name in self._feature_numbers():
+            self.edges[name] = stats.quantile_edges(self.samples[name].items, c.numeric_bins)
+        for view in self.features:
+            self.edges[f"f.{view}.freshness"] = list(FRESHNESS_EDGES)
         total, running = sum(self.frequencies.values()), 0
         for key, count in self.frequencies.most_common():
             share = running / total if total else 1.0
@@ -310,16 +402,38 @@ class Monitor:
             "i.action": len(ACTIONS), "i.position": bins["i.position"], "i.position.missing": 2,
             "i.price": bins["i.price"], "i.price.missing": 2, "i.price.default": 2,
             "o.ctr": 2, "o.cart": 2, "o.purchase": 2, "o.mrr": 3, "o.calibration": 2 * bins["served_score"],
+            "q.degraded": 2, **{f"o.head.{head}": 3 * _BINS for head, _ in HEADS},
         }
+        feature_hist, feature_rates = [], []
+        for view, names in self.features.items():
+            for name, default in names.items():
+                signal = f"f.{view}.{name}"
+                if not isinstance(default, str):  # strings have no number, only their shares
+                    self.dims[signal] = bins[signal]
+                    feature_hist.append(signal)
+                self.dims[f"{signal}.missing"] = self.dims[f"{signal}.default"] = 2
+                feature_rates += [f"{signal}.missing", f"{signal}.default"]
+            self.dims[f"f.{view}.rows.missing"] = 2
+            self.dims[f"f.{view}.freshness"] = bins[f"f.{view}.freshness"]
+            feature_rates.append(f"f.{view}.rows.missing")
+            feature_hist.append(f"f.{view}.freshness")
         for bucket in self.open.values():  # opened during warm-up: they start the reference with no counts
             bucket.values = {name: [0.0] * size for name, size in self.dims.items()}
         hist = ["q.stratum", "q.key_mix", "q.script", "q.results", "q.version_mix", "i.action"]
-        rates = ["q.new", "q.rewritten", "q.top_score.missing", "i.position.missing", "i.price.missing",
+        rates = ["q.new", "q.rewritten", "q.top_score.missing", "q.degraded", "i.position.missing", "i.price.missing",
                  "i.price.default", "o.ctr", "o.cart", "o.purchase"]
         self.tests = ([Test(n, "hist", n) for n in hist] + [Test(n, "hist", n, numeric=True) for n in NUMBERS]
                       + [Test(n, "rate", n) for n in rates] + [Test("o.mrr", "mean", "o.mrr"),
                                                                Test("o.calibration", "calib", "o.calibration")]
+                      + [Test(f"o.head.{head}", "heads", f"o.head.{head}") for head, _ in HEADS]
+                      + [Test(n, "hist", n, numeric=True) for n in feature_hist]
+                      + [Test(n, "rate", n) for n in feature_rates]
                       + ([Test("q.vector", "mmd", "q.vector")] if self.embed is not None else []))
+
+    def _feature_numbers(self) -> list[str]:
+        """The signals of features that have a number (all but strings)."""
+        return [f"f.{view}.{name}" for view, names in self.features.items()
+                for name, default in names.items() if not isinstance(default, str)]
 
     def _pin(self) -> None:
         """Calibrate every test on the reference buckets (see ``models.monitoring.calibration``)."""
@@ -341,15 +455,14 @@ class Monitor:
             n_ref = float(sizes.sum())
             return Threshold(calibration.tail_threshold(null, alpha), n_ref, n_ref / r * w, True)
         buckets = np.stack([b.vector(test.signal) for b in self.reference])
-        statistic = {"hist": stats.psi, "rate": stats.proportion_z, "mean": stats.mean_z,
-                     "calib": stats.calibration_chi2}[test.kind]
+        statistic = STATISTICS[test.kind]
         null = calibration.bootstrap_null(buckets, w, statistic, c.draws, rng)
         n_ref = float(self._size(test, buckets.sum(0)))
         n_typ = n_ref / r * w
         if test.kind == "hist":
             floor = calibration.psi_floor(buckets.shape[1], n_ref, n_typ, alpha)
-        elif test.kind == "calib":
-            k = buckets.shape[1] // 2
+        elif test.kind in ("calib", "heads"):
+            k = buckets.shape[1] // (2 if test.kind == "calib" else 3)
             floor = float(calibration.sstats.chi2.isf(alpha, k) / k)
         else:
             floor = calibration.z_floor(alpha)
@@ -384,6 +497,8 @@ class Monitor:
             return float(summary[2])
         if test.kind == "calib":
             return float(summary[len(summary) // 2:].sum())
+        if test.kind == "heads":
+            return float(summary[2 * len(summary) // 3:].sum())
         return float(len(summary))
 
     # ------------------------------------------------------------ evaluation
@@ -430,23 +545,34 @@ class Monitor:
             x = np.concatenate(vectors)
             return stats.mmd2(x, self.ref_vectors, self.gamma, self.ref_kernel_mean), float(len(x))
         summary = sums[test.signal]
-        statistic = {"hist": stats.psi, "rate": stats.proportion_z, "mean": stats.mean_z,
-                     "calib": stats.calibration_chi2}[test.kind]
-        return float(statistic(ref_sums[test.signal], summary)), self._size(test, summary)
+        return float(STATISTICS[test.kind](ref_sums[test.signal], summary)), self._size(test, summary)
 
     @staticmethod
     def _outcomes(window: list[Bucket]) -> dict[str, dict[str, float]]:
+        """Per model version: rates of its pages, its share of degraded searches, and per ranker
+        head the mean predicted and the observed rate per impression with a prediction and the
+        expected calibration error (sum over probability bins of |observed - predicted| / impressions)."""
         totals: dict[str, np.ndarray] = {}
         for bucket in window:
             for version, values in bucket.outcomes.items():
-                totals[version] = totals.get(version, 0) + np.asarray(values)
+                totals[version] = totals.get(version, 0) + values
         out = {}
-        for version, (searches, impressions, clicks, carts, purchases, rr, ranked) in totals.items():
-            out[version] = {"searches": int(searches), "impressions": int(impressions),
-                            "ctr": clicks / impressions if impressions else None,
-                            "cart_rate": carts / searches if searches else None,
-                            "purchase_rate": purchases / searches if searches else None,
-                            "mrr": rr / ranked if ranked else None}
+        for version, values in totals.items():
+            searches, impressions, clicks, carts, purchases, rr, ranked, degraded = values[:_OUTCOME_BASE]
+            rates = {"searches": int(searches), "impressions": int(impressions),
+                     "ctr": clicks / impressions if impressions else None,
+                     "cart_rate": carts / searches if searches else None,
+                     "purchase_rate": purchases / searches if searches else None,
+                     "mrr": rr / ranked if ranked else None,
+                     "degraded_rate": degraded / searches if searches else None}
+            for h, (head, _) in enumerate(HEADS):
+                start = _OUTCOME_BASE + 3 * _BINS * h
+                observed, expected, n = values[start:start + 3 * _BINS].reshape(3, _BINS)
+                total = n.sum()
+                rates[f"{head}_predicted"] = float(expected.sum() / total) if total else None
+                rates[f"{head}_observed"] = float(observed.sum() / total) if total else None
+                rates[f"{head}_calibration_error"] = float(np.abs(observed - expected).sum() / total) if total else None
+            out[version] = rates
         return out
 
     # ------------------------------------------------------------ events
@@ -496,14 +622,20 @@ class Monitor:
         if slot is None:
             self.counts["unknown_model_version"] += 1
         v["q.version_mix"][len(self.versions) if slot is None else slot] += 1
+        degraded = v["q.degraded"]
+        degraded[0] += bool(event.degraded)
+        degraded[1] += 1
         label = self._tracked(version)
-        self._outcome(label)[0] += 1
+        outcome = self._outcome(label)
+        outcome[0] += 1
+        outcome[7] += bool(event.degraded)
         edges = self.edges["served_score"]
         bins = bytes(255 if (s := _finite(item.score)) is None else stats.bin_index(edges, s) for item in served[:255])
+        heads = b"".join(_PACKED.pack(*(_pack(getattr(item, field)) for _, field in HEADS)) for item in served[:255])
         recent = self.recent
         if len(recent) >= self.config.recent_searches:
             del recent[next(iter(recent))]  # the oldest search
-        recent[event.query_id] = (label, bins, key)
+        recent[event.query_id] = (label, bins, key, heads)
         self.current.texts.add(event.query[:512])
 
     def query_key(self, query_id: str | None) -> str | None:
@@ -516,10 +648,10 @@ class Monitor:
         outcomes = self.current.outcomes
         return version if version in outcomes or len(outcomes) < self.config.max_versions else OTHER
 
-    def _outcome(self, label: str) -> list[float]:
+    def _outcome(self, label: str) -> np.ndarray:
         outcomes = self.current.outcomes
         if label not in outcomes:
-            outcomes[label] = [0.0] * 7
+            outcomes[label] = np.zeros(OUTCOME_SIZE)
         return outcomes[label]
 
     def _interaction(self, event: InteractionEvent) -> None:
@@ -551,9 +683,9 @@ class Monitor:
         search = self.recent.get(event.query_id) if event.query_id else None
         if search is None:
             self.counts["unattributed_interaction"] += 1
-            label, bins = self._tracked(UNATTRIBUTED), b""
+            label, bins, heads = self._tracked(UNATTRIBUTED), b"", b""
         else:
-            label, bins, _ = search
+            label, bins, _, heads = search
         outcome = self._outcome(label)
         outcome[1 + action] += 1
         if action == 0:  # each rate is per impression
@@ -565,6 +697,8 @@ class Monitor:
         if score_bin != 255 and action <= 1:
             k = len(v["o.calibration"]) // 2
             v["o.calibration"][(k if action == 0 else 0) + score_bin] += 1
+        if position is not None and position * _PACKED.size <= len(heads):
+            self._heads(v, outcome, action, _PACKED.unpack_from(heads, (position - 1) * _PACKED.size))
         if action == 1 and position is not None:
             rr = 1.0 / position
             mrr = v["o.mrr"]
@@ -573,3 +707,73 @@ class Monitor:
             mrr[2] += 1
             outcome[5] += rr
             outcome[6] += 1
+
+    def _heads(self, v: dict, outcome: np.ndarray, action: int, packed: tuple[int, int, int]) -> None:
+        """Predicted against observed per head: an impression adds its predicted probability to the
+        expected count of its bin (and one impression), a click, cart or purchase one observed
+        to the bin of that head's prediction for the same item."""
+        for h, value in enumerate(packed):
+            if value == _NO_PREDICTION or (action != 0 and action != h + 1):
+                continue
+            p = value / 65534
+            b = stats.bin_index(PROBABILITY_EDGES, p)
+            signal = v[f"o.head.{HEADS[h][0]}"]
+            start = _OUTCOME_BASE + 3 * _BINS * h
+            if action == 0:
+                signal[_BINS + b] += p
+                signal[2 * _BINS + b] += 1
+                outcome[start + _BINS + b] += p
+                outcome[start + 2 * _BINS + b] += 1
+            else:
+                signal[b] += 1
+                outcome[start + b] += 1
+
+    def _feature_row(self, row: FeatureObservation) -> None:
+        names = self.features.get(row.view)
+        if names is None:
+            self.counts["unknown_feature_view"] += 1
+            return
+        values = row.values
+        if values is not None and not isinstance(values, Mapping):
+            self.counts["bad_feature_row"] += 1
+            values = None
+        lag = row.lag_s
+        if values is not None and (lag is None or not math.isfinite(lag)):
+            self.counts["bad_feature_timestamp"] += 1
+            lag = None
+        elif lag is not None and lag < 0:
+            self.counts["feature_row_from_the_future"] += 1  # the writer's clock ahead of the monitor's
+            lag = 0.0
+        if self.dims is None:  # warm-up: learn the numbers' bins only
+            for name in names:
+                state, number = feature_number(values.get(name), names[name]) if values is not None else ("missing", None)
+                if number is not None and state == "ok":
+                    self.samples[f"f.{row.view}.{name}"].add(number)
+            return
+        v = self.current.values
+        prefix = f"f.{row.view}"
+        missing_row = v[f"{prefix}.rows.missing"]
+        missing_row[0] += values is None
+        missing_row[1] += 1
+        if values is None:
+            return
+        if lag is not None:
+            v[f"{prefix}.freshness"][stats.bin_index(FRESHNESS_EDGES, lag)] += 1
+        for name, default in names.items():
+            signal = f"{prefix}.{name}"
+            value = values.get(name)
+            state, number = feature_number(value, default)
+            if state == "bad":
+                self.counts["bad_feature_value"] += 1  # counted, and as missing: a broken value
+            missing = v[f"{signal}.missing"]
+            missing[0] += state != "ok"
+            missing[1] += 1
+            if state != "ok":
+                continue
+            is_def = v[f"{signal}.default"]
+            is_def[0] += is_default(value, default)
+            is_def[1] += 1
+            if number is not None:
+                if abs(number) > 1e15:
+                    self.counts["extreme_feature_value"] += 1  # still binned: the top bin
+                v[signal][stats.bin_index(self.edges[signal], number)] += 1

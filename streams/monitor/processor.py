@@ -3,8 +3,10 @@ faust app with its own consumer group (``<prefix>-monitor``), so it scales (inst
 partitions of queries and interactions, each monitoring its share of the shoppers) and fails
 without touching the feature worker.
 
-Per batch it feeds the events to ``core.Monitor`` and counts searches, clicks and purchases per
-query for the Feast ``query_stats`` view. ``apply`` never fails on an event (the monitor counts
+Per batch it feeds the events to ``core.Monitor``, with the Feast rows of a bounded sample of
+the users and items they name (``features``: read from Redis in one round trip per batch, each
+right after the event that named it), and counts searches, clicks and purchases per query for
+the Feast ``query_stats`` view. ``apply`` never fails on an event (the monitor counts
 what it cannot use), and never waits on a dependency: the reports and alerts go to an outbox
 that a periodic job empties into Redis (``store``: for /monitor and the report), the
 ``drift_alerts`` topic and the Prometheus gauges, keeping them while a dependency is down.
@@ -30,6 +32,7 @@ from prometheus_client import Counter as PromCounter
 from tailbridge.streams.events import DriftAlert, InteractionEvent, QueryEvent, encode
 from tailbridge.streams.monitor import store
 from tailbridge.streams.monitor.core import Monitor, MonitorConfig, Report
+from tailbridge.streams.monitor.features import FEATURES, FeatureReader, Sampler
 from tailbridge.streams.monitor.query_stats import QueryStats
 from tailbridge.streams.processor import Periodic, Processor, Resources
 from tailbridge.streams.topics import TOPICS, make_producer
@@ -188,15 +191,38 @@ def processor(resources: Resources, config: MonitorConfig | None = None, embed=N
         reference_s=settings.monitor_reference_seconds, alpha_window=settings.monitor_alpha_window)
     if embed is None and settings.monitor_query_vectors != "none":
         embed = query_encoder(settings)
-    monitor = Monitor(config, embed)
+    watch_features = settings.monitor_feature_sample > 0
+    monitor = Monitor(config, embed, FEATURES if watch_features else None)
     metrics = metrics or Metrics()
     outbox = Outbox(settings, resources.redis, monitor, metrics, f"{socket.gethostname()}:{os.getpid()}")
     query_stats = QueryStats(settings, resources.redis, resources.store)
+    sampler = Sampler(config.bucket_s, settings.monitor_feature_sample)
+    reader = FeatureReader(resources.redis, resources.store) if watch_features else None
+
+    def feature_rows(events) -> dict[int, list]:
+        """The sampled entities' rows, by the index of the event that named them."""
+        try:
+            picks = [(i, view, entity, event.event_time) for i, event in enumerate(events)
+                     for view, entity in sampler.pick(event)]
+        except Exception:  # noqa: BLE001  apply never fails on an event: counted, the batch read without rows
+            monitor.counts["feature_sample_failed"] += 1
+            return {}
+        rows = reader.read([pick[1:] for pick in picks]) if picks else []
+        if rows is None:
+            monitor.counts["feature_rows_unread"] += len(picks)
+            return {}
+        by_event: dict[int, list] = {}
+        for (i, *_), row in zip(picks, rows):
+            by_event.setdefault(i, []).append(row)
+        return by_event
 
     def apply(events) -> dict[str, int]:
         before = Counter(monitor.counts)
-        for event in events:
+        rows = feature_rows(events) if reader is not None else {}
+        for i, event in enumerate(events):
             outbox.add(monitor.observe(event))
+            for row in rows.get(i, ()):
+                outbox.add(monitor.observe(row))
             if isinstance(event, QueryEvent):
                 query_stats.count(normalize_query(event.query), "search", int(event.event_time.timestamp() * 1000))
             elif (isinstance(event, InteractionEvent) and event.action in ("click", "purchase")

@@ -17,7 +17,10 @@ METHOD = (
     "false-alarm rate {alpha_window:g} divided by the number of tests x window lengths ({tests}) (Bonferroni): "
     "{alpha_test:.3g} per test."
 )
-OUTCOMES = ("ctr", "cart_rate", "purchase_rate", "mrr")
+OUTCOMES = ("ctr", "cart_rate", "purchase_rate", "mrr", "degraded_rate", "click_calibration_error",
+            "cart_calibration_error", "purchase_calibration_error")
+HEADS = ("click", "cart", "purchase")
+FEATURE_PREFIX = "f."  # tests of the Feast feature rows: a chart of their own
 
 
 def _time(ms: int) -> datetime:
@@ -35,15 +38,16 @@ def _png(figure) -> str:
     return f'<img alt="chart" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def score_chart(reports: list[dict]) -> str:
-    """One panel per test: score / threshold over time for each window (1 is the alert line)."""
+def score_chart(reports: list[dict], features: bool = False) -> str:
+    """One panel per test: score / threshold over time for each window (1 is the alert line);
+    the tests of feature rows (``features``) or all the others."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tests = sorted({t for r in reports for t, windows in r["scores"].items()
-                    if any(thr is not None for _, thr in windows.values())})
+                    if any(thr is not None for _, thr in windows.values()) and t.startswith(FEATURE_PREFIX) == features})
     if not tests:
         return "<p>No scored windows yet.</p>"
     cols = 4
@@ -78,8 +82,10 @@ def outcome_chart(reports: list[dict]) -> str:
     if not versions:
         return "<p>No outcomes yet.</p>"
     start = reports[0]["end_ms"]
-    figure, axes = plt.subplots(1, len(OUTCOMES), figsize=(4 * len(OUTCOMES), 2.6), squeeze=False)
-    for ax, metric in zip(axes[0], OUTCOMES):
+    cols = 4
+    figure, axes = plt.subplots(len(OUTCOMES) // cols, cols, figsize=(4 * cols, 2.6 * len(OUTCOMES) // cols),
+                                squeeze=False)
+    for ax, metric in zip(axes.flat, OUTCOMES):
         for version in versions:
             points = [(_minutes(r, start), r["outcomes"][version][metric]) for r in reports
                       if r["outcomes"].get(version, {}).get(metric) is not None]
@@ -92,6 +98,22 @@ def outcome_chart(reports: list[dict]) -> str:
     out = _png(figure)
     plt.close(figure)
     return out
+
+
+def calibration_table(reports: list[dict]) -> str:
+    """Per model version and ranker head, over the newest report's longest window: mean predicted
+    probability, observed rate and calibration error per impression with a prediction."""
+    outcomes = reports[-1]["outcomes"] if reports else {}
+    rows = "".join(
+        f"<tr data-version='{html.escape(version)}' data-head='{head}'><td>{html.escape(version)}</td><td>{head}</td>"
+        f"<td>{rates[f'{head}_predicted']:.4f}</td><td>{rates[f'{head}_observed']:.4f}</td>"
+        f"<td>{rates[f'{head}_calibration_error']:.4f}</td></tr>"
+        for version, rates in sorted(outcomes.items()) for head in HEADS
+        if rates.get(f"{head}_predicted") is not None)
+    if not rows:
+        return "<p>No served page with ranker probabilities in the newest window.</p>"
+    return ("<table id='calibration'><tr><th>model version</th><th>head</th><th>predicted</th><th>observed</th>"
+            f"<th>calibration error</th></tr>{rows}</table>")
 
 
 def method_text(status: dict | None) -> str:
@@ -125,7 +147,12 @@ td,th{{border:1px solid #ccc;padding:2px 8px;font-size:13px}} .critical{{color:#
 <table id="alerts"><tr><th>window start</th><th>end</th><th>metric</th><th>window</th><th>score</th><th>threshold</th>
 <th>severity</th></tr>{rows}</table>
 <h2>Drift scores</h2>{score_chart(reports) if reports else '<p>No reports.</p>'}
+<h2>Feature rows (Feast user_context, item_stats)</h2>{score_chart(reports, features=True) if reports else '<p>No reports.</p>'}
 <h2>Outcomes per model version</h2>{outcome_chart(reports) if reports else '<p>No reports.</p>'}
+<h2>Ranker calibration per model version (newest window)</h2>
+<p>Head probabilities are position-free (were the item examined) and outcomes are per impression, so observed
+is below predicted further down the page for any model; the drift test compares each window's observed /
+predicted per probability bin with the reference's.</p>{calibration_table(reports)}
 <h2>Events seen and odd input (counted, never fatal)</h2><table>{counts}</table>
 </body></html>
 """

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from tailbridge.settings import get_settings
 
-monitor_app = typer.Typer(help="Online drift monitoring of queries, results, interactions and outcomes.",
+monitor_app = typer.Typer(help="Online drift monitoring of queries, results, interactions, Feast features and outcomes.",
                           no_args_is_help=True)
 console = Console()
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -33,9 +33,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 @monitor_app.command("run")
 def run(loglevel: Annotated[str, typer.Option(help="faust log level.")] = "warning") -> None:
-    """Run the drift monitor: its own consumer group over queries and interactions; reports and
-    alerts to Redis (/monitor, `monitor report`), alerts to the drift_alerts topic, query_stats
-    to Feast, scores to Prometheus on TAILBRIDGE_MONITOR_METRICS_PORT."""
+    """Run the drift monitor: its own consumer group over queries and interactions, reading the
+    Feast rows of a sample of their users and items (TAILBRIDGE_MONITOR_FEATURE_SAMPLE per
+    bucket); reports and alerts to Redis (/monitor, `monitor report`), alerts to the drift_alerts
+    topic, query_stats to Feast, scores to Prometheus on TAILBRIDGE_MONITOR_METRICS_PORT."""
     from prometheus_client import start_http_server
 
     from tailbridge.cli.faust_worker import run_and_exit

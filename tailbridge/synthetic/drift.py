@@ -11,7 +11,14 @@ a fresh simulation (another seed) changed by one kind of drift:
 - ``missing``: a broken field: interactions lose their position;
 - ``constant``: a broken field: carts and purchases carry a price of 0;
 - ``model``: a model swap: a new ranker version whose pages are shuffled (the items shoppers
-  want end up anywhere on the page) and whose scores are on another scale.
+  want end up anywhere on the page), whose scores are on another scale and whose head
+  probabilities are overconfident.
+
+A broken Feast feature is not in the events: the worker computes the rows from them. For the
+monitor's tests and benchmark ``FeatureRows`` keeps the rows the worker would write for a
+simulated stream in memory (with the worker's own fold) and hands the monitor the rows of the
+entities its processor would sample; ``break_feature`` makes one feature missing or constant
+(its default) from then on. On a live stack the same drift is a writer that breaks the rows.
 """
 
 from __future__ import annotations
@@ -23,7 +30,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from tailbridge.models.data import user_context
+from tailbridge.streams import item_stats
 from tailbridge.streams.events import InteractionEvent, QueryEvent, ServedItem, _Event
+from tailbridge.streams.monitor.core import FeatureObservation
+from tailbridge.streams.monitor.features import FEATURES, Sampler
 from tailbridge.synthetic.catalog import SynthDataset
 from tailbridge.synthetic.shoppers import simulate
 
@@ -92,7 +103,8 @@ def _model_swap(events: Iterator[_Event], rng: random.Random) -> Iterator[_Event
             rng.shuffle(order)  # order[new - 1] is the old index
             scores = sorted((round(rng.random(), 4) for _ in order), reverse=True)
             served = [ServedItem(item_id=event.served[old].item_id, position=new, score=scores[new - 1],
-                                 source=event.served[old].source) for new, old in enumerate(order, 1)]
+                                 source=event.served[old].source, **_overconfident(event.served[old]))
+                      for new, old in enumerate(order, 1)]
             moved.remember(event.query_id, {old + 1: new for new, old in enumerate(order, 1)})
             yield event.model_copy(update={"served": served,
                                            "model_versions": {**event.model_versions, "ranker": SWAPPED_RANKER}})
@@ -100,6 +112,12 @@ def _model_swap(events: Iterator[_Event], rng: random.Random) -> Iterator[_Event
             yield event.model_copy(update={"position": moved[event.query_id].get(event.position, event.position)})
         else:
             yield event
+
+
+def _overconfident(item: ServedItem) -> dict[str, float | None]:
+    """The swapped ranker's head probabilities: three times the old model's (capped at 1)."""
+    return {name: None if (p := getattr(item, name)) is None else min(1.0, round(3 * p, 4))
+            for name in ("p_click", "p_cart", "p_purchase")}
 
 
 def _broken(events: Iterator[_Event], kind: str) -> Iterator[_Event]:
@@ -137,3 +155,71 @@ def with_drift(dataset: SynthDataset, seed: int, spec: DriftSpec,
             break
         yield event
     yield from drifted(spec.kind, dataset, seed + 1, clock)
+
+
+class FeatureRows:
+    """The ``user_context`` and ``item_stats`` rows the worker would write for a simulated
+    stream, in memory, and the ones the monitor's processor would read: ``observe(event)`` folds
+    the event (the worker's ``user_context.apply`` and item counters) and returns the sampled
+    entities' rows as ``FeatureObservation``s. A row's timestamp is its entity's latest event
+    (the worker writes within about a second), so the lag is in stream time.
+
+    A live system's rows are in a steady state; a simulation starts from none. ``warm`` folds an
+    earlier stretch of stream first (shoppers' recent items fill up), and the item counters'
+    windows are compressed so that 24 h span ``day_s`` seconds of stream time (the 1 h window
+    1/24 of it): the windowed counts stop growing once the stream is that old."""
+
+    def __init__(self, dataset: SynthDataset, bucket_s: float, per_bucket: int, day_s: float = 60.0):
+        self.scale = 86_400 / day_s
+        self.category = {item.item_id: item.category_path[-1] for item in dataset.items}
+        self.sampler = Sampler(bucket_s, per_bucket)
+        self.users: dict[str, tuple[dict, int]] = {}  # user -> (state, row ms)
+        self.items: dict[str, tuple[dict, int]] = {}  # item -> (counters, row ms)
+        self.broken: tuple[str, str, str] | None = None  # (view, feature, "missing" | "constant")
+
+    def break_feature(self, view: str, feature: str, kind: str) -> None:
+        if feature not in FEATURES.get(view, {}) or kind not in ("missing", "constant"):
+            raise ValueError(f"no feature {view}:{feature} to break, or kind {kind!r} not missing / constant")
+        self.broken = (view, feature, kind)
+
+    def warm(self, events) -> None:
+        """Fold events without sampling any row."""
+        for event in events:
+            self._fold(event, user_context.epoch_ms(event.event_time))
+
+    def observe(self, event: _Event) -> list[FeatureObservation]:
+        picks = self.sampler.pick(event)
+        event_ms = user_context.epoch_ms(event.event_time)
+        self._fold(event, event_ms)
+        return [self._row(view, entity, event.event_time, event_ms) for view, entity in picks]
+
+    def _fold(self, event: _Event, event_ms: int) -> None:
+        if isinstance(event, (QueryEvent, InteractionEvent)):
+            state, _ = self.users.get(event.user_id) or (user_context.new_state(), 0)
+            category = self.category.get(event.item_id) if isinstance(event, InteractionEvent) else None
+            user_context.apply(state, event, category)
+            self.users[event.user_id] = (state, event_ms)
+        if isinstance(event, InteractionEvent):
+            counters, _ = self.items.get(event.item_id) or ({}, 0)
+            scaled_ms = int(event_ms * self.scale)
+            for field in item_stats.bucket_fields(event.action, scaled_ms):
+                counters[field] = counters.get(field, 0) + 1
+            if len(counters) > 400:  # drop buckets out of their window, as the worker's flush does: bounded
+                for field in item_stats.stale_fields(counters, scaled_ms):
+                    del counters[field]
+            counters[item_stats.LAST_EVENT_FIELD] = max(int(counters.get(item_stats.LAST_EVENT_FIELD, 0)), scaled_ms)
+            self.items[event.item_id] = (counters, event_ms)
+
+    def _row(self, view: str, entity: str, event_time: datetime, now_ms: int) -> FeatureObservation:
+        if view == "user_context":
+            kept = self.users.get(entity)
+            values = user_context.feature_row(entity, kept[0]) if kept else None
+        else:
+            kept = self.items.get(entity)
+            values = item_stats.feature_row(entity, kept[0]) if kept else None
+        if values is None:
+            return FeatureObservation(view, event_time, None)
+        if self.broken and self.broken[0] == view:
+            _, feature, kind = self.broken
+            values[feature] = None if kind == "missing" else FEATURES[view][feature]
+        return FeatureObservation(view, event_time, values, (now_ms - kept[1]) / 1000)

@@ -139,6 +139,16 @@ def _fit(persona: Persona, item: Item) -> float:
     return fit * (BRAND_BOOST if item.brand in persona.preferred_brands else 1.0)
 
 
+def _predicted(world: _World, persona: Persona, q: SynthQuery, item_id: str) -> dict[str, float]:
+    """The simulated ranker's head probabilities: the true ones of this click model with the item
+    examined (position-free, as the real ranker's heads are), for the monitor's calibration."""
+    grade, fit = world.qrels[q.query_id].get(item_id, 0), _fit(persona, world.items[item_id])
+    click = min(0.95, ATTRACTIVENESS.get(grade, 0.03) * fit)
+    cart = click * min(0.9, CART_GIVEN_CLICK.get(grade, 0.02) * fit)
+    return {"p_click": round(click, 4), "p_cart": round(cart, 4),
+            "p_purchase": round(cart * PURCHASE_GIVEN_CART * (0.5 + 0.5 * min(1.0, fit)), 4)}
+
+
 def _session(
     world: _World, persona: Persona, session_id: str, rng: random.Random, page_size: int
 ) -> Iterator[tuple[type[_Event], dict]]:
@@ -149,7 +159,8 @@ def _session(
         previous = q
         search_id = f"srch_{rng.getrandbits(64):016x}"
         page = world.result_page(q, rng, page_size)
-        served = [ServedItem(item_id=item_id, position=pos, score=score, source="simulated")
+        served = [ServedItem(item_id=item_id, position=pos, score=score, source="simulated",
+                             **_predicted(world, persona, q, item_id))
                   for pos, (item_id, score) in enumerate(page, 1)]
         yield QueryEvent, {**user, "query_id": search_id, "query": q.text, "served": served,
                            "model_versions": {"ranker": RANKER_VERSION}}
