@@ -15,7 +15,7 @@ import torch
 from tailbridge.models.ranking import features as ft
 from tailbridge.models.ranking import model as rk
 from tailbridge.models.ranking.dataset import point_in_time_stats, prepare
-from tailbridge.models.ranking.evaluation import auc, evaluate
+from tailbridge.models.ranking.evaluation import auc, evaluate, expected_ndcg, expected_purchases
 from tailbridge.models.ranking.training import RankerTrainConfig, cache_texts, fit, train, write_artifact
 from tests.conftest import tiny_demo
 
@@ -231,6 +231,44 @@ def test_auc():
     assert auc([0.1, 0.2], [1, 1]) is None
 
 
+def test_expected_page_metrics_by_hand():
+    # One page, logged positions 1-3, true purchase probabilities 0.1, 0, 0.4.
+    positions, gains = [1, 2, 3], [0.1, 0.0, 0.4]
+    # Re-ranked 3, 1, 2: the best order, nDCG 1.
+    assert expected_ndcg([0.2, 0.1, 0.9], positions, gains) == pytest.approx(1.0)
+    # Logged order: DCG 0.1 + 0.4 / log2(4) = 0.3, ideal 0.4 + 0.1 / log2(3) = 0.46309.
+    logged = [-1, -2, -3]
+    assert expected_ndcg(logged, positions, gains) == pytest.approx(0.3 / (0.4 + 0.1 / math.log2(3)))
+    # Ties keep the logged order; no gain at all is 0.
+    assert expected_ndcg([0, 0, 0], positions, gains) == expected_ndcg(logged, positions, gains)
+    assert expected_ndcg([1, 2, 3], positions, [0.0, 0.0, 0.0]) == 0.0
+    # Expected purchases with examination 1/k: 0.4 + 0.1 / 2 re-ranked, 0.1 + 0.4 / 3 as logged.
+    exam = lambda k: 1 / k  # noqa: E731
+    assert expected_purchases([0.2, 0.1, 0.9], positions, gains, exam) == pytest.approx(0.45)
+    assert expected_purchases(logged, positions, gains, exam) == pytest.approx(0.1 + 0.4 / 3)
+
+
+def test_ground_truth_is_what_the_simulator_published(demo):
+    from tailbridge.streams.events import QueryEvent
+    from tailbridge.synthetic import catalog
+    from tailbridge.synthetic.shoppers import EXAMINATION_DECAY, GroundTruth, simulate
+
+    dataset = catalog.load(demo)
+    truth = GroundTruth(dataset)
+    checked = 0
+    for event in simulate(dataset, seed=3, sessions=5):
+        if isinstance(event, QueryEvent):
+            for s in event.served:
+                p = truth.probabilities(event.user_id, event.query, s.item_id)
+                assert (p["p_click"], p["p_cart"], p["p_purchase"]) == (s.p_click, s.p_cart, s.p_purchase)
+                assert 0 <= p["p_purchase"] <= p["p_cart"] <= p["p_click"] <= 1
+                checked += 1
+            assert truth.probabilities("nobody", event.query, event.served[0].item_id) is None
+            assert truth.probabilities(event.user_id, "a query nobody judged", event.served[0].item_id) is None
+    assert checked > 0
+    assert truth.examination(1) == 1.0 and truth.examination(4) == pytest.approx(4 ** -EXAMINATION_DECAY)
+
+
 def test_changing_weights_changes_the_order(demo):
     torch.manual_seed(0)
     model, tokenizer = rk.build(rk.RankerConfig(**{**TINY.to_json(), "structure": "shared-bottom", "dropout": 0.0}))
@@ -361,9 +399,14 @@ def test_load_ranker_unknown_version_lists_known():
 def test_evaluation_report(trained, demo):
     from tailbridge.serving.search import blend
 
+    from tailbridge.synthetic import catalog
+    from tailbridge.synthetic.shoppers import GroundTruth
+
     report = evaluate(demo, trained, demo / "feedback", say=lambda _: None, latency_calls=5, blend=blend,
-                      judged_queries=4, judged_candidates=10)
-    assert list(report["systems"]) == ["multi-task", "click-only", "logged order"]
+                      judged_queries=4, judged_candidates=10, truth=GroundTruth(catalog.load(demo)))
+    oracle = "oracle (true p(purchase))"
+    assert list(report["systems"]) == ["multi-task", "multi-task by p(purchase)", "click-only", "logged order",
+                                       "random order", oracle]
     for name, system in report["systems"].items():
         assert set(system["auc"]) == set(rk.TASKS)
         for head, value in system["auc"].items():
@@ -371,6 +414,16 @@ def test_evaluation_report(trained, demo):
         assert system["auc"]["click"] is not None
         for key in ("ndcg@10_purchase", "ndcg@10_purchase_ips", "ndcg@10_graded"):
             assert system[key] is None or 0.0 <= system[key] <= 1.0
+    # The simulated log's test pages are all known to the simulator; the oracle is the best order
+    # for both truth metrics (sorted by the gains; examination falls with position).
+    assert report["truth"]["pages"] == report["test"]["searches"] and report["truth"]["pages_unknown"] == 0
+    truth = {name: system["truth"] for name, system in report["systems"].items()}
+    assert truth[oracle]["ndcg@10_purchase_expected"] == pytest.approx(1.0)
+    for name, t in truth.items():
+        assert t["pages"] == report["truth"]["pages"]
+        assert 0.0 < t["ndcg@10_purchase_expected"] <= 1.0 + 1e-9, name
+        assert 0.0 < t["expected_purchases_per_page"] <= truth[oracle]["expected_purchases_per_page"] + 1e-12, name
+    assert truth["random order"]["expected_purchases_per_page"] < truth[oracle]["expected_purchases_per_page"]
     exam = report["examination"]
     assert len(exam) == TINY.positions + 1 and exam[1] == 1.0 and all(0 < e for e in exam)
     assert report["test"]["searches"] == json.loads((trained / "metrics.json").read_text())["data"]["test_searches"]

@@ -104,6 +104,7 @@ class RankerData:
     search_ids: list[str]  # logged searches in time order
     search_times: list[pd.Timestamp]
     contexts: list[dict[str, Any] | None]  # per search: the user's context just before it
+    user_ids: list[str]  # per search: the shopper ("" when the log has none)
     search_start: np.ndarray  # [searches + 1]: rows of search s are search_start[s]:search_start[s + 1]
     query: np.ndarray  # per row: index into query_texts
     item: np.ndarray  # per row: index into item_ids
@@ -152,6 +153,7 @@ def prepare(data_dir: Path, feedback_dir: Path, test_fraction: float = 0.2, wind
     search_ids = list(with_context)
     first = frame.drop_duplicates("query_id")
     times = dict(zip(first["query_id"].astype(str), first["event_time"]))
+    users = dict(zip(first["query_id"].astype(str), first["user_id"].fillna("").astype(str)))
     search_index = {s: k for k, s in enumerate(search_ids)}
     row_search = frame["query_id"].astype(str).map(search_index).to_numpy()
     search_start = np.searchsorted(row_search, np.arange(len(search_ids) + 1))
@@ -199,6 +201,7 @@ def prepare(data_dir: Path, feedback_dir: Path, test_fraction: float = 0.2, wind
         random_features=negative_feats.reshape(len(negative_search), len(ft.FEATURES)),
         name=data.name, items=data.items, item_ids=item_ids, query_texts=query_texts, search_ids=search_ids,
         search_times=[times[s] for s in search_ids], contexts=contexts, search_start=search_start,
+        user_ids=[users[s] for s in search_ids],
         query=query_col, item=np.array([item_index[i] for i in items_col]),
         position=frame["position"].to_numpy(), level=frame["label"].map(LABEL_LEVEL).to_numpy(), stats=stats,
         features=feats, train_searches=train_searches,

@@ -10,6 +10,15 @@ shared-bottom, single-task click, no position model, trained beside the version)
    click) and purchase with inverse-propensity gains (a purchase at logged position k counts
    1 / exam(k), the examination factor the version learned from the log), which takes out the
    advantage position gave the logged order: its pages' labels were CAUSED by their order.
+   On simulated data (the caller passes the simulator's ``Truth``) also the counterfactual
+   question no log can answer: with each served item's true position-free purchase probability
+   (what the shopper would do if they examined it) as its gain, the expected purchase nDCG@10
+   of each re-ranked page, the expected purchases per page were it served in that order
+   (the simulator's own examination per position), and the IPS nDCG with the simulator's
+   examination instead of the learned one; against the logged order (the page as served, no
+   re-ranking), random order and the oracle (sorted by the true probability). Models with a
+   purchase head are also ranked by p(purchase) alone (``<name> by p(purchase)``) beside their
+   weighted score.
 2. Relevance on judged queries (``judged_relevance``): the test queries' judgements, the top
    candidates of all-MiniLM-L6-v2 re-ranked by each model alone and blended with retrieval's order
    the way the query handler blends (the caller passes serving's blend), nDCG@10 (gains 3 exact,
@@ -24,7 +33,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -74,6 +83,66 @@ def page_ndcg(rd: RankerData, scores: np.ndarray, searches: Sequence[int],
             "ndcg@10_purchase_ips": mean(ips), "ndcg@10_graded": mean(graded), "pages_with_click": len(graded)}
 
 
+def expected_ndcg(scores: Sequence[float], positions: Sequence[int], gains: Sequence[float], k: int = 10) -> float:
+    """nDCG@k of one page ordered by ``scores`` (higher first, ties by logged position) with real
+    valued ``gains`` (here: each item's true purchase probability) against the page's best order;
+    0 when no item has a gain."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], positions[i]))
+    return ndcg_at([str(i) for i in order], {str(i): float(g) for i, g in enumerate(gains)}, k)
+
+
+def expected_purchases(scores: Sequence[float], positions: Sequence[int], gains: Sequence[float],
+                       examination: Callable[[int], float]) -> float:
+    """Purchases a page would get, in expectation, served in the order of ``scores`` (ties by
+    logged position): each item's position-free purchase probability times the examination of
+    the position it would be shown at."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], positions[i]))
+    return float(sum(examination(k) * gains[i] for k, i in enumerate(order, 1)))
+
+
+class Truth(Protocol):
+    """The simulator's ground truth (``tailbridge.synthetic.shoppers.GroundTruth``), passed in by
+    the caller: models import no simulator."""
+
+    def probabilities(self, user_id: str | None, query: str, item_id: str) -> Mapping[str, float] | None: ...
+
+    def examination(self, position: int) -> float: ...
+
+
+def true_gains(rd: RankerData, searches: Sequence[int], truth: Truth) -> np.ndarray:
+    """Per row of ``searches``: the true position-free purchase probability; NaN elsewhere and on
+    a page with any row the truth does not know (that page is left out of the truth metrics)."""
+    gains = np.full(rd.rows, np.nan)
+    for s in searches:
+        rows = range(rd.search_start[s], rd.search_start[s + 1])
+        query = rd.query_texts[rd.query[rd.search_start[s]]]
+        known = [truth.probabilities(rd.user_ids[s], query, rd.item_ids[rd.item[r]]) for r in rows]
+        if all(p is not None for p in known):
+            gains[list(rows)] = [p["p_purchase"] for p in known]
+    return gains
+
+
+def truth_metrics(rd: RankerData, scores: np.ndarray, searches: Sequence[int], gains: np.ndarray,
+                  truth: Truth) -> dict[str, Any]:
+    """Mean over the pages the truth knows: expected purchase nDCG@10 and expected purchases
+    per page served in the order of ``scores``; and the IPS purchase nDCG on logged labels with
+    the simulator's examination (``page_ndcg``'s, with the true propensities)."""
+    ndcg, bought, pages = [], [], []
+    for s in searches:
+        rows = np.arange(rd.search_start[s], rd.search_start[s + 1])
+        if np.isnan(gains[rows]).any():
+            continue
+        pages.append(s)
+        args = (scores[rows].tolist(), rd.position[rows].tolist(), gains[rows].tolist())
+        ndcg.append(expected_ndcg(*args))
+        bought.append(expected_purchases(*args, truth.examination))
+    exam = [1.0, *(truth.examination(k) for k in range(1, int(rd.position.max()) + 1))]
+    return {"ndcg@10_purchase_expected": float(np.mean(ndcg)) if ndcg else None,
+            "expected_purchases_per_page": float(np.mean(bought)) if bought else None,
+            "ndcg@10_purchase_ips_true_exam": page_ndcg(rd, scores, pages, exam)["ndcg@10_purchase_ips"],
+            "pages": len(pages)}
+
+
 def head_aucs(probs: Mapping[str, np.ndarray], labels: np.ndarray) -> dict[str, float | None]:
     """AUC of each head's probability against its own labels; a model without a head (the click
     baseline) is scored with its last funnel step's probability, its best signal for it."""
@@ -121,6 +190,7 @@ def score_rows(ranker: rk.Ranker, rd: RankerData, rows: np.ndarray, batch: int =
 
 
 SYSTEMS = ("multi-task", "shared-bottom", "click-only", "no-position-model", "logged order")
+ORACLE = "oracle (true p(purchase))"
 
 
 def load_systems(model_dir: Path, say: Callable[[str], None]) -> dict[str, rk.Ranker]:
@@ -137,11 +207,12 @@ def load_systems(model_dir: Path, say: Callable[[str], None]) -> dict[str, rk.Ra
 
 def evaluate(data_dir: Path, model_dir: Path, feedback_dir: Path, say: Callable[[str], None] = print,
              latency_calls: int = 200, blend: Callable | None = None,
-             judged_queries: int = 150, judged_candidates: int = 50) -> dict[str, Any]:
+             judged_queries: int = 150, judged_candidates: int = 50, truth: Truth | None = None) -> dict[str, Any]:
     """Both questions of the module docstring and the latency; writes ``eval-ranker.json`` into
     ``model_dir``. ``blend(heads, retrieval_weight)`` is the query handler's blend (adds
     ``final`` to each candidate's scores, candidates in retrieval order); without it, or with
-    ``judged_queries=0``, the judged-query part is skipped."""
+    ``judged_queries=0``, the judged-query part is skipped. ``truth`` (simulated data only) adds
+    the counterfactual metrics (each system's ``truth``), an oracle and the report's ``truth``."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / rk.CONFIG_FILE).read_text())
     train_cfg = config.get("training", {})
@@ -163,23 +234,43 @@ def evaluate(data_dir: Path, model_dir: Path, feedback_dir: Path, say: Callable[
                  **{f"rows_{t}": int(labels[:, j].sum()) for j, t in enumerate(rk.TASKS)}},
         "weights": models["multi-task"].weights(), "examination": examination, "systems": {},
     }
+    gains = None
+    if truth is not None:
+        gains = true_gains(rd, test, truth)
+        known = sum(1 for s in test if not np.isnan(gains[rd.search_start[s]]))
+        report["truth"] = {
+            "source": "the simulator's ground truth (simulated data only; no log has it)",
+            "gain": "each served item's true position-free p(purchase): bought if examined",
+            "pages": known, "pages_unknown": len(test) - known,
+            "examination": [1.0, *(truth.examination(k) for k in range(1, int(rd.position.max()) + 1))]}
+        say(f"ground truth: {known} of {len(test)} test pages known to the simulator")
+
+    def ordered_by(scores: np.ndarray) -> dict[str, Any]:
+        """AUC of one ordering against each label and its page metrics (truth too when given)."""
+        out = {"auc": {t: auc(scores[rows], labels[:, j]) for j, t in enumerate(rk.TASKS)},
+               **page_ndcg(rd, scores, test, examination)}
+        if gains is not None:
+            out["truth"] = truth_metrics(rd, scores, test, gains, truth)
+        return out
+
     for name, ranker in models.items():
         say(f"{name}: scoring {len(test)} test pages")
         scored = score_rows(ranker, rd, rows)
         probs = {t: np.zeros(rd.rows, np.float32) for t in scored}
         for t, v in scored.items():
             probs[t][rows] = v
+        by_score = ordered_by(probs["score"])
         report["systems"][name] = {
-            "auc": head_aucs({t: v[rows] for t, v in probs.items()}, labels),
-            "auc_of_score": {t: auc(probs["score"][rows], labels[:, j]) for j, t in enumerate(rk.TASKS)},
-            **page_ndcg(rd, probs["score"], test, examination),
+            "auc": head_aucs({t: v[rows] for t, v in probs.items()}, labels), "auc_of_score": by_score.pop("auc"),
+            **by_score,
             "serving_path_max_diff": serving_path_difference(ranker, rd, test[::max(1, len(test) // 20)], probs),
         }
-    logged = -rd.position.astype(np.float32)
-    report["systems"]["logged order"] = {
-        "auc": {t: auc(logged[rows], labels[:, j]) for j, t in enumerate(rk.TASKS)},
-        **page_ndcg(rd, logged, test, examination),
-    }
+        if "purchase" in ranker.tasks:  # the weighted score leans on p(click); the purchase head alone
+            report["systems"][f"{name} by p(purchase)"] = ordered_by(probs["purchase"])
+    report["systems"]["logged order"] = ordered_by(-rd.position.astype(np.float32))
+    report["systems"]["random order"] = ordered_by(np.random.default_rng(0).random(rd.rows))
+    if gains is not None:
+        report["systems"][ORACLE] = ordered_by(np.nan_to_num(gains, nan=0.0))
     if blend is not None and judged_queries > 0:
         report["judged"] = judged_relevance(Path(data_dir), models, blend, judged_queries, judged_candidates, say)
     report["latency_ms"] = {str(n): score_latency(models["multi-task"], rd, test, latency_calls, n) for n in (50, 100)}

@@ -192,7 +192,7 @@ def eval_ranker(data: Path, model: str | None, feedback: Path | None, threads: i
             if (model_dir / "metrics.json").is_file() else None
         log = ranker_feedback(data, feedback, Path(trained_on) if trained_on else None)
         report = evaluate(data, model_dir, log, say=console.print, blend=blend,
-                          judged_queries=judged_queries)
+                          judged_queries=judged_queries, truth=simulator_truth(data))
     except _ranker_errors() as exc:
         raise CommandError(str(exc)) from None
     print_ranker_report(report)
@@ -200,9 +200,20 @@ def eval_ranker(data: Path, model: str | None, feedback: Path | None, threads: i
     return report
 
 
-def print_ranker_report(report: dict[str, Any]) -> None:
-    from tailbridge.models.ranking.evaluation import SYSTEMS
+def simulator_truth(data: Path) -> Any:
+    """The simulator's ground truth for demo data (``synthetic.shoppers.GroundTruth``: personas
+    and grades from the data dir), or None for data that was not simulated."""
+    from tailbridge.synthetic import catalog
+    from tailbridge.synthetic.shoppers import GroundTruth
 
+    if not ((data / "manifest.json").is_file() and (data / "users.jsonl").is_file()):
+        console.print(f"{data} is not simulated demo data (no manifest.json / users.jsonl): "
+                      "no ground truth, the counterfactual metrics are skipped")
+        return None
+    return GroundTruth(catalog.load(data))
+
+
+def print_ranker_report(report: dict[str, Any]) -> None:
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     test = report["test"]
     table = Table(title=f"ranker {report['model']} on {report['data']}: {test['searches']} test searches "
@@ -212,19 +223,36 @@ def print_ranker_report(report: dict[str, Any]) -> None:
     for column in ("AUC\nclick", "AUC\ncart", "AUC\npurchase", "purchase\nnDCG@10", "purchase nDCG@10\nIPS",
                    "graded\nnDCG@10"):
         table.add_column(column, justify="right", no_wrap=True)
-    for name in SYSTEMS:
-        row = report["systems"].get(name)
-        if row is not None:
-            table.add_row(name, *(fmt(row["auc"][t]) for t in ("click", "add_to_cart", "purchase")),
-                          fmt(row["ndcg@10_purchase"]), fmt(row.get("ndcg@10_purchase_ips")), fmt(row["ndcg@10_graded"]))
+    for name, row in report["systems"].items():
+        table.add_row(name, *(fmt(row["auc"][t]) for t in ("click", "add_to_cart", "purchase")),
+                      fmt(row["ndcg@10_purchase"]), fmt(row.get("ndcg@10_purchase_ips")), fmt(row["ndcg@10_graded"]))
     console.print(table)
     some = next(iter(report["systems"].values()))
     exam = report.get("examination")
-    console.print(f"purchase nDCG on {some['pages_with_purchase']} pages with a purchase, graded (click 1, cart 2, "
-                  f"purchase 3) on {some['pages_with_click']} with a click; single-task AUCs are its one probability "
-                  f"against each label; weights {report['weights']}" + (
+    console.print(f"LOGGED LABELS: purchase nDCG on {some['pages_with_purchase']} pages with a purchase, graded "
+                  f"(click 1, cart 2, purchase 3) on {some['pages_with_click']} with a click; the logged order's labels "
+                  f"were caused by that order (examination falls with position). Single-task AUCs are its one "
+                  f"probability against each label; a model's AUCs are its heads', '... by p(purchase)' ranks by the "
+                  f"purchase head alone instead of the weighted score; weights {report['weights']}" + (
                       "; IPS gain 1/exam(position), exam learned from the log: "
                       + " ".join(f"{k}:{e:.2f}" for k, e in enumerate(exam) if k) if exam else ""))
+    truth = report.get("truth")
+    if truth:
+        table = Table(title=f"COUNTERFACTUAL (simulated data only): the simulator's true position-free p(purchase) of "
+                            f"each served item as its gain, {truth['pages']} test pages ({truth['pages_unknown']} "
+                            f"unknown to the simulator left out)")
+        table.add_column("system", no_wrap=True)
+        for column in ("expected purchase\nnDCG@10", "expected purchases\nper page",
+                       "IPS purchase nDCG@10\ntrue examination"):
+            table.add_column(column, justify="right", no_wrap=True)
+        for name, row in report["systems"].items():
+            t = row["truth"]
+            table.add_row(name, fmt(t["ndcg@10_purchase_expected"]), fmt(t["expected_purchases_per_page"]),
+                          fmt(t["ndcg@10_purchase_ips_true_exam"]))
+        console.print(table)
+        console.print("expected purchases per page: the page served in that order, each item's true p(purchase) times "
+                      "the simulator's examination of its new position: "
+                      + " ".join(f"{k}:{e:.2f}" for k, e in enumerate(truth["examination"]) if k))
     judged = report.get("judged")
     if judged:
         table = Table(title=f"relevance: nDCG@10 re-ranking {judged['retriever']}'s top {judged['candidates']} on "

@@ -139,6 +139,11 @@ def _fit(persona: Persona, item: Item) -> float:
     return fit * (BRAND_BOOST if item.brand in persona.preferred_brands else 1.0)
 
 
+def examination(position: int) -> float:
+    """The chance a shopper looks at the item at a 1-based page position (the cascade's decay)."""
+    return position ** -EXAMINATION_DECAY
+
+
 def _predicted(world: _World, persona: Persona, q: SynthQuery, item_id: str) -> dict[str, float]:
     """The simulated ranker's head probabilities: the true ones of this click model with the item
     examined (position-free, as the real ranker's heads are), for the monitor's calibration."""
@@ -147,6 +152,33 @@ def _predicted(world: _World, persona: Persona, q: SynthQuery, item_id: str) -> 
     cart = click * min(0.9, CART_GIVEN_CLICK.get(grade, 0.02) * fit)
     return {"p_click": round(click, 4), "p_cart": round(cart, 4),
             "p_purchase": round(cart * PURCHASE_GIVEN_CART * (0.5 + 0.5 * min(1.0, fit)), 4)}
+
+
+class GroundTruth:
+    """What the simulator knows and a log does not: for a logged (shopper, query text, item), the
+    position-free probabilities ``_predicted`` gives (click, cart, purchase with the item
+    examined), and the examination per position. Offline evaluation scores re-ranked pages with
+    them (``models.ranking.evaluation``). A search is unknown (None) when its shopper is not one
+    of the dataset's personas or its text is not exactly one judged query's."""
+
+    def __init__(self, dataset: SynthDataset):
+        self.world = _World(dataset)
+        self.personas = {p.user_id: p for p in dataset.users}
+        by_text: dict[str, list[SynthQuery]] = {}
+        for q in self.world.queries:
+            by_text.setdefault(q.text, []).append(q)
+        # Two judged queries with one text would make the grade ambiguous: those texts are unknown.
+        self.queries = {text: qs[0] for text, qs in by_text.items() if len(qs) == 1}
+
+    def probabilities(self, user_id: str | None, query: str, item_id: str) -> dict[str, float] | None:
+        persona, q = self.personas.get(str(user_id)), self.queries.get(query)
+        if persona is None or q is None or item_id not in self.world.items:
+            return None
+        return _predicted(self.world, persona, q, item_id)
+
+    @staticmethod
+    def examination(position: int) -> float:
+        return examination(position)
 
 
 def _session(
@@ -172,7 +204,7 @@ def _session(
             item = world.items[s.item_id]
             grade = world.qrels[q.query_id].get(s.item_id, 0)
             fit = _fit(persona, item)
-            p_click = s.position ** -EXAMINATION_DECAY * min(0.95, ATTRACTIVENESS.get(grade, 0.03) * fit)
+            p_click = examination(s.position) * min(0.95, ATTRACTIVENESS.get(grade, 0.03) * fit)
             if rng.random() >= p_click:
                 continue
             base = {**user, "query_id": search_id, "item_id": s.item_id, "position": s.position}
