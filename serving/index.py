@@ -32,7 +32,8 @@ import numpy as np
 from pymilvus import MilvusClient
 from pymilvus.client.utils import SciPyHelper
 
-from tailbridge.models.retrieval.encoders import Encoder
+from tailbridge.models.retrieval.behaviour import overlay_stamp
+from tailbridge.models.retrieval.encoders import MINILM_VERSION, Encoder, retriever_dir
 from tailbridge.serving.models import EncoderPool, load_query_encoder
 from tailbridge.settings import Settings
 from tailbridge.streams import item_index
@@ -47,7 +48,7 @@ ENCODER_THREADS = 2  # query encoders kept loaded, one per encoding thread: abou
 # results) under the GIL, and many of them starve the event loop, whose reads have 50 ms
 # deadlines; calls beyond wait in the pool's queue, which costs no CPU.
 MILVUS_THREADS = 8
-KEPT_VERSIONS = 2  # encoder pools kept loaded: the serving version and the one before (searches may still hold it)
+KEPT_VERSIONS = 2  # encoder pools kept loaded: the serving one and the one before (searches may still hold it)
 
 
 # pymilvus checks for scipy.sparse on its first search by executing the module afresh, unguarded:
@@ -79,7 +80,7 @@ class ServingIndex:
         self._encoder_threads = encoder_threads
         self._threads = ThreadPoolExecutor(max_workers=MILVUS_THREADS, thread_name_prefix="milvus")
         self._client: MilvusClient | None = None
-        self._pools: dict[str, EncoderPool] = {}
+        self._pools: dict[tuple[str, tuple[int, int] | None], EncoderPool] = {}  # by version and overlay
         self.serving: Serving | None = None
         self._checked = 0.0
         self._lock: asyncio.Lock | None = None
@@ -166,14 +167,17 @@ class ServingIndex:
                     return self.serving
             finally:
                 self._checked = time.monotonic()  # a failing Milvus is asked again after REFRESH_S, not per search
-            pool = self._pools.get(version)
+            # A behaviour refresh of the version (a new overlay, ``models.retrieval.behaviour``) is
+            # loaded like a new version, beside the current pool, and switched to once loaded.
+            key = (version, overlay_stamp(retriever_dir(version)) if version != MINILM_VERSION else None)
+            pool = self._pools.get(key)
             if pool is None:
                 try:
                     pool = await EncoderPool.load(version, self._load, self._encoder_threads)
                 except (OSError, ValueError) as exc:
                     raise SearchUnavailable(f"cannot load the query encoder of the serving version {version!r}: "
                                             f"{exc}") from None
-                self._pools[version] = pool
+                self._pools[key] = pool
                 for old in list(self._pools)[:-KEPT_VERSIONS]:
                     self._pools.pop(old).close()
             if not bm25 and self._terms is None:

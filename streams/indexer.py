@@ -59,7 +59,9 @@ class Indexer:
 
     def encoder(self, version: str) -> Encoder:
         with self._lock:
-            if version not in self._encoders:
+            cached = self._encoders.get(version)
+            # A behaviour refresh of the version replaced its graph rows: load them (``outdated``).
+            if cached is None or getattr(cached, "outdated", lambda: False)():
                 try:
                     self._encoders[version] = self._load_encoder(version)
                 except (ValueError, OSError) as exc:  # every event would fail: retry, never dead-letter
@@ -180,6 +182,38 @@ def reindex(settings: Settings, version: str, milvus: MilvusClient, encoder: Enc
     if source and not keep_old:
         milvus.drop_collection(source)
     return {"from": source, "to": target, "items": copied, "dropped_old": bool(source and not keep_old)}
+
+
+def refresh_vectors(settings: Settings, milvus: MilvusClient, version: str, item_ids: Sequence[str],
+                    encoder: Encoder, batch_size: int = 256) -> dict:
+    """Re-encode ``item_ids`` in every live collection of ``version`` with ``encoder`` (the same
+    version with a newer behaviour overlay, ``models.retrieval.behaviour``) and upsert their whole
+    rows: the content read back from the collection, unchanged, with its own ``updated_ms``, so
+    the text, filters and the term index (whose rows carry that version) are what they were;
+    only the vector moves. An item a worker rewrote meanwhile is left to the worker's write (its
+    encoder reloads the overlay too). Items not indexed yet are skipped: the worker encodes them
+    with the overlay when their catalog event comes."""
+    written = skipped = 0
+    for collection in [name for name, v in item_index.live_collections(milvus, settings).items() if v == version]:
+        padding = item_index.legacy_padding(milvus, collection)
+        for start in range(0, len(item_ids), batch_size):
+            items = item_index.items_by_id(milvus, collection, list(item_ids[start:start + batch_size]))
+            if not items:
+                continue
+            vectors = encoder.encode_items(items)
+            read_ms = {item["item_id"]: item["updated_ms"] for item in items}
+            now = {hit["item_id"]: hit["updated_ms"] for hit in milvus.query(
+                collection, ids=list(read_ms), output_fields=["item_id", "updated_ms"])}
+            keep = [k for k, item in enumerate(items) if now.get(item["item_id"]) == read_ms[item["item_id"]]]
+            skipped += len(items) - len(keep)
+            rows = item_index.rows([items[k] for k in keep], vectors[keep], version, item_text, padding)
+            for row, k in zip(rows, keep):
+                row["updated_ms"] = items[k]["updated_ms"]  # the content's version, not this write's time
+            if rows:
+                milvus.upsert(collection, rows)
+                written += len(rows)
+        milvus.flush(collection)  # unsealed rows are searched by brute force (item_index)
+    return {"upserted": written, "skipped_rewritten": skipped}
 
 
 def backfill_terms(settings: Settings, milvus: MilvusClient, collection: str) -> int:

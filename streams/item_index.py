@@ -216,6 +216,14 @@ def catalog_rows(client: MilvusClient, collection: str, batch_size: int = 512):
         iterator.close()
 
 
+def items_by_id(client: MilvusClient, collection: str, item_ids: Sequence[str]) -> list[dict]:
+    """The catalog content a collection holds for these items (those it has), as ``catalog_rows``."""
+    if not item_ids:
+        return []
+    found = client.query(collection, ids=list(item_ids), output_fields=["item_id", *CONTENT_FIELDS, "updated_ms"])
+    return [_as_item(row) for row in found]
+
+
 def _as_item(row: Mapping[str, Any]) -> dict:
     return {
         "item_id": row["item_id"], "title": row["title"], "description": row["description"],

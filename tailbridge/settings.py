@@ -147,6 +147,13 @@ class Settings(BaseSettings):
     )
     loop_gate_max_pages: int = Field(3000, ge=1, description="At most this many of the latest held-out pages are replayed.")
     loop_gate_max_queries: int = Field(300, ge=1, description="Judged test queries the gate scores a retriever on.")
+    behaviour_refresh_seconds: float = Field(
+        600.0, gt=0, description="The loop refreshes the serving retriever's behaviour vectors from the log at most "
+        "this often (`tailbridge models refresh-behaviour`)..."
+    )
+    behaviour_refresh_min_engagements: int = Field(
+        20, ge=0, description="...once this many engagements (clicks or better) were logged since the last refresh."
+    )
     rewrite_min_shown: int = Field(
         30, ge=1, description="Items a rewrite's routes must have shown before its online statistics can demote it."
     )

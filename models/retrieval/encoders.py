@@ -99,11 +99,16 @@ class UnifiedEncoder:
     def __post_init__(self) -> None:
         import torch
 
+        from tailbridge.models.retrieval import behaviour
         from tailbridge.models.retrieval import model as unified
 
         self.model_dir = Path(self.model_dir)
         self._torch = torch
         self._model, self._featurizer = unified.load(self.model_dir)
+        # The behaviour overlay of this version (``models.retrieval.behaviour``): graph rows a
+        # refresh folded in since training. Read once; ``outdated`` says when a newer one is there.
+        self.overlay_stamp = behaviour.overlay_stamp(self.model_dir)
+        behaviour.apply_to_model(self._model, self._featurizer, behaviour.read_overlay(self.model_dir))
         self.version = self.model_dir.name
         self.dim = self._model.cfg.dim
         self._rows: dict[str, int] = {}
@@ -111,6 +116,12 @@ class UnifiedEncoder:
         vectors, ids = self.model_dir / unified.ITEM_VECTORS_FILE, self.model_dir / unified.ITEM_IDS_FILE
         if vectors.is_file() and ids.is_file():
             self.remember_items(json.loads(ids.read_text()), np.load(vectors))
+
+    def outdated(self) -> bool:
+        """Whether a behaviour refresh replaced the overlay this encoder loaded (load it again)."""
+        from tailbridge.models.retrieval.behaviour import overlay_stamp
+
+        return overlay_stamp(self.model_dir) != self.overlay_stamp
 
     def remember_items(self, item_ids: Sequence[str], vectors: np.ndarray) -> None:
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(item_ids), self.dim)

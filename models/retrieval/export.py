@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tailbridge.models.retrieval import behaviour
 from tailbridge.models.retrieval import model as unified
 from tailbridge.models.retrieval.model import Batch, TextInput, UnifiedRetriever, UserInput
 from tailbridge.vocab import item_text
@@ -32,6 +33,7 @@ from tailbridge.vocab import item_text
 INPUTS = ("input_ids", "attention_mask", "term_ids", "graph_rows", "item_vectors", "item_mask", "actions",
           "category_ids", "category_weights")
 FP32_FILE, INT8_FILE = "query_tower.onnx", "query_tower.int8.onnx"
+QUERY_GRAPH_TABLE = "model.query_tower.graph.table"  # the query side's graph rows, an initializer of the export
 
 
 class _QueryTower(nn.Module):
@@ -111,10 +113,15 @@ class OnnxQueryEncoder:
             raise FileNotFoundError(f"{path}: no exported query tower (see models.retrieval.export.export_query_tower)")
         model_cfg, graph = unified.read_config(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"), local_files_only=True)
+        self.overlay_stamp = behaviour.overlay_stamp(model_dir)
+        overlay = behaviour.read_overlay(model_dir)
+        source: str | bytes = str(path)
+        if overlay is not None and overlay.query_rows:
+            source, graph["queries"] = with_query_rows(path, graph["queries"], overlay.query_rows)
         self.featurizer = unified.Featurizer(model_cfg, tokenizer, graph["queries"], graph["items"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.item_vectors = item_vectors
         self.dim = model_cfg.dim
         self.version = f"{model_dir.name}{'-int8' if int8 else ''}"
@@ -124,6 +131,24 @@ class OnnxQueryEncoder:
         if not queries:
             return np.zeros((0, self.dim), np.float32)
         return self.session.run(["vectors"], _features(self.featurizer, queries, user_contexts, self.item_vectors))[0]
+
+
+def with_query_rows(path: Path, rows: Mapping[str, int], overlay_rows: Mapping[str, np.ndarray]
+                    ) -> tuple[bytes, dict[str, int]]:
+    """The exported query tower with a behaviour overlay's query rows in its graph table, and the
+    key -> row map that goes with it. The table is an initializer (data, not graph): only it
+    changes, so the exported graph and its int8 weights stay exactly as they were."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    found = [t for t in proto.graph.initializer if t.name == QUERY_GRAPH_TABLE]
+    if not found:
+        raise ValueError(f"{path}: no initializer {QUERY_GRAPH_TABLE!r} (exported before graph rows were data?); "
+                         "export the query tower again (models.retrieval.export.export_query_tower)")
+    table, rows = behaviour.extend_table(numpy_helper.to_array(found[0]), rows, overlay_rows)
+    found[0].CopyFrom(numpy_helper.from_array(table, QUERY_GRAPH_TABLE))
+    return proto.SerializeToString(), rows
 
 
 # --------------------------------------------------------------------------------------------

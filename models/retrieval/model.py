@@ -501,6 +501,7 @@ class Featurizer:
 
 CONFIG_FILE, WEIGHTS_FILE, GRAPH_FILE = "config.json", "model.safetensors", "graph_index.json"
 ITEM_VECTORS_FILE, ITEM_IDS_FILE = "item_vectors.npy", "item_vectors_ids.json"
+GRAPH_FACTORS_FILE = "graph_factors.npz"  # the graph's SVD (``graph.GraphFactors``): what a behaviour refresh folds in against
 
 
 def build(cfg: RetrieverConfig, graph_queries: Mapping[str, int] | None = None,

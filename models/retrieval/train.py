@@ -50,7 +50,7 @@ import torch
 from tailbridge.models.data.feedback import read_feedback, searches_with_context
 from tailbridge.models.data.loaders import RetrievalData, load_dataset
 from tailbridge.models.retrieval import model as unified
-from tailbridge.models.retrieval.graph import interaction_edges, spectral_embedding
+from tailbridge.models.retrieval.graph import interaction_edges, spectral_factors
 from tailbridge.models.retrieval.lexical import bm25_scorer, top_k
 from tailbridge.models.retrieval.losses import (
     masked_contrastive_loss,
@@ -138,6 +138,7 @@ class TrainingSet:
     dev: dict[str, dict[str, int]]  # query id -> judgements
     searches: dict[str, dict[str, Any]]  # logged search id -> {query, items: {id: label}, context}
     judgements: dict[str, dict[str, int]]  # the training judgements the graph is built from
+    log_until: tuple[str, str] | None = None  # (ISO time, search id) of the last logged search used
 
 
 def _in_dev(qid: str, fraction: float) -> bool:
@@ -158,6 +159,7 @@ def prepare(data: RetrievalData, cfg: TrainConfig, feedback_dir: Path | None, sa
                 if q in data.queries} | {normalize_query(data.queries[q]) for q in dev}
 
     searches: dict[str, dict[str, Any]] = {}
+    log_until = None
     if feedback_dir is not None:
         frame = read_feedback(feedback_dir)
         frame = frame[frame["item_id"].isin(data.items.keys())]
@@ -165,6 +167,9 @@ def prepare(data: RetrievalData, cfg: TrainConfig, feedback_dir: Path | None, sa
         categories = {i: it["category_path"][-1] for i, it in data.items.items() if it["category_path"]}
         searches = searches_with_context(frame, categories)
         say(f"feedback: {len(searches)} logged searches ({len(frame)} rows) from {feedback_dir}")
+        if len(frame):  # where a behaviour refresh of this version starts reading the log
+            last = frame.iloc[-1]
+            log_until = (last["event_time"].isoformat(), str(last["query_id"]))
 
     by_key: dict[str, Example] = {}
     for qid, judged in sorted(train.items()):
@@ -178,7 +183,7 @@ def prepare(data: RetrievalData, cfg: TrainConfig, feedback_dir: Path | None, sa
     examples = [ex for ex in by_key.values() if _has_positive(ex, searches)]
     if not examples:
         raise TrainingError(f"{data.name}: no training query has a relevant item (grade >= 1) or an engagement")
-    return TrainingSet(data, examples, dev, searches, train)
+    return TrainingSet(data, examples, dev, searches, train, log_until)
 
 
 def _has_positive(ex: Example, searches: dict[str, dict[str, Any]]) -> bool:
@@ -209,7 +214,11 @@ class Trainer:
         self.items = [data.items[i] for i in self.item_ids]
 
         edges = interaction_edges(ts.judgements, data.queries, ts.searches)
-        gq_keys, gq_vecs, gi_ids, gi_vecs = spectral_embedding(edges, model_cfg.graph_rank, cfg.seed)
+        # The factors ship with the artifact: a behaviour refresh folds new nodes in against them.
+        self.graph_factors = spectral_factors(edges, model_cfg.graph_rank, cfg.seed)
+        self.graph_factors.log_until = ts.log_until
+        gq_keys, gi_ids = self.graph_factors.queries, self.graph_factors.items
+        gq_vecs, gi_vecs = self.graph_factors.query_rows(), self.graph_factors.item_rows()
         say(f"graph: {len(gq_keys)} queries, {len(gi_ids)} items, {len(edges)} edges")
         torch.manual_seed(cfg.seed)
         self.model, self.fz = unified.build(model_cfg, {k: r for r, k in enumerate(gq_keys)},
@@ -767,6 +776,7 @@ def write_artifact(trainer: Trainer, out_dir: Path, data_dir: Path, feedback_dir
     config["training"] = asdict(trainer.cfg)
     (out_dir / unified.CONFIG_FILE).write_text(json.dumps(config, indent=2))
     np.save(out_dir / unified.ITEM_VECTORS_FILE, trainer.catalog)
+    trainer.graph_factors.save(out_dir / unified.GRAPH_FACTORS_FILE)
     (out_dir / unified.ITEM_IDS_FILE).write_text(json.dumps(trainer.item_ids))
     ts = trainer.ts
     steps = {k: len(v) for k, v in trainer.losses.items() if k.endswith("_loss")}

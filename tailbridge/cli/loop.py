@@ -7,6 +7,11 @@ searches were logged since the last one, or ``loop_max_interval_seconds`` passed
 search. Each kind trains within its own time budget, in this process (the handler and the
 worker run in theirs; the loop uses ``--threads`` CPU threads, one by default).
 
+Behaviour refresh: every poll that re-aligns the retriever first refreshes the serving
+retriever's behaviour vectors when ``behaviour_refresh_seconds`` passed and
+``behaviour_refresh_min_engagements`` engagements were logged (``tailbridge/cli/behaviour.py``;
+the version stays).
+
 Crash safety, kill -9 at any instant:
 
 * candidates are written under ``DATA_DIR/models/.staging/`` and renamed into
@@ -260,6 +265,7 @@ def loop_command(
     import torch
     from rich.console import Console
 
+    from tailbridge.cli.behaviour import refresh_behaviour
     from tailbridge.settings import get_settings
 
     console = Console()
@@ -277,6 +283,11 @@ def loop_command(
         raise typer.Exit(1)
     while True:
         started = time.monotonic()
+        if "retriever" in chosen:  # between fine-tunings, behaviour vectors follow the log (cli/behaviour.py)
+            try:
+                console.print(refresh_behaviour(settings, log, say=console.print, thresholds=not force).line())
+            except Exception as exc:  # noqa: BLE001  a failed refresh is retried at the next poll; the iteration runs
+                console.print(f"[yellow]behaviour refresh failed:[/] {type(exc).__name__}: {exc}", soft_wrap=True)
         try:
             result = run_once(settings, data, log, chosen, say=console.print, force=force)
         except ValueError as exc:  # the data or the log cannot be used (named in the message)

@@ -1,6 +1,7 @@
-"""``tailbridge models list | rollback KIND``: the model registry (``models/registry.py``) as
-seen from the command line, and the switch of each kind back to the version that served
-before.
+"""``tailbridge models list | rollback KIND | refresh-behaviour``: the model registry
+(``models/registry.py``) as seen from the command line, the switch of each kind back to the
+version that served before, and the serving retriever's behaviour refresh
+(``tailbridge/cli/behaviour.py``: graph rows folded in from the log, no new version).
 
 Each kind keeps its own way of being served; the registry records which version it is:
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -162,7 +163,8 @@ def rollback(settings: Settings, kind: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ the commands
 
-app = typer.Typer(help="Model versions: list them, roll serving back.", no_args_is_help=True)
+app = typer.Typer(help="Model versions: list them, roll serving back, refresh behaviour vectors.",
+                  no_args_is_help=True)
 
 
 @app.command("list")
@@ -187,3 +189,22 @@ def rollback_command(kind: Annotated[str, typer.Argument(help=f"One of {', '.joi
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     console.print(f"{kind}: serving {result['to']} again (was {result['from']})")
+
+
+@app.command("refresh-behaviour")
+def refresh_behaviour_command(
+    feedback: Annotated[Optional[Path], typer.Option(help="Feedback log (default: the stream worker's).")] = None,
+    version: Annotated[Optional[str], typer.Option(help="Retriever version (default: the one Milvus serves).")] = None,
+) -> None:
+    """Fold the behaviour logged since the last refresh into the serving retriever's graph rows
+    (new items and queries included; the version stays) and re-upsert the items that changed."""
+    from tailbridge.cli.behaviour import refresh_behaviour
+
+    settings = get_settings()
+    log = feedback or settings.data_dir / "offline" / "feedback"
+    try:
+        report = refresh_behaviour(settings, log, say=console.print, version=version)
+    except ValueError as exc:  # the log cannot be read (named in the message)
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(report.line())

@@ -1,0 +1,118 @@
+"""A behaviour refresh measured: recall@100 of the next window's engagements, before and after.
+
+    .venv/bin/python -m tailbridge.bench.behaviour_refresh [--items 1500] [--users 60] [--sessions 6000]
+                                                          [--minutes 3] [--out DIR] [--json out.json]
+
+1. Demo data (``tailbridge data synth``) and a simulated feedback log of ``--sessions`` shopper
+   sessions (``synthetic.feedback``), cut in time by searches: the first 60% train the retriever
+   (``--minutes`` of budget; the artifact under ``--out`` is reused by the next run), the next
+   20% are what the refresh reads, the last 20% are the next window.
+2. One refresh (``models.retrieval.behaviour.refresh``) of the trained version from the middle
+   window: fold-in against the trained factors, the overlay beside the artifact.
+3. Recall@100 of the next window's engaged (query, item) pairs, exact search over the catalog
+   without user context, with the vectors of before and after the refresh
+   (``behaviour.next_window_recall``), for warm items (a graph row at training), newly engaged
+   ones (a row only after the refresh), items engaged but never folded in, and for the pairs of
+   queries the graph did not have at training (the simulator searches training queries only, so
+   those are the trainer's dev queries, kept out of its graph).
+
+No Milvus, no Kafka: the refresh's Milvus side is ``tests/test_behaviour_refresh.py``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from tailbridge.bench.common import console, run_meta, write_json
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=1500)
+    parser.add_argument("--users", type=int, default=60)
+    parser.add_argument("--sessions", type=int, default=6000)
+    parser.add_argument("--minutes", type=float, default=3.0, help="training budget of the retriever")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path("data/bench-behaviour"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from tailbridge.models.data.feedback import write_feedback
+    from tailbridge.models.data.loaders import load_dataset
+    from tailbridge.models.retrieval import behaviour
+    from tailbridge.models.retrieval.encoders import UnifiedEncoder
+    from tailbridge.models.retrieval.graph import GraphFactors
+    from tailbridge.models.retrieval.train import TrainConfig, train
+    from tailbridge.synthetic import catalog as synth
+    from tailbridge.synthetic.feedback import simulate_feedback
+
+    torch.set_num_threads(args.threads)
+    data, model_dir = args.out / "demo", args.out / "models" / "tb-behaviour"
+    if not (data / "corpus.jsonl").is_file():
+        synth.write(synth.generate(items=args.items, users=args.users, seed=args.seed), data)
+    frame = simulate_feedback(data, sessions=args.sessions, seed=args.seed)
+    frame = frame.sort_values(["event_time", "query_id", "position"], ignore_index=True)
+    searches = frame.drop_duplicates("query_id")["event_time"].tolist()
+    train_end, refresh_end = searches[int(len(searches) * 0.6) - 1], searches[int(len(searches) * 0.8) - 1]
+    if not behaviour.factors_path(model_dir).is_file():
+        started = time.monotonic()
+        write_feedback(frame[frame["event_time"] <= train_end], args.out / "train-log")
+        train(data, model_dir.parent, model_dir.name, cfg=TrainConfig(max_minutes=args.minutes, export_onnx=False),
+              feedback_dir=args.out / "train-log", say=lambda line: console.print(f"  {line}"))
+        console.print(f"trained {model_dir.name} in {(time.monotonic() - started) / 60:.1f} min")
+    (model_dir / behaviour.OVERLAY_FILE).unlink(missing_ok=True)  # measure from the trained rows
+
+    factors = GraphFactors.load(behaviour.factors_path(model_dir))
+    started = time.monotonic()
+    result = behaviour.refresh(factors, None, frame, until=refresh_end)
+    fold_s = time.monotonic() - started
+    before = UnifiedEncoder(model_dir)
+    behaviour.write_overlay(model_dir, result.overlay, factors.rank)
+    after = UnifiedEncoder(model_dir)
+
+    trained_items, trained_queries = set(factors.items), set(factors.queries)
+    folded = result.overlay.item_rows
+    groups = {
+        "warm_items": lambda q, i: i in trained_items,
+        "newly_engaged_items": lambda q, i: i not in trained_items and i in folded,
+        "never_folded_items": lambda q, i: i not in trained_items and i not in folded,
+        "new_queries": lambda q, i: q not in trained_queries,
+        "all": lambda q, i: True,
+    }
+    items = list(load_dataset(data).items.values())
+    window = frame[frame["event_time"] > refresh_end]
+    recall = behaviour.next_window_recall(items, window, {"before": before, "after": after}, groups, k=100)
+    report = {
+        "meta": run_meta(), "args": {k: str(v) for k, v in vars(args).items()},
+        "log": {"searches": len(searches), "train_until": str(train_end), "refresh_until": str(refresh_end)},
+        "refresh": {**{k: v for k, v in dataclasses.asdict(result).items() if k != "overlay"},
+                    "changed_items": len(result.changed_items), "changed_queries": len(result.changed_queries),
+                    "item_rows": len(folded), "query_rows": len(result.overlay.query_rows),
+                    "fold_in_seconds": round(fold_s, 2)},
+        "graph_at_training": {"items": len(trained_items), "queries": len(trained_queries)},
+        "recall@100": recall,
+    }
+    for group in groups:
+        b, a, n = recall["before"][group], recall["after"][group], int(recall["before"][f"{group}_pairs"])
+        delta = "" if np.isnan(b) else f" ({a - b:+.4f})"
+        console.print(f"recall@100 {group:>20}: before {b:.4f}  after {a:.4f}{delta}  [{n} pairs]")
+    r = report["refresh"]
+    console.print(f"refresh: {r['searches']} searches, {r['engagements']} engagements; rows for {r['item_rows']} "
+                  f"items ({r['new_items']} new), {r['query_rows']} queries ({r['new_queries']} new); "
+                  f"fold-in {r['fold_in_seconds']} s")
+    if args.json:
+        write_json(args.json, report)
+    console.print(json.dumps(report["recall@100"]))
+    return report
+
+
+if __name__ == "__main__":
+    main()
