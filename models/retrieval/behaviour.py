@@ -136,7 +136,7 @@ def logged_after(frame: pd.DataFrame, since: tuple[str, str] | None,
         keep &= ((times > at) | ((times == at) & (ids > since[1]))).to_numpy()
     if until is not None:
         keep &= (frame["event_time"] <= until).to_numpy()
-    return frame[keep]
+    return frame[keep].sort_values(["event_time", "query_id"], kind="stable")
 
 
 def logged_edges(rows: pd.DataFrame) -> dict[tuple[str, str], float]:
@@ -243,6 +243,20 @@ def apply_to_model(model, featurizer, overlay: Overlay | None) -> None:
         table, rows = extend_table(tower.graph.table.detach().cpu().numpy(), getattr(featurizer, attr), side)
         tower.graph.table = torch.from_numpy(table)  # a registered buffer: assignment replaces it
         setattr(featurizer, attr, rows)
+
+
+def encoder_as_of(model_dir: Path, frame: pd.DataFrame, until: pd.Timestamp):
+    """The version's torch encoder with the rows a refresh would have made from the log up to
+    ``until`` (its trained rows alone without saved factors): what the gate scores a serving
+    version with on a slice held out after ``until``, whose own engagements the live overlay
+    may already hold."""
+    from tailbridge.models.retrieval.encoders import UnifiedEncoder
+
+    encoder = UnifiedEncoder(Path(model_dir), behaviour_overlay=False)
+    if factors_path(model_dir).is_file():
+        refreshed = refresh(GraphFactors.load(factors_path(model_dir)), None, frame, until=until)
+        encoder.apply_overlay(refreshed.overlay)
+    return encoder
 
 
 # ------------------------------------------------------------------ measuring a refresh

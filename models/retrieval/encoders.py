@@ -93,6 +93,7 @@ class UnifiedEncoder:
 
     model_dir: Path
     batch_size: int = 64
+    behaviour_overlay: bool = True  # the version's refreshed graph rows (False: the trained ones alone)
     version: str = field(init=False)
     dim: int = field(init=False)
 
@@ -107,8 +108,9 @@ class UnifiedEncoder:
         self._model, self._featurizer = unified.load(self.model_dir)
         # The behaviour overlay of this version (``models.retrieval.behaviour``): graph rows a
         # refresh folded in since training. Read once; ``outdated`` says when a newer one is there.
-        self.overlay_stamp = behaviour.overlay_stamp(self.model_dir)
-        behaviour.apply_to_model(self._model, self._featurizer, behaviour.read_overlay(self.model_dir))
+        self.overlay_stamp = behaviour.overlay_stamp(self.model_dir) if self.behaviour_overlay else None
+        if self.behaviour_overlay:
+            self.apply_overlay(behaviour.read_overlay(self.model_dir))
         self.version = self.model_dir.name
         self.dim = self._model.cfg.dim
         self._rows: dict[str, int] = {}
@@ -117,11 +119,17 @@ class UnifiedEncoder:
         if vectors.is_file() and ids.is_file():
             self.remember_items(json.loads(ids.read_text()), np.load(vectors))
 
+    def apply_overlay(self, overlay) -> None:
+        """Give the model a behaviour overlay's graph rows (``behaviour.Overlay``; None: nothing)."""
+        from tailbridge.models.retrieval.behaviour import apply_to_model
+
+        apply_to_model(self._model, self._featurizer, overlay)
+
     def outdated(self) -> bool:
         """Whether a behaviour refresh replaced the overlay this encoder loaded (load it again)."""
         from tailbridge.models.retrieval.behaviour import overlay_stamp
 
-        return overlay_stamp(self.model_dir) != self.overlay_stamp
+        return self.behaviour_overlay and overlay_stamp(self.model_dir) != self.overlay_stamp
 
     def remember_items(self, item_ids: Sequence[str], vectors: np.ndarray) -> None:
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(item_ids), self.dim)

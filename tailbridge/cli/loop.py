@@ -145,6 +145,8 @@ def ranker_step(settings: Settings, data: Path, log: Path, cutoff, slice_, say: 
 
 def retriever_step(settings: Settings, data: Path, log: Path, cutoff, slice_, say: Say) -> KindReport:
     from tailbridge.models import alignment
+    from tailbridge.models.data.feedback import read_feedback
+    from tailbridge.models.retrieval import behaviour
     from tailbridge.models.retrieval.encoders import load_encoder
 
     registry = Registry(models_root(settings.data_dir))
@@ -167,7 +169,10 @@ def retriever_step(settings: Settings, data: Path, log: Path, cutoff, slice_, sa
     rd, searches = slice_
     scores = {}
     for name, where in (("candidate", path), ("serving", Path(serving.path))):
-        encoder = load_encoder(str(where))
+        # Serving with the behaviour rows it had at the cutoff: its live overlay may hold the
+        # held-out slice's own engagements (models.retrieval.behaviour).
+        encoder = load_encoder(str(where)) if name == "candidate" else \
+            behaviour.encoder_as_of(where, read_feedback(log), cutoff[0])
         scores[name] = alignment.retriever_replay(encoder, rd, searches) | {
             "judged_ndcg@10": alignment.retriever_judged(encoder, data, settings.loop_gate_max_queries)}
     report.gate = _gate(settings, scores["candidate"], scores["serving"],
