@@ -457,11 +457,14 @@ def serve(settings: Settings, dataset, console: Console, keep_serving: bool) -> 
 
             show_rewritten(client, settings, console, print_results)
             show_long_tail(client, settings, dataset, console)
-        console.print(f"\n[bold]tailbridge is serving at {url}/[/] (search page), API docs at {url}/docs; "
-                      "a worker keeps features fresh.")
         if keep_serving:
+            console.print(f"\n[bold]tailbridge is serving at {url}/[/] (search page), API docs at {url}/docs; "
+                          "a worker keeps features fresh.")
             console.print("Ctrl-C stops the query handler and the worker; the stack stays up.")
             thread.join()
+        else:
+            console.print("\nThe query handler and the worker stop here (--no-serve); the stack stays up. "
+                          "`tailbridge serve` and `tailbridge worker` start them again.")
     except KeyboardInterrupt:
         pass
     finally:
