@@ -17,9 +17,9 @@ of the first alerting window minus T.
 
 Feature rows: the monitor reads ``--feature-sample`` users' and items' rows per bucket, as its
 processor does from Redis; here ``synthetic.drift.FeatureRows`` keeps the rows the worker would
-write in memory (warmed by 2 minutes of stream before the monitor starts, 24 h windows spanning
-60 s of stream time, so that they are in a steady state). Building them is the worker's work and
-is not timed; reading them is the monitor's and is. The original reads ``--no-drift-minutes`` more
+write in memory (warmed by 5 minutes of stream before the monitor starts, the worker's clock
+running fast so that a day is 5 s of stream time: 24 h counts and affinities in their steady
+state). Building them is the worker's work and is not timed; reading them is the monitor's and is. The original reads ``--no-drift-minutes`` more
 of the undrifted stream: its alerts are false alarms, and the share of evaluated windows with any
 alert is the measured per-window false-alarm rate (the calibrated one is ``alpha_window``).
 
@@ -136,12 +136,12 @@ def detect(snapshot: Monitor, rows: FeatureRows | None, kind: str, dataset, seed
 
 
 def one_run(run: int, dataset, config: MonitorConfig, embed, rate: float, no_drift_min: float, after_pin_s: float,
-            max_delay_s: float, decode_sample: int, feature_sample: int, warm_s: float = 120.0) -> dict:
+            max_delay_s: float, decode_sample: int, feature_sample: int, warm_s: float, day_s: float) -> dict:
     seed = 1000 + run
     start = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=run)
     rows = None
     if feature_sample:
-        rows = FeatureRows(dataset, config.bucket_s, feature_sample, day_s=min(60.0, config.warmup_s))
+        rows = FeatureRows(dataset, config.bucket_s, feature_sample, day_s=day_s)
         warm = Clock(start - timedelta(seconds=warm_s), rate)
         rows.warm(itertools.islice(simulate(dataset, seed=seed + 50, clock=warm), int(warm_s * rate)))
     clock = Clock(start, rate)
@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         started = time.monotonic()
         minutes = args.no_drift_minutes if args.no_drift_runs is None or run < args.no_drift_runs else 0.0
         runs.append(one_run(run, dataset, config, embed, args.rate, minutes, after_pin, args.max_delay,
-                            2_000 if args.smoke else 20_000, args.feature_sample, 20.0 if args.smoke else 120.0))
+                            2_000 if args.smoke else 20_000, args.feature_sample, 30.0 if args.smoke else 300.0,
+                            1.0 if args.smoke else 5.0))
         console.print(f"run {run}: {time.monotonic() - started:.0f} s, delays "
                       + ", ".join(f"{k} {fmt(v['delay_s'], 0)}" for k, v in runs[-1]["delays"].items())
                       + f", no-drift alerts {len(runs[-1]['no_drift']['alerts'])}")

@@ -54,7 +54,7 @@ def pinned(dataset):
     """A monitor past its reference (15 s of stream) and 8 s of more undrifted stream, with the
     Feast rows of a sample of its users and items (simulated in memory, warmed by 40 s of stream
     before it, so that they are in a steady state)."""
-    rows = FeatureRows(dataset, CONFIG.bucket_s, FEATURE_SAMPLE, day_s=3.0)
+    rows = FeatureRows(dataset, CONFIG.bucket_s, FEATURE_SAMPLE, day_s=1.0)
     rows.warm(itertools.islice(simulate(dataset, seed=11, clock=Clock(START - timedelta(seconds=40))), 40 * RATE))
     clock = Clock(START)
     monitor = Monitor(CONFIG, hashed_trigrams, FEATURES)
@@ -83,8 +83,8 @@ def test_phases_and_calibrated_thresholds(pinned):
     assert "q.length.wasserstein" in last.scores  # numbers get a Wasserstein score too
     assert last.outcomes["simulated-noisy-v1"]["searches"] > 0 and 0 < last.outcomes["simulated-noisy-v1"]["ctr"] < 1
     # every feature with rows in the window is scored: its value (and Wasserstein), its shares
-    assert {"f.item_stats.impressions_24h", "f.item_stats.impressions_24h.wasserstein", "f.user_context.session_id.default",
-            "f.item_stats.freshness", "f.user_context.rows.missing"} <= set(last.scores)
+    assert {"f.item_stats.impressions_24h", "f.user_context.session_id.default", "f.item_stats.freshness",
+            "f.item_stats.freshness.wasserstein", "f.user_context.rows.missing"} <= set(last.scores)
     assert monitor.counts["feature_rows"] > 0 and not monitor.counts["bad_feature_value"]
     # position-free head probabilities against per-impression outcomes: predicted above observed
     simulated = last.outcomes["simulated-noisy-v1"]
@@ -208,10 +208,11 @@ def test_a_signal_missing_from_the_reference_is_not_scored_and_never_fatal(datas
 
 
 def _observe_closed(monitor: Monitor, events: list, at: datetime) -> list:
-    """Feed events at ``at``, then one query and one interaction a bucket later so it closes."""
+    """Feed events at ``at``, then one query and one interaction a bucket later: the reports these
+    two close, the first of which ends with the bucket of ``at``."""
+    monitor.observe_all(events)  # may close the bucket before (``at`` may be where one begins)
     later = at + timedelta(seconds=CONFIG.bucket_s)
-    return monitor.observe_all([*events,
-                                InteractionEvent(action="impression", user_id="u", session_id="s", item_id="z",
+    return monitor.observe_all([InteractionEvent(action="impression", user_id="u", session_id="s", item_id="z",
                                                  event_time=later),
                                 QueryEvent(user_id="u", session_id="s", query_id="q-later", query="y", event_time=later)])
 

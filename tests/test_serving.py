@@ -186,6 +186,9 @@ def test_search_publishes_what_it_served(env, client):
     assert [(s["item_id"], s["position"]) for s in event["served"]] == \
         [(r["item_id"], r["position"]) for r in body["results"]]
     assert event["model_versions"] == body["model_versions"]
+    # for the drift monitor: what the answer went without, and the ranker's heads per item (a funnel)
+    assert event["degraded"] == body["degraded"]
+    assert all(0 <= s["p_purchase"] <= s["p_cart"] <= s["p_click"] <= 1 for s in event["served"]), event["served"]
 
 
 def test_events_endpoint_validates_and_publishes(env, client):

@@ -404,7 +404,9 @@ class Monitor:
             "o.ctr": 2, "o.cart": 2, "o.purchase": 2, "o.mrr": 3, "o.calibration": 2 * bins["served_score"],
             "q.degraded": 2, **{f"o.head.{head}": 3 * _BINS for head, _ in HEADS},
         }
-        feature_hist, feature_rates = [], []
+        # feature values: PSI only (a Wasserstein score each would double what every report holds);
+        # the freshness lag also gets its Wasserstein, in seconds
+        feature_hist, feature_rates, lags = [], [], []
         for view, names in self.features.items():
             for name, default in names.items():
                 signal = f"f.{view}.{name}"
@@ -416,7 +418,7 @@ class Monitor:
             self.dims[f"f.{view}.rows.missing"] = 2
             self.dims[f"f.{view}.freshness"] = bins[f"f.{view}.freshness"]
             feature_rates.append(f"f.{view}.rows.missing")
-            feature_hist.append(f"f.{view}.freshness")
+            lags.append(f"f.{view}.freshness")
         for bucket in self.open.values():  # opened during warm-up: they start the reference with no counts
             bucket.values = {name: [0.0] * size for name, size in self.dims.items()}
         hist = ["q.stratum", "q.key_mix", "q.script", "q.results", "q.version_mix", "i.action"]
@@ -426,7 +428,7 @@ class Monitor:
                       + [Test(n, "rate", n) for n in rates] + [Test("o.mrr", "mean", "o.mrr"),
                                                                Test("o.calibration", "calib", "o.calibration")]
                       + [Test(f"o.head.{head}", "heads", f"o.head.{head}") for head, _ in HEADS]
-                      + [Test(n, "hist", n, numeric=True) for n in feature_hist]
+                      + [Test(n, "hist", n) for n in feature_hist] + [Test(n, "hist", n, numeric=True) for n in lags]
                       + [Test(n, "rate", n) for n in feature_rates]
                       + ([Test("q.vector", "mmd", "q.vector")] if self.embed is not None else []))
 

@@ -28,7 +28,7 @@ import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from tailbridge.models.data import user_context
 from tailbridge.streams import item_stats
@@ -165,12 +165,14 @@ class FeatureRows:
     (the worker writes within about a second), so the lag is in stream time.
 
     A live system's rows are in a steady state; a simulation starts from none. ``warm`` folds an
-    earlier stretch of stream first (shoppers' recent items fill up), and the item counters'
-    windows are compressed so that 24 h span ``day_s`` seconds of stream time (the 1 h window
-    1/24 of it): the windowed counts stop growing once the stream is that old."""
+    earlier stretch of stream first (shoppers' recent items fill up), and the worker's clock runs
+    fast for the fold: a day of it is ``day_s`` seconds of stream time, so the item counters'
+    24 h windows and the affinities' 3-day half-life reach their steady state within the warm-up
+    instead of growing through the whole benchmark."""
 
-    def __init__(self, dataset: SynthDataset, bucket_s: float, per_bucket: int, day_s: float = 60.0):
+    def __init__(self, dataset: SynthDataset, bucket_s: float, per_bucket: int, day_s: float = 5.0):
         self.scale = 86_400 / day_s
+        self.origin_ms: int | None = None
         self.category = {item.item_id: item.category_path[-1] for item in dataset.items}
         self.sampler = Sampler(bucket_s, per_bucket)
         self.users: dict[str, tuple[dict, int]] = {}  # user -> (state, row ms)
@@ -194,14 +196,18 @@ class FeatureRows:
         return [self._row(view, entity, event.event_time, event_ms) for view, entity in picks]
 
     def _fold(self, event: _Event, event_ms: int) -> None:
+        """The worker's fold of one event, on the fast clock (``scaled_ms``)."""
+        if self.origin_ms is None:
+            self.origin_ms = event_ms
+        scaled_ms = self.origin_ms + int((event_ms - self.origin_ms) * self.scale)
         if isinstance(event, (QueryEvent, InteractionEvent)):
             state, _ = self.users.get(event.user_id) or (user_context.new_state(), 0)
             category = self.category.get(event.item_id) if isinstance(event, InteractionEvent) else None
-            user_context.apply(state, event, category)
+            fast = event.model_copy(update={"event_time": datetime.fromtimestamp(scaled_ms / 1000, UTC)})
+            user_context.apply(state, fast, category)
             self.users[event.user_id] = (state, event_ms)
         if isinstance(event, InteractionEvent):
             counters, _ = self.items.get(event.item_id) or ({}, 0)
-            scaled_ms = int(event_ms * self.scale)
             for field in item_stats.bucket_fields(event.action, scaled_ms):
                 counters[field] = counters.get(field, 0) + 1
             if len(counters) > 400:  # drop buckets out of their window, as the worker's flush does: bounded
