@@ -394,5 +394,9 @@ Score = {' + '.join(f'{m.weights[t]:g} * p({t})' for t in m.tasks)} (weights ove
 |{'---|' * len(metrics['test_auc'])}
 | {aucs} |
 
-`tailbridge eval ranker` adds nDCG@10 per page against the click baseline and the logged order.
+These AUCs are on logged labels, whose clicks follow the logged position as much as the item.
+`tailbridge eval ranker` adds nDCG@10 of the test pages re-ranked (logged labels, and IPS with the learned
+examination) against the comparison models and the logged order; on simulated data also the counterfactual
+metrics (the simulator's true position-free p(purchase) as each item's gain: expected purchase nDCG@10 and
+expected purchases per page), which the logged order's position advantage does not enter.
 """
