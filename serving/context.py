@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
@@ -27,6 +28,7 @@ from tailbridge.feature_repo.definitions import user_context
 from tailbridge.feature_repo.redis_rows import RedisRows, RowReader
 from tailbridge.models.data.user_context import as_context
 from tailbridge.settings import Settings
+from tailbridge.streams import rewrite_store
 from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
 
 # `features`, not `schema`: Feast's apply() adds the entity column (user_id) to the view's schema
@@ -156,40 +158,49 @@ class FeastOnlineFeatures:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+@dataclass(frozen=True)
+class LiveRewrites:
+    """A query's live rewrites, best first, and the rewriter version they came from (None when
+    there are none)."""
+
+    texts: list[str]
+    version: str | None
+
+
 class RewriteStore(Protocol):
-    """Rewrites for a normalised query (``tailbridge.vocab.normalize_query``), best first."""
+    """Rewrites for a normalised query (``tailbridge.vocab.normalize_query``)."""
 
-    version: str
-
-    async def get(self, query_key: str) -> list[str]: ...
+    async def get(self, query_key: str) -> LiveRewrites: ...
 
 
 class RedisRewriteStore:
-    """Rewrites as a Redis list per query key. Empty until a rewriter writes it: search
-    never invents rewrites. Reads are async (search); ``put`` is the writers' sync call."""
-
-    version = "redis-rewrites-v1"
+    """The live lists of the rewrite store (``streams.rewrite_store``), read with the version
+    each was written by, in one transaction. Empty until a rewriter writes them: search never
+    invents rewrites. Reads are async (search); ``put`` is a sync write of one live list."""
 
     def __init__(self, url: str, project: str, timeout_s: float = REDIS_SOCKET_TIMEOUT_S):
-        self._url, self._timeout_s = url, timeout_s
+        self._url, self._timeout_s, self._project = url, timeout_s, project
         self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._root = f"tb:{project}:rewrites"
 
     def key(self, query_key: str) -> str:
-        return f"{self._root}:{query_key}"
+        return rewrite_store.live_prefix(self._project) + query_key
 
-    async def get(self, query_key: str) -> list[str]:
-        return [raw.decode() for raw in await self._redis.lrange(self.key(query_key), 0, -1)]
+    async def get(self, query_key: str) -> LiveRewrites:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            rewrite_store.live_rewrites(pipe, self._project, query_key)
+            texts, version, serving = await pipe.execute()
+        texts = [raw.decode() for raw in texts]
+        version = version or serving
+        return LiveRewrites(texts, version.decode() if texts and version else None)
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
 
-    def put(self, query_key: str, rewrites: list[str]) -> None:
-        """Replace a query's rewrites (the rewriter's write; tests use it too)."""
+    def put(self, query_key: str, rewrites: list[str], version: str) -> None:
+        """Replace a query's live rewrites, as written by ``version`` (tests and tools; the
+        rewriter writes through ``streams.rewrite_store.RewriteWriter``)."""
         with redis.Redis.from_url(self._url, socket_timeout=self._timeout_s) as r, r.pipeline(transaction=True) as pipe:
-            pipe.delete(self.key(query_key))
-            if rewrites:
-                pipe.rpush(self.key(query_key), *rewrites)
+            rewrite_store.RewriteWriter(r, self._project).set_live(pipe, version, query_key, rewrites)
             pipe.execute()
 
     async def close(self) -> None:

@@ -157,7 +157,8 @@ class SearchService:
 
         serving = await self.index.current()
         try:
-            context, rewrites, routes = await self._retrieve(serving, request, limit, expr, filters, timer, degraded)
+            context, (rewrites, rewriter), routes = await self._retrieve(serving, request, limit, expr, filters, timer,
+                                                                         degraded)
         except SearchUnavailable:
             # The pinned collection may have been dropped by a reindex that moved the alias:
             # re-read it, and search again only if it now names another collection.
@@ -165,7 +166,8 @@ class SearchService:
             if fresh.collection == serving.collection:
                 raise
             serving, degraded[:] = fresh, []
-            context, rewrites, routes = await self._retrieve(serving, request, limit, expr, filters, timer, degraded)
+            context, (rewrites, rewriter), routes = await self._retrieve(serving, request, limit, expr, filters, timer,
+                                                                         degraded)
 
         with timer.stage("fuse"):
             candidates = fuse(routes)[:limit]
@@ -186,8 +188,10 @@ class SearchService:
         top = candidates[:request.k]
         hits = [self._hit(c, position, heads[position - 1] if heads else None, request.explain)
                 for position, c in enumerate(top, start=1)]
+        # The rewriter version is the one whose rewrites this search used (the rewrite feedback is
+        # attributed to it), "none" when it used none.
         versions = {"encoder": serving.version, "ranker": getattr(self.ranker, "version", "none"),
-                    "rewrites": getattr(self.rewrite_store, "version", "none")}
+                    "rewrites": rewriter or "none"}
 
         with timer.stage("publish"):
             self._publish(request, query_id, hits, heads[:len(hits)] if heads else None, rewrites, versions, degraded)
@@ -203,7 +207,8 @@ class SearchService:
                               model_versions=versions, timings_ms=timer.ms if request.explain else None)
 
     async def _retrieve(self, serving: Serving, request: SearchRequest, limit: int, expr: str, filters: TermFilters,
-                        timer: StageTimer, degraded: list[str]) -> tuple[dict[str, Any] | None, list[str], list[tuple[str, str, list[dict]]]]:
+                        timer: StageTimer, degraded: list[str]
+                        ) -> tuple[dict[str, Any] | None, tuple[list[str], str | None], list[tuple[str, str, list[dict]]]]:
         """Every route of one search, as concurrent as their inputs allow: the query's lexical
         search starts at once (it needs nothing else); the user context and the rewrites are
         read side by side; then the query and its rewrites are embedded in one batch (with the
@@ -216,7 +221,7 @@ class SearchService:
         query_lexical = asyncio.create_task(timer.timed("lexical_query", self.index.lexical(
             serving, [request.query], limit, expr, filters)))
         try:
-            context, rewrites = await reads
+            context, (rewrites, rewriter) = await reads
             texts = [request.query, *rewrites]
             vectors = await timer.timed("embed", serving.encoders.encode(texts, [context] * len(texts)))
             waiting = time.perf_counter()
@@ -233,7 +238,7 @@ class SearchService:
         sources = ["query", *(REWRITE_SOURCE_PREFIX + r for r in rewrites)]
         routes = [(src, "dense", hits) for src, hits in zip(sources, dense)]
         routes += [(src, "bm25", hits) for src, hits in zip(sources, lexical)]
-        return context, rewrites, routes
+        return context, (rewrites, rewriter), routes
 
     async def _context(self, request: SearchRequest, degraded: list[str]) -> dict[str, Any] | None:
         if not request.user_id:
@@ -246,16 +251,18 @@ class SearchService:
             degraded.append("user_context")
         return outcome.value
 
-    async def _rewrites(self, request: SearchRequest, degraded: list[str]) -> list[str]:
+    async def _rewrites(self, request: SearchRequest, degraded: list[str]) -> tuple[list[str], str | None]:
+        """The rewrites this search uses and the rewriter version they came from (None: none used)."""
         if self.rewrite_store is None:
             degraded.append("rewrites")
-            return []
+            return [], None
         key = normalize_query(request.query)
         outcome = await self.rewrites_guard.call(lambda: self.rewrite_store.get(key))
         if not outcome.ok:
             degraded.append("rewrites")
-            return []
-        return [r for r in dict.fromkeys(outcome.value) if normalize_query(r) != key][:MAX_REWRITES]
+            return [], None
+        used = [r for r in dict.fromkeys(outcome.value.texts) if normalize_query(r) != key][:MAX_REWRITES]
+        return used, outcome.value.version if used else None
 
     async def _add_item_stats(self, candidates: list[Candidate], degraded: list[str]) -> None:
         """Put each candidate's behaviour stats into its fields (the ranker's item features)."""

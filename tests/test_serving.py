@@ -105,7 +105,7 @@ def test_hybrid_search_ranked_with_explanation(client):
     assert [r["position"] for r in results] == list(range(1, len(CATALOG) + 1))  # the whole catalog is a candidate
     assert {"user_context", "rewrites", "embed", "retrieve", "fuse", "rank", "publish", "total"} <= set(body["timings_ms"])
     assert body["degraded"] == [] and body["rewrites"] == [] and body["personalized"] is False
-    assert body["model_versions"] == {"encoder": "minilm-l6-v2", "ranker": "tiny", "rewrites": "redis-rewrites-v1"}
+    assert body["model_versions"] == {"encoder": "minilm-l6-v2", "ranker": "tiny", "rewrites": "none"}  # none used
     velvet_sofa = next(r for r in results if r["item_id"] == "sofa-1")  # matches both words: both routes rank it high
     assert velvet_sofa["parts"]["dense_rank"] <= 3 and velvet_sofa["parts"]["bm25_rank"] <= 3
     assert set(velvet_sofa["parts"]["routes"]) == {"dense", "bm25"} and velvet_sofa["source"] in {"dense", "bm25"}
@@ -227,11 +227,18 @@ def test_an_event_from_the_future_is_refused_and_counted(client):
 def test_rewrites_from_the_store_are_searched_and_reported(env, client):
     settings, _, _ = env
     store = RedisRewriteStore(resolve_online_store(settings).redis_url, settings.feast_project)
-    store.put("something to sit on with friends", ["sofa"])
+    store.put("something to sit on with friends", ["sofa"], "rw-test-7")
     body = search(client, query="Something to sit on  with friends", k=5, explain=True)
     assert body["rewrites"] == ["sofa"]
     assert any(r["source"] == "rewrite:sofa" for r in body["results"]), body["results"]
     assert any(route.startswith("rewrite:sofa/") for r in body["results"] for route in r["parts"]["routes"])
+    # The version recorded is the one whose rewrites the search used, in the answer and the event
+    # the rewrite feedback is attributed by.
+    assert body["model_versions"]["rewrites"] == "rw-test-7"
+    event = consume_until(settings, TOPICS["queries"].topic(settings), lambda v: v["query_id"] == body["query_id"])
+    assert event["rewrites_used"] == ["sofa"] and event["model_versions"]["rewrites"] == "rw-test-7"
+    store.put("something to sit on with friends", [], "rw-test-7")  # the list gone: no rewrite, no version
+    assert search(client, query="something to sit on with friends", k=5)["model_versions"]["rewrites"] == "none"
 
 
 def test_health_readiness_and_metrics(client):
