@@ -74,7 +74,7 @@ class RewriteWorker:
                 self.counts["deferred"] += len(keys) - start
                 break
             part = list(keys[start:start + chunk])
-            rewrites = self.generator.rewrite(part, n=self.settings.rewrite_count, beams=self.settings.rewrite_beams)
+            rewrites = self.generator.rewrite(part, n=self.settings.rewrite_count, beams=self.settings.rewrite_worker_beams)
             for key, texts in zip(part, rewrites):
                 if texts:
                     out[key] = texts

@@ -116,6 +116,14 @@ class Settings(BaseSettings):
     )
     rewrite_count: int = Field(2, ge=1, le=3, description="Rewrites stored per query (search uses up to 3).")
     rewrite_beams: int = Field(4, ge=1, le=16, description="Beam width of the rewriter when it fills the rewrite store.")
+    rewrite_worker_beams: int = Field(
+        1, ge=1, le=16, description="Beam width of the stream's rewrite worker (1: greedy, one rewrite per query; "
+        "its latency target is 150 ms per query on one core)."
+    )
+    rewrite_int8: bool = Field(
+        True, description="Generate rewrites on a CPU with int8 Linear layers (torch dynamic quantization); "
+        "training always uses the full-precision model."
+    )
     rewrite_rare_max_seen: int = Field(
         3, ge=1, description="A query searched at most this many times (in the log, or on the stream within "
         "rewrite_seen_ttl_s) is long-tail: the rewriter writes rewrites for it."

@@ -12,12 +12,14 @@ import pytest
 import redis
 
 from tailbridge.feature_repo.online import resolve_online_store
-from tailbridge.models.rewriting.bounds import MAX_REWRITE_CHARS, clean_query, distinct_rewrites
+from tailbridge.models.rewriting.bounds import MAX_REWRITE_CHARS, MAX_REWRITE_WORDS, clean_query, distinct_rewrites
 from tailbridge.serving.context import RedisRewriteStore
 from tailbridge.streams.events import QueryEvent
 from tailbridge.streams.rewrite_store import RewriteWriter
 from tailbridge.streams.rewrite_worker import RewriteWorker
 from tailbridge.streams.topics import TOPICS, create_topics, make_producer
+from tailbridge.vocab import normalize_query
+from tests.rewriter_tiny import tiny_generator
 
 pytestmark = pytest.mark.integration
 
@@ -63,6 +65,50 @@ def test_versions_are_written_beside_the_live_lists_and_promoted(env):
     assert not r.exists(writer.live_key("cat on counter")) and writer.get("v1", "cat on counter") == ["cat deterrent mat"]
     assert writer.promote("v1")["live"] == 3  # roll back: v1 kept its lists
     assert writer.count("v2") == 1
+
+
+def test_search_reads_each_live_list_with_the_version_it_came_from(env):
+    """Search records the version whose rewrites it used: per live list, also while a promotion
+    has copied some lists of the new version and not yet moved the serving pointer."""
+    import asyncio
+
+    settings, url, r = env
+    project = settings.feast_project + "_lv"
+    writer = RewriteWriter.from_url(url, project)
+
+    def read(query_key: str):
+        async def go():
+            store = RedisRewriteStore(url, project)
+            try:
+                return await store.get(query_key)
+            finally:
+                await store.close()
+        got = asyncio.run(go())
+        return got.texts, got.version
+
+    try:
+        assert read("dog pulls on walks") == ([], None)  # nothing written: no rewrites, no version
+        writer.put_many("v1", {"dog pulls on walks": ["no-pull dog harness"], "cat on counter": ["cat deterrent mat"]})
+        writer.promote("v1")
+        assert read("dog pulls on walks") == (["no-pull dog harness"], "v1")
+        writer.put_many("v2", {"dog pulls on walks": ["dog harness"]})  # not serving: the live list stays v1's
+        assert read("dog pulls on walks") == (["no-pull dog harness"], "v1")
+        # Mid-promotion: v2's list copied over the live one, the pointer still on v1.
+        with r.pipeline(transaction=True) as pipe:
+            writer.set_live(pipe, "v2", "dog pulls on walks", ["dog harness"])
+            pipe.execute()
+        assert writer.serving_version() == "v1" and read("dog pulls on walks") == (["dog harness"], "v2")
+        assert read("cat on counter") == (["cat deterrent mat"], "v1")
+        writer.promote("v2")  # v2 has no list for the cat query: its live list and version go
+        assert read("cat on counter") == ([], None) and writer.live_version("cat on counter") is None
+        writer.promote("v1")  # roll back
+        assert read("dog pulls on walks") == (["no-pull dog harness"], "v1") and writer.live_version("cat on counter") == "v1"
+        # A live list written before lists recorded their version reads as the serving version's.
+        r.hdel(f"tb:{project}:rewriter@live", "cat on counter")
+        assert read("cat on counter") == (["cat deterrent mat"], "v1")
+    finally:
+        for key in r.scan_iter(f"tb:{project}:*", count=1000):
+            r.delete(key)
 
 
 def test_worker_writes_rewrites_for_new_rare_queries_only(env):
@@ -116,3 +162,35 @@ def test_generation_past_the_deadline_is_deferred_not_waited_for(env):
     written = worker.handle(events)
     assert time.monotonic() - started < 1.5  # 0.5 s deadline + the chunk running when it passed
     assert written == 2 and worker.counts["deferred"] == 2
+
+
+def test_worker_with_the_real_generator_survives_bad_queries(env):
+    """Bad input through the real generating path (a tiny GPT-2, int8 as the worker runs it):
+    nothing crashes the worker, and whatever it writes is a valid rewrite of the query's key."""
+    import torch
+
+    torch.set_num_threads(1)
+    settings, url, r = env
+    writer = RewriteWriter.from_url(url, settings.feast_project)
+    generator = tiny_generator(["no-pull dog harness", "cat deterrent mat", "velvet sofa"]).quantized()
+    assert generator.int8
+    worker = RewriteWorker(settings.model_copy(update={"rewrite_deadline_s": 30.0}), generator, "bad-input", writer)
+    texts = ["   ", "\x00\x01\x1b\x7f\u200b", "x" * 512, "dog " * 128, "狗绳 防止拉扯", "كلب مقود", "🐕🦮 leash",
+             "dog\u202eleash\u200b", "DOG  LEASH\t\n", "\n\n\nsofa\n", "a"]
+    values = [QueryEvent(user_id="u", session_id="s", query_id=f"bad{i}", query=t).model_dump_json().encode()
+              for i, t in enumerate(texts)]
+    # A lone surrogate (valid JSON, not encodable as UTF-8), invalid UTF-8 and a query over the contract's limit.
+    values += [b'{"type": "query", "user_id": "u", "session_id": "s", "query_id": "sur", "query": "dog \\ud800 leash"}',
+               b'{"type": "query", "user_id": "u", "session_id": "s", "query_id": "utf", "query": "dog \xff leash"}',
+               QueryEvent.model_construct(user_id="u", session_id="s", query_id="long", query="y" * 5000)
+               .model_dump_json().encode()]
+    worker.handle(values)
+    assert worker.counts["queries"] + worker.counts["unparsable"] == len(values)
+    keys = [raw.decode()[len(writer.key("bad-input", "")):] for raw in r.scan_iter(writer.key("bad-input", "*"))]
+    for key in keys:
+        rewrites = writer.get("bad-input", key)
+        assert rewrites, key  # an entry is written only with rewrites in it
+        for rewrite in rewrites:
+            assert rewrite.strip() and rewrite.isprintable() and normalize_query(rewrite) != key
+            assert len(rewrite) <= MAX_REWRITE_CHARS and len(rewrite.split()) <= MAX_REWRITE_WORDS
+    assert "" not in keys and normalize_query("\x00\x01\x1b\x7f\u200b") not in keys  # nothing printable: no rewrite

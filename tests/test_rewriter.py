@@ -16,6 +16,7 @@ from tailbridge.models.data.loaders import load_dataset
 from tailbridge.models.rewriting import feedback as stage2
 from tailbridge.models.rewriting.bounds import MAX_QUERY_CHARS, MAX_REWRITE_CHARS, MAX_REWRITE_WORDS, accept_rewrite, clean_query
 from tailbridge.models.rewriting.evaluate import evaluate
+from tailbridge.models.rewriting.generator import GeneratorError
 from tailbridge.models.rewriting.losses.bradley_terry import bradley_terry_loss, sequence_scores
 from tailbridge.models.rewriting.mining import MiningConfig, auxiliary, mine_pairs
 from tailbridge.models.rewriting.search import ExactSearch
@@ -29,7 +30,8 @@ from tailbridge.vocab import normalize_query
 from tests.rewriter_tiny import tiny_generator
 
 BAD_QUERIES = ["", "   ", "\x00\x01\x1b\x7f\u200b", "a" * 50_000, "dog " * 5_000, "狗绳 防止拉扯", "كلب مقود",
-               "🐕🦮 leash", "dog\u202eleash\u200b", "\ud800 lone surrogate", "x"]
+               "🐕🦮 leash", "dog\u202eleash\u200b", "\ud800 lone surrogate", "x", "\n\n\nsofa\n", "ＤＯＧ\tLEASH",
+               "собачий поводок " * 40, "ऑफ़र " * 60]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,13 +92,41 @@ def tiny(tmp_path_factory) -> dict:
 
 
 def test_generator_survives_bad_input(tiny):
+    """fp32 (training, stage 2) and int8 (the worker and the fill), greedy and beam."""
     generator = tiny["make"]()
-    for beams in (1, 2):
-        out = generator.rewrite(BAD_QUERIES, n=2, beams=beams)
-        assert len(out) == len(BAD_QUERIES)
-        assert out[0] == [] and out[1] == [] and out[2] == []  # nothing printable: no rewrite
-        for query, rewrites in zip(BAD_QUERIES, out):
-            assert all(_valid(query, r) for r in rewrites), (query, rewrites)
+    for model in (generator, generator.quantized()):
+        for beams in (1, 2):
+            out = model.rewrite(BAD_QUERIES, n=2, beams=beams)
+            assert len(out) == len(BAD_QUERIES)
+            assert out[0] == [] and out[1] == [] and out[2] == []  # nothing printable: no rewrite
+            for query, rewrites in zip(BAD_QUERIES, out):
+                assert all(_valid(query, r) for r in rewrites), (query, rewrites)
+                assert len(rewrites) == len({normalize_query(r) for r in rewrites}) <= 2
+    assert generator.fit_query("собачий поводок " * 40) and len(generator.tokenizer(
+        generator.fit_query("ऑफ़र " * 60), add_special_tokens=False)["input_ids"]) <= 48  # bytes-split script, cut
+
+
+def test_an_echo_of_the_query_is_never_a_rewrite(tiny):
+    """Whatever the model says, a generation that is the query again (case, spacing, full-width
+    forms, a trailing line) or nothing is dropped, and the query then has no rewrite."""
+    generator = tiny["make"]()
+    query = "No-Pull  Dog Harness"
+    echoes = [" no-pull dog harness", "NO-PULL DOG HARNESS\nmore", " ｎｏ-ｐｕｌｌ ｄｏｇ ｈａｒｎｅｓｓ", "   ", "\n", ""]
+    generator.generate = lambda prompts, beams=1, returns=1: [echoes[:returns] for _ in prompts]
+    assert generator.rewrite([query], n=2, beams=len(echoes)) == [[]]
+    generator.generate = lambda prompts, beams=1, returns=1: [[" no-pull dog harness", " dog lead"][:returns] for _ in prompts]
+    assert generator.rewrite([query], n=2, beams=2) == [["dog lead"]]
+
+
+def test_int8_generation_stops_at_the_first_line(tiny):
+    generator = tiny["make"]()
+    quantized = generator.quantized()
+    assert quantized.int8 and not generator.int8 and quantized.quantized() is quantized
+    assert generator.tokenizer.eos_token_id in generator.stop_ids
+    newline = generator.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) != 1 or newline[0] in generator.stop_ids
+    with pytest.raises(GeneratorError, match="generation only"):
+        quantized.save(tiny["root"] / "never")
 
 
 def test_mined_pairs_pass_rejection_sampling(tiny):

@@ -59,7 +59,8 @@ def resolve(root: Path, version: str | None = None, stage: str | None = None) ->
     return found[-1]
 
 
-def load_version(root: Path, version: str, device: str | None = None) -> Generator:
+def load_version(root: Path, version: str, device: str | None = None, int8: bool = False) -> Generator:
+    """A version's generator; ``int8``: quantized for generation on a CPU (never to train)."""
     if read_record(root, version) is None:
         raise VersionError(f"no rewriter version {version!r} under {root}")
-    return load_dir(Path(root) / version, device)
+    return load_dir(Path(root) / version, device, int8)

@@ -221,7 +221,7 @@ def fill(
     try:
         record = resolve(models_root(settings), version)
         keys = tail_queries(data, feedback or default_feedback(data), settings.rewrite_rare_max_seen)[:max_queries]
-        generator = load_version(models_root(settings), record["version"])
+        generator = load_version(models_root(settings), record["version"], int8=settings.rewrite_int8)
     except _errors() as exc:
         _fail(str(exc))
     writer = _writer(settings)
@@ -271,10 +271,11 @@ def worker(
     writer = _writer(settings)
     try:
         record = resolve(models_root(settings), version or writer.serving_version())
-        generator = load_version(models_root(settings), record["version"])
+        generator = load_version(models_root(settings), record["version"], int8=settings.rewrite_int8)
     except _errors() as exc:
         _fail(str(exc))
-    console.print(f"rewrite worker: version {record['version']}, group {RewriteWorker.group_id(settings)}")
+    console.print(f"rewrite worker: version {record['version']}{' (int8)' if generator.int8 else ''}, beams "
+                  f"{settings.rewrite_worker_beams}, group {RewriteWorker.group_id(settings)}")
     try:
         RewriteWorker(settings, generator, record["version"], writer).run(report=console.print)
     except KeyboardInterrupt:
@@ -288,16 +289,33 @@ DEMO_REWRITER_MINUTES = 4.0
 DEMO_FILL_QUERIES = 24  # test tail queries rewritten ahead of time in the demo (the worker does the rest live)
 
 
+def _demo_writer(settings: Settings, say: Callable[[str], None]):
+    """The rewrite store's writer, or None (said) when there is no Redis: the demo goes on."""
+    from tailbridge.feature_repo.online import resolve_online_store
+    from tailbridge.streams.rewrite_store import RewriteWriter
+
+    url = resolve_online_store(settings).redis_url
+    if url is None:
+        say("[yellow]the rewrite store needs Redis (the online store is the SQLite fallback): "
+            "search serves without rewrites[/]")
+        return None
+    return RewriteWriter.from_url(url, settings.feast_project)
+
+
 def demo_rewriter(settings: Settings, data_dir: Path, say: Callable[[str], None] = console.print) -> str | None:
     """Train a small rewriter on the demo data within ``DEMO_REWRITER_MINUTES`` (a finished
-    version is reused), then fill the store for some test tail queries with it and promote it.
-    Returns the version, or None (said) when there is none."""
+    version is reused), then fill the store for some test tail queries with it (int8, greedy:
+    the serving-time settings) and promote it. Returns the version, or None (said) when there
+    is none."""
     from tailbridge.models.data.loaders import load_dataset
     from tailbridge.models.rewriting.generator import load_base
     from tailbridge.models.rewriting.train import RewriterConfig, train
     from tailbridge.models.rewriting.versions import VersionError, load_version, resolve
     from tailbridge.vocab import normalize_query
 
+    writer = _demo_writer(settings, say)
+    if writer is None:
+        return None
     root = models_root(settings)
     try:
         record = resolve(root, f"{DEMO_REWRITER_NAME}-aligned")
@@ -314,8 +332,7 @@ def demo_rewriter(settings: Settings, data_dir: Path, say: Callable[[str], None]
     dataset = load_dataset(data_dir)
     test = dataset.split("test")
     keys = sorted({normalize_query(dataset.queries[q]) for q in test if dataset.strata.get(q) == "tail"})[:DEMO_FILL_QUERIES]
-    writer = _writer(settings)
-    generator = load_version(root, record["version"])
+    generator = load_version(root, record["version"], int8=settings.rewrite_int8)
     stats = fill_store(generator, writer, record["version"], keys, settings.model_copy(update={"rewrite_beams": 1}))
     writer.promote(record["version"])
     say(f"{record['version']}: rewrites for {stats['with_rewrites']} of {stats['queries']} test tail queries in "
@@ -323,19 +340,43 @@ def demo_rewriter(settings: Settings, data_dir: Path, say: Callable[[str], None]
     return record["version"]
 
 
+def _only_from_rewrites(hit: dict[str, Any]) -> bool:
+    """Every route that retrieved the result is a rewrite's: the query's own routes did not
+    have it among their candidates (``serve_candidates`` per route)."""
+    routes = (hit.get("parts") or {}).get("routes") or []
+    return bool(routes) and all(route.startswith("rewrite:") for route in routes)
+
+
 def show_rewritten(client: Any, settings: Settings, console: Console, print_results: Callable) -> None:
-    """The first filled query whose served top 5 includes results from a rewrite's routes."""
-    writer = _writer(settings)
-    version = writer.serving_version()
+    """A filled query whose served top 5 has results that only its rewrites retrieved (a
+    rewrite that changed the results), printed with each such result's rewrite and routes; else
+    the first whose top 5 has a result that ranked best on a rewrite's route."""
+    writer = _demo_writer(settings, console.print)
+    version = writer.serving_version() if writer is not None else None
     if version is None:
         return
     prefix = writer.key(version, "")
+    fallback = None
     for raw in sorted(writer._redis.scan_iter(match=prefix + "*", count=1000)):
-        query = raw.decode()[len(prefix):]
-        request = {"query": query, "k": 5, "explain": True}
+        request = {"query": raw.decode()[len(prefix):], "k": 5, "explain": True}
         body = client.post("/search", json=request).json()
-        if any(hit["source"].startswith("rewrite:") for hit in body.get("results", [])):
-            print_results(console, f"rewritten long-tail query (rewrites: {'; '.join(body['rewrites'])})", request, body)
-            console.print("  results whose route says rewrite:<text> came from that rewrite (the page's explain shows it)")
+        results = body.get("results", [])
+        changed = [hit for hit in results if _only_from_rewrites(hit)]
+        if changed:
+            print_results(console, f"rewritten long-tail query (rewriter {body['model_versions']['rewrites']}, "
+                                   f"rewrites: {'; '.join(body['rewrites'])})", request, body)
+            for hit in changed:
+                console.print(f"  [green]#{hit['position']} {hit['title']!r}[/] came only from the rewrite "
+                              f"{hit['source'][len('rewrite:'):]!r} ({', '.join(hit['parts']['routes'])}): the query's "
+                              f"own routes did not have it in their top {settings.serve_candidates}")
+            console.print("  the search page shows each result's route (with explain, every route that found it)")
             return
-    console.print("[yellow]no filled query's top 5 has a result from its rewrites[/]")
+        if fallback is None and any(hit["source"].startswith("rewrite:") for hit in results):
+            fallback = (request, body)
+    if fallback is None:
+        console.print("[yellow]no filled query's top 5 has a result from its rewrites[/]")
+        return
+    request, body = fallback
+    print_results(console, f"rewritten long-tail query (rewrites: {'; '.join(body['rewrites'])})", request, body)
+    console.print("  results whose route says rewrite:<text> ranked best on that rewrite's route (the query's own "
+                  "routes found them too); the page's explain shows every route")
