@@ -247,3 +247,23 @@ def test_monitor_smoke(tmp_path):
     assert summary["delays"]["feature-missing"]["median_s"] is not None
     assert summary["windows_evaluated"] > 0 and summary["per_window_rate"] is not None
     assert summary["monitor_events_per_s_median"] > 0 and summary["state_bytes_last_median"] > 0
+
+
+def test_rewriter_smoke(tmp_path):
+    """The rewriter's generation benchmark, in process (no stack), on a tiny model saved here:
+    every latency configuration, the worker's path and the offline fill, with the target verdicts."""
+    from tests.rewriter_tiny import tiny_generator
+
+    model = tmp_path / "tiny-rewriter"
+    tiny_generator(["no-pull dog harness", "velvet sofa for the living room", "cat deterrent mat"]).save(model)
+    result, output = SmokeRun.start("rewriter", tmp_path, "--model", str(model)).finish(300)
+    assert result["meta"]["smoke"] is True and result["threads"] == 1 and "serving-time target" in output
+    latency = result["latency"]
+    assert {"fp32 beam 4", "fp32 greedy", "int8 greedy", "int8 beam 2"} <= set(latency)
+    for name, r in latency.items():
+        assert r["count"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"], (name, r)
+    assert latency["int8 greedy"]["same_first_rewrite_as_fp32_greedy"] is not None
+    assert result["generator"]["prompt_tokens"]["max"] >= result["generator"]["instruction_tokens"] > 0
+    assert result["worker"]["per_query"]["count"] > 0 and result["worker"]["per_query"]["p50_ms"] > 0
+    assert result["fill"] and all(f["queries"] > 0 and f["queries_per_s"] > 0 for f in result["fill"].values())
+    assert result["targets"]["serving_p50"]["pass"] in (True, False) and len(result["loadavg_end"]) == 3
