@@ -6,7 +6,9 @@
 1. Demo data (``tailbridge data synth``) and a simulated feedback log of ``--sessions`` shopper
    sessions (``synthetic.feedback``), cut in time by searches: the first 60% train the retriever
    (``--minutes`` of budget; the artifact under ``--out`` is reused by the next run), the next
-   20% are what the refresh reads, the last 20% are the next window.
+   20% are what the refresh reads, the last 20% are the next window. ``--new-items`` of the
+   catalog (10%, seeded) are new since training: the retriever trains on a copy of the data
+   without them (their judgements and log rows with them), so they have no graph row.
 2. One refresh (``models.retrieval.behaviour.refresh``) of the trained version from the middle
    window: fold-in against the trained factors, the overlay beside the artifact.
 3. Recall@100 of the next window's engaged (query, item) pairs, exact search over the catalog
@@ -30,12 +32,29 @@ from pathlib import Path
 from tailbridge.bench.common import console, run_meta, write_json
 
 
+def without_items(data: Path, out: Path, item_ids: set[str]) -> Path:
+    """A copy of BEIR-layout demo data without ``item_ids`` in its corpus and judgements."""
+    import shutil
+
+    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    for name in ("queries.jsonl", "users.jsonl", "manifest.json"):
+        shutil.copy(data / name, out / name)
+    with open(data / "corpus.jsonl") as src, open(out / "corpus.jsonl", "w") as dst:
+        dst.writelines(line for line in src if json.loads(line)["_id"] not in item_ids)
+    for qrels in (data / "qrels").glob("*.tsv"):
+        lines = qrels.read_text().splitlines(keepends=True)
+        (out / "qrels" / qrels.name).write_text(lines[0] + "".join(
+            line for line in lines[1:] if line.split("\t")[1] not in item_ids))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1500)
     parser.add_argument("--users", type=int, default=60)
     parser.add_argument("--sessions", type=int, default=6000)
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget of the retriever")
+    parser.add_argument("--new-items", type=float, default=0.1, help="share of the catalog added after training")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("data/bench-behaviour"))
@@ -62,10 +81,14 @@ def main(argv: list[str] | None = None) -> dict:
     frame = frame.sort_values(["event_time", "query_id", "position"], ignore_index=True)
     searches = frame.drop_duplicates("query_id")["event_time"].tolist()
     train_end, refresh_end = searches[int(len(searches) * 0.6) - 1], searches[int(len(searches) * 0.8) - 1]
+    items = list(load_dataset(data).items.values())
+    rng = np.random.default_rng(args.seed)
+    new_items = {str(it["item_id"]) for it in items if rng.random() < args.new_items}
     if not behaviour.factors_path(model_dir).is_file():
         started = time.monotonic()
         write_feedback(frame[frame["event_time"] <= train_end], args.out / "train-log")
-        train(data, model_dir.parent, model_dir.name, cfg=TrainConfig(max_minutes=args.minutes, export_onnx=False),
+        train(without_items(data, args.out / "train-data", new_items), model_dir.parent, model_dir.name,
+              cfg=TrainConfig(max_minutes=args.minutes, export_onnx=False),
               feedback_dir=args.out / "train-log", say=lambda line: console.print(f"  {line}"))
         console.print(f"trained {model_dir.name} in {(time.monotonic() - started) / 60:.1f} min")
     (model_dir / behaviour.OVERLAY_FILE).unlink(missing_ok=True)  # measure from the trained rows
@@ -87,7 +110,6 @@ def main(argv: list[str] | None = None) -> dict:
         "new_queries": lambda q, i: q not in trained_queries,
         "all": lambda q, i: True,
     }
-    items = list(load_dataset(data).items.values())
     window = frame[frame["event_time"] > refresh_end]
     recall = behaviour.next_window_recall(items, window, {"before": before, "after": after}, groups, k=100)
     report = {
@@ -97,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "changed_items": len(result.changed_items), "changed_queries": len(result.changed_queries),
                     "item_rows": len(folded), "query_rows": len(result.overlay.query_rows),
                     "fold_in_seconds": round(fold_s, 2)},
-        "graph_at_training": {"items": len(trained_items), "queries": len(trained_queries)},
+        "graph_at_training": {"items": len(trained_items), "queries": len(trained_queries),
+                              "catalog": len(items), "new_items": len(new_items)},
         "recall@100": recall,
     }
     for group in groups:

@@ -1,10 +1,12 @@
 """The behaviour refresh (models/retrieval/behaviour.py, tailbridge/cli/behaviour.py): fold-in
 math on a hand-made graph, the refresh of an overlay from logged rows, the overlay in the torch
 and ONNX encoders, and one refresh on a real Milvus collection (only the changed items' vectors
-move; their text, filters and content version stay)."""
+move; their text, filters and content version stay; the query handler's index switches to the
+new overlay with the same collection and version)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -164,31 +166,38 @@ def test_refresh_reupserts_only_changed_items_in_milvus(artifact, stack_settings
     from tailbridge.cli.behaviour import refresh_behaviour
     from tailbridge.models.data.feedback import write_feedback
     from tailbridge.models.retrieval.encoders import UnifiedEncoder
+    from tailbridge.serving.index import ServingIndex
     from tailbridge.streams import item_index
     from tailbridge.vocab import item_text
 
-    out, f, items, _ = artifact
+    out, f, items, queries = artifact
     (out / behaviour.OVERLAY_FILE).unlink(missing_ok=True)  # the previous test's: start from the trained rows
     settings = stack_settings.model_copy(update={"topic_prefix": f"behaviour-{out.parent.name[-8:]}"})
     milvus = item_index.connect(settings)
     version = str(out)  # a path is a version (encoders.retriever_dir)
-    collection = item_index.create_collection(milvus, settings, version, UnifiedEncoder(out).dim)
+    encoder = UnifiedEncoder(out)
+    collection = item_index.create_collection(milvus, settings, version, encoder.dim)
     try:
         catalog = items[:80]
-        milvus.upsert(collection, item_index.rows(catalog, UnifiedEncoder(out).encode_items(catalog), version,
-                                                  item_text, updated_ms=1234))
+        milvus.upsert(collection, item_index.rows(catalog, encoder.encode_items(catalog), version, item_text,
+                                                  updated_ms=1234))
         item_index.point_alias(milvus, settings, version)
-        known_query = f.queries[0]
+        known_query, new_query = f.queries[0], normalize_query(queries[35])
         new_item = next(it for it in catalog[60:] if it["item_id"] not in f.items)
-        write_feedback(log_rows([(known_query, {new_item["item_id"]: "purchased"})], datetime(2024, 1, 1, tzinfo=UTC)),
-                       tmp_path / "log")
+        neighbour = next(i for (q, i) in f.edges if q == known_query)
+        write_feedback(log_rows([(known_query, {new_item["item_id"]: "purchased"}), (new_query, {neighbour: "clicked"})],
+                                datetime(2024, 1, 1, tzinfo=UTC)), tmp_path / "log")
         fields = ["item_id", "vector", *item_index.CONTENT_FIELDS, "updated_ms", "model_version"]
         before = {r["item_id"]: r for r in milvus.query(collection, filter="", output_fields=fields, limit=100)}
+        handler = ServingIndex(settings, encoder_threads=1)
+        serving = asyncio.run(handler.refresh())
+        old_query_vec = asyncio.run(serving.encoders.encode([new_query], [None]))[0]
         report = refresh_behaviour(settings, tmp_path / "log", say=lambda _: None)
         assert report.refreshed and report.refreshes == 1 and report.new_items == 1
         assert report.upserted == report.changed_items >= 1
         after = {r["item_id"]: r for r in milvus.query(collection, filter="", output_fields=fields, limit=100)}
-        expected = UnifiedEncoder(out).encode_items([new_item])[0]
+        encoder.apply_overlay(behaviour.read_overlay(out))  # what the refresh encoded with
+        expected = encoder.encode_items([new_item])[0]
         np.testing.assert_allclose(after[new_item["item_id"]]["vector"], expected, atol=1e-5)
         moved = {i for i in after if not np.allclose(after[i]["vector"], before[i]["vector"], atol=1e-6)}
         assert new_item["item_id"] in moved and len(moved) <= report.changed_items
@@ -196,7 +205,17 @@ def test_refresh_reupserts_only_changed_items_in_milvus(artifact, stack_settings
             assert {k: v for k, v in row.items() if k != "vector"} == \
                    {k: v for k, v in before[item_id].items() if k != "vector"}
         assert not (out / behaviour.PENDING_FILE).exists()
+        # The handler loads the new overlay beside the pool it serves with, then switches: same
+        # collection and version, the new query's behaviour rows.
+        refreshed = asyncio.run(handler.refresh())
+        assert (refreshed.collection, refreshed.version) == (serving.collection, serving.version)
+        assert refreshed.encoders is not serving.encoders
+        new_query_vec = asyncio.run(refreshed.encoders.encode([new_query], [None]))[0]
+        np.testing.assert_allclose(new_query_vec, encoder.encode_queries([new_query])[0], atol=1e-4)
+        assert float(new_query_vec @ old_query_vec) < 0.9999
+        handler.close()
         second = refresh_behaviour(settings, tmp_path / "log", say=lambda _: None, thresholds=True)
         assert not second.refreshed and "no searches logged" in second.note
     finally:
+        milvus.drop_alias(item_index.alias_name(settings))
         milvus.drop_collection(collection)
