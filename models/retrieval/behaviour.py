@@ -245,20 +245,6 @@ def apply_to_model(model, featurizer, overlay: Overlay | None) -> None:
         setattr(featurizer, attr, rows)
 
 
-def encoder_as_of(model_dir: Path, frame: pd.DataFrame, until: pd.Timestamp):
-    """The version's torch encoder with the rows a refresh would have made from the log up to
-    ``until`` (its trained rows alone without saved factors): what the gate scores a serving
-    version with on a slice held out after ``until``, whose own engagements the live overlay
-    may already hold."""
-    from tailbridge.models.retrieval.encoders import UnifiedEncoder
-
-    encoder = UnifiedEncoder(Path(model_dir), behaviour_overlay=False)
-    if factors_path(model_dir).is_file():
-        refreshed = refresh(GraphFactors.load(factors_path(model_dir)), None, frame, until=until)
-        encoder.apply_overlay(refreshed.overlay)
-    return encoder
-
-
 # ------------------------------------------------------------------ measuring a refresh
 
 

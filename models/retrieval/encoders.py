@@ -166,6 +166,21 @@ class UnifiedEncoder:
         return out
 
 
+def encoder_as_of(model_dir: Path, frame, until) -> UnifiedEncoder:
+    """A trained version's torch encoder with the behaviour rows a refresh would have made from
+    the feedback log ``frame`` up to ``until`` (its trained rows alone without saved factors):
+    what the gate scores a serving version with on a slice held out after ``until``, whose own
+    engagements the live overlay may already hold (``models.retrieval.behaviour``)."""
+    from tailbridge.models.retrieval import behaviour
+    from tailbridge.models.retrieval.graph import GraphFactors
+
+    encoder = UnifiedEncoder(Path(model_dir), behaviour_overlay=False)
+    if behaviour.factors_path(model_dir).is_file():
+        factors = GraphFactors.load(behaviour.factors_path(model_dir))
+        encoder.apply_overlay(behaviour.refresh(factors, None, frame, until=until).overlay)
+    return encoder
+
+
 def retriever_dir(version: str) -> Path:
     """Where a trained retriever version lives: a path as given, else DATA_DIR/models/retriever/<version>."""
     from tailbridge.settings import get_settings

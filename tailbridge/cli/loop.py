@@ -146,8 +146,7 @@ def ranker_step(settings: Settings, data: Path, log: Path, cutoff, slice_, say: 
 def retriever_step(settings: Settings, data: Path, log: Path, cutoff, slice_, say: Say) -> KindReport:
     from tailbridge.models import alignment
     from tailbridge.models.data.feedback import read_feedback
-    from tailbridge.models.retrieval import behaviour
-    from tailbridge.models.retrieval.encoders import load_encoder
+    from tailbridge.models.retrieval.encoders import encoder_as_of, load_encoder
 
     registry = Registry(models_root(settings.data_dir))
     serving = registry.read().serving("retriever")
@@ -172,7 +171,7 @@ def retriever_step(settings: Settings, data: Path, log: Path, cutoff, slice_, sa
         # Serving with the behaviour rows it had at the cutoff: its live overlay may hold the
         # held-out slice's own engagements (models.retrieval.behaviour).
         encoder = load_encoder(str(where)) if name == "candidate" else \
-            behaviour.encoder_as_of(where, read_feedback(log), cutoff[0])
+            encoder_as_of(where, read_feedback(log), cutoff[0])
         scores[name] = alignment.retriever_replay(encoder, rd, searches) | {
             "judged_ndcg@10": alignment.retriever_judged(encoder, data, settings.loop_gate_max_queries)}
     report.gate = _gate(settings, scores["candidate"], scores["serving"],
