@@ -162,6 +162,16 @@ def decode_stats(raw: Mapping[bytes | str, bytes | str]) -> dict[str, RewriteEvi
             for r, sides in per.items()}
 
 
+def read_all_stats(redis_client, settings: Settings) -> dict[str, dict[str, RewriteEvidence]]:
+    """Every query's statistics, by query key (the alignment loop orders rewrites by them)."""
+    prefix = stats_key(settings, "")
+    out = {}
+    for raw in redis_client.scan_iter(match=prefix + "*", count=1000):
+        key = raw.decode()
+        out[key[len(prefix):]] = decode_stats(redis_client.hgetall(key))
+    return out
+
+
 def evidence_rule(settings: Settings) -> EvidenceRule:
     return EvidenceRule(settings.rewrite_min_shown, settings.rewrite_demote_probability,
                         settings.rewrite_drop_probability)

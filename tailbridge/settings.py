@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     loop_poll_seconds: float = Field(60.0, gt=0, description="How often the long-running loop checks the thresholds.")
     loop_ranker_minutes: float = Field(4.0, gt=0, description="Time budget of the ranker's retraining per iteration.")
     loop_retriever_minutes: float = Field(4.0, gt=0, description="Time budget of the retriever's fine-tuning per iteration.")
+    loop_rewriter_minutes: float = Field(
+        3.0, gt=0, description="Time budget of the rewriter's re-alignment (stage 3 on the online partial order) per iteration."
+    )
     loop_holdout_fraction: float = Field(
         0.2, gt=0, lt=1, description="The latest share of logged searches held out: the gate replays them."
     )

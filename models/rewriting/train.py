@@ -173,9 +173,11 @@ def train(data_dir: Path, root: Path, base: Callable[[], Generator], search: Any
 
 def align_version(generator: Generator, groups: Sequence[stage2.Group], prep: Prepared, root: Path, parent_version: str,
                   version: str, cfg: RewriterConfig, search: Any, seconds: float, feedback_info: dict[str, Any],
-                  say: Callable[[str], None] = print) -> dict[str, Any]:
+                  say: Callable[[str], None] = print, out_root: Path | None = None) -> dict[str, Any]:
     """Stage 3 on ``groups`` from the parent's generator, judged on the dev queries against the
-    parent; writes ``version`` (said and recorded when it is worse than the parent)."""
+    parent; writes ``version`` under ``out_root`` (default ``root``, where the parent is; the
+    alignment loop builds under its staging dir), said and recorded when it is worse than the
+    parent."""
     parent = read_record(root, parent_version)
     if parent is None:
         raise ValueError(f"stage 3 needs the parent version {parent_version}")
@@ -192,6 +194,6 @@ def align_version(generator: Generator, groups: Sequence[stage2.Group], prep: Pr
               "metrics": {"dev": after, "dev_parent": before, "worse_than_parent": worse, "training": stats,
                           "feedback": feedback_info},
               "settings": asdict(cfg)}
-    save_version(generator, root, version, record)
+    save_version(generator, out_root or root, version, record)
     say(f"wrote rewriter version {version}")
     return record

@@ -45,9 +45,11 @@ from tailbridge.models.gate import decide
 from tailbridge.models.registry import Registry, RegistryError, entry_from_artifact, models_root
 from tailbridge.settings import Settings
 
-KIND_ORDER = ("ranker", "retriever")
+KIND_ORDER = ("ranker", "retriever", "rewriter")
 STATE_FILE, STAGING_DIR = "loop.json", ".staging"
 REPLAY_METRICS = ("purchase_ndcg@10", "cart_ndcg@10", "click_ndcg@10")
+# The rewriter's gate: the held-out online pairs it orders right, and the judged dev tail queries.
+REWRITER_METRICS = ("online_pair_accuracy", "relevance", "increment", "hit_rate")
 Say = Callable[[str], None]
 
 
@@ -188,6 +190,83 @@ def retriever_step(settings: Settings, data: Path, log: Path, cutoff, slice_, sa
     return report
 
 
+def rewriter_step(settings: Settings, data: Path, log: Path, cutoff, slice_, say: Say, search: Any = None) -> KindReport:
+    """Stage 3 of the serving rewriter again, on the partial order shoppers' feedback gives each
+    query's served rewrites (``models.rewriting.online``; per-(query, rewrite) statistics in
+    Redis). Gated against the serving version on held-out online pairs and on the judged dev
+    tail queries; when promoted, the store's live queries get the candidate's rewrites under
+    its version, then the store switches (``promote``), then the registry records it (a kill
+    between the two is reconciled by ``sync`` from the store's pointer). ``search``: the exact
+    search stage 3 judges with (default: the handler's, ``cli.rewriting.build_search``)."""
+    import dataclasses
+
+    import redis
+
+    from tailbridge.cli.models import _rewriter_entry, rewrite_writer
+    from tailbridge.cli.rewriting import build_search, fill_store
+    from tailbridge.models.rewriting import online
+    from tailbridge.models.rewriting.train import RewriterConfig, align_version, dev_metrics, prepare
+    from tailbridge.models.rewriting.versions import load_version, read_record
+    from tailbridge.streams.rewrite_feedback import evidence_rule, read_all_stats
+
+    registry = Registry(models_root(settings.data_dir))
+    serving = registry.read().serving("rewriter")
+    report = KindReport("rewriter", None, serving.version if serving else None)
+    root = models_root(settings.data_dir) / "rewriter"
+    parent = read_record(root, serving.version) if serving else None
+    writer = rewrite_writer(settings)
+    if parent is None or writer is None:
+        report.note = ("no rewrite store (the online store has no Redis)" if writer is None else
+                       f"serving rewriter {serving.version if serving else 'none'} is not a rewriter version under "
+                       f"{root}: nothing to re-align (`tailbridge train rewriter`, `tailbridge rewriter fill`)")
+        return report
+    try:
+        stats = read_all_stats(writer._redis, settings)
+    except redis.RedisError as exc:  # the other kinds still run; this one says why it did not
+        report.note = f"the rewrite store did not answer ({type(exc).__name__}): rewriter not re-aligned"
+        return report
+    groups = online.online_groups(stats, evidence_rule(settings))
+    train_groups, held = online.split_groups(groups, settings.loop_holdout_fraction)
+    if not train_groups:
+        report.note = (f"no query's served rewrites are ordered by enough feedback yet ({len(groups)} ordered, "
+                       f"{len(held)} of them held out; each rewrite needs {settings.rewrite_min_shown} items shown)")
+        return report
+    stem = serving.version.split("-loop-")[0].removesuffix("-aligned").removesuffix("-sft")
+    version = report.candidate = f"{stem}-loop-{_stamp()}-aligned"
+    known = {f.name for f in dataclasses.fields(RewriterConfig)}
+    cfg = RewriterConfig(**{k: v for k, v in parent.get("settings", {}).items() if k in known and k != "mining"})
+    search = search if search is not None else build_search(data)
+    prep = prepare(data, log if (log / "examples").is_dir() else None, cfg, serving.version)
+    info = {"source": "online feedback", "queries": len(groups), "groups": len(train_groups),
+            "pairs": sum(len(g.pairs) for g in train_groups), "held_out_groups": len(held)}
+    say(f"rewriter {version}: stage 3 on {info['groups']} queries' online partial orders ({info['pairs']} ordered "
+        f"pairs) from {serving.version}")
+
+    def build(staging: Path) -> Path:
+        align_version(load_version(root, serving.version), train_groups, prep, root, serving.version, version, cfg,
+                      search, settings.loop_rewriter_minutes * 60, info, say, out_root=staging)
+        return staging / version
+
+    started = time.monotonic()
+    path = _staged(settings, "rewriter", version, build)
+    report.minutes = (time.monotonic() - started) / 60
+    registry.register(_rewriter_entry(path))
+    scores = {}
+    for name, where in (("candidate", version), ("serving", serving.version)):
+        generator = load_version(root, where)
+        scores[name] = dev_metrics(generator, prep, search, cfg.dev_beams) | {
+            "online_pair_accuracy": online.pair_accuracy(generator, held)}
+    report.gate = _gate(settings, scores["candidate"], scores["serving"], REWRITER_METRICS,
+                        {"held_out_groups": len(held), "dev_queries": len(prep.dev_qids), **info})
+    if report.gate["promote"]:
+        keys = writer.keys(serving.version)
+        say(f"rewriter {version}: rewrites for the {len(keys)} queries {serving.version} has, then the store switches")
+        fill_store(load_version(root, version, int8=settings.rewrite_int8), writer, version, keys, settings)
+        writer.promote(version)
+    _decide(registry, "rewriter", version, report)
+    return report
+
+
 def _decide(registry: Registry, kind: str, version: str, report: KindReport) -> None:
     if report.gate["promote"]:
         registry.promote(kind, version, gate=report.gate)
@@ -196,7 +275,7 @@ def _decide(registry: Registry, kind: str, version: str, report: KindReport) -> 
         registry.reject(kind, version, gate=report.gate)
 
 
-STEPS = {"ranker": ranker_step, "retriever": retriever_step}
+STEPS = {"ranker": ranker_step, "retriever": retriever_step, "rewriter": rewriter_step}
 
 
 def run_once(settings: Settings, data: Path, log: Path, kinds: tuple[str, ...], say: Say,
@@ -251,10 +330,13 @@ def print_report(result: dict[str, Any], console) -> None:
             console.print(f"{r.kind}: [yellow]skipped[/]: {r.note}")
             continue
         evidence = r.gate["evidence"]
+        slice_text = (f"{evidence.get('held_out_groups')} held-out queries' online pairs, {evidence.get('dev_queries')} "
+                      "judged dev tail queries" if r.kind == "rewriter" else
+                      f"{evidence.get('held_out_searches')} held-out searches, "
+                      f"{r.gate['candidate_all'].get('pages_purchase')} with a purchase")
         console.print(f"{r.kind}: trained {r.candidate} from {r.parent or 'nothing'} in {r.minutes:.1f} min; "
                       + ("[bold green]promoted[/]" if r.promoted else "[red]rejected[/]")
-                      + f" ({r.gate['reason']}; {evidence.get('held_out_searches')} held-out searches, "
-                      f"{r.gate['candidate_all'].get('pages_purchase')} with a purchase; tolerance {r.gate['tolerance']})")
+                      + f" ({r.gate['reason']}; {slice_text}; tolerance {r.gate['tolerance']})")
 
 
 def loop_command(
