@@ -100,10 +100,21 @@ def outcome_chart(reports: list[dict]) -> str:
     return out
 
 
+def latest_predictions(reports: list[dict]) -> dict[str, dict]:
+    """Per model version, its outcomes in the newest report (longest window) that holds impressions
+    with a ranker prediction: a version that stopped serving keeps its last numbers."""
+    latest = {}
+    for report in reports:
+        for version, rates in report["outcomes"].items():
+            if any(rates.get(f"{head}_predicted") is not None for head in HEADS):
+                latest[version] = rates
+    return latest
+
+
 def calibration_table(reports: list[dict]) -> str:
-    """Per model version and ranker head, over the newest report's longest window: mean predicted
-    probability, observed rate and calibration error per impression with a prediction."""
-    outcomes = reports[-1]["outcomes"] if reports else {}
+    """Per model version and ranker head: mean predicted probability, observed rate and
+    calibration error per impression with a prediction (``latest_predictions``)."""
+    outcomes = latest_predictions(reports)
     rows = "".join(
         f"<tr data-version='{html.escape(version)}' data-head='{head}'><td>{html.escape(version)}</td><td>{head}</td>"
         f"<td>{rates[f'{head}_predicted']:.4f}</td><td>{rates[f'{head}_observed']:.4f}</td>"
@@ -111,7 +122,7 @@ def calibration_table(reports: list[dict]) -> str:
         for version, rates in sorted(outcomes.items()) for head in HEADS
         if rates.get(f"{head}_predicted") is not None)
     if not rows:
-        return "<p>No served page with ranker probabilities in the newest window.</p>"
+        return "<p>No served page with ranker probabilities in these reports.</p>"
     return ("<table id='calibration'><tr><th>model version</th><th>head</th><th>predicted</th><th>observed</th>"
             f"<th>calibration error</th></tr>{rows}</table>")
 
@@ -149,7 +160,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;font-size:13px}} .critical{{color:#
 <h2>Drift scores</h2>{score_chart(reports) if reports else '<p>No reports.</p>'}
 <h2>Feature rows (Feast user_context, item_stats)</h2>{score_chart(reports, features=True) if reports else '<p>No reports.</p>'}
 <h2>Outcomes per model version</h2>{outcome_chart(reports) if reports else '<p>No reports.</p>'}
-<h2>Ranker calibration per model version (newest window)</h2>
+<h2>Ranker calibration per model version (its newest window with predictions)</h2>
 <p>Head probabilities are position-free (were the item examined) and outcomes are per impression, so observed
 is below predicted further down the page for any model; the drift test compares each window's observed /
 predicted per probability bin with the reference's.</p>{calibration_table(reports)}
