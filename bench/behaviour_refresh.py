@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tailbridge.bench.behaviour_refresh [--items 1500] [--users 60] [--sessions 6000]
                                                           [--minutes 3] [--out DIR] [--json out.json]
+                                                          [--fusion-weights 0.6,0.3,0.1]
 
 1. Demo data (``tailbridge data synth``) and a simulated feedback log of ``--sessions`` shopper
    sessions (``synthetic.feedback``), cut in time by searches: the first 60% train the retriever
@@ -11,14 +12,17 @@
    without them (their judgements and log rows with them), so they have no graph row.
 2. One refresh (``models.retrieval.behaviour.refresh``) of the trained version from the middle
    window: fold-in against the trained factors, the overlay beside the artifact.
-3. Recall@100 of the next window's engaged (query, item) pairs, exact search over the catalog
-   without user context, with the vectors of before and after the refresh
+3. Recall@100 (and @20) of the next window's engaged (query, item) pairs, exact search over the
+   catalog without user context, with the vectors of before and after the refresh
    (``behaviour.next_window_recall``), for warm items (a graph row at training), newly engaged
    ones (a row only after the refresh), items engaged but never folded in, and for the pairs of
    queries the graph did not have at training (the simulator searches training queries only, so
    those are the trainer's dev queries, kept out of its graph).
 
-No Milvus, no Kafka: the refresh's Milvus side is ``tests/test_behaviour_refresh.py``'s.
+Block weights fit on dev give the behaviour block almost nothing (dev queries have no graph rows
+by construction): ``--fusion-weights`` scores both sides with other weights, to see what a
+refresh does where the block carries weight. No Milvus, no Kafka: the refresh's Milvus side is
+``tests/test_behaviour_refresh.py``'s.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sessions", type=int, default=6000)
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget of the retriever")
     parser.add_argument("--new-items", type=float, default=0.1, help="share of the catalog added after training")
+    parser.add_argument("--k", type=int, nargs="+", default=[100, 20], help="recall cut-offs")
+    parser.add_argument("--fusion-weights", type=str, default=None,
+                        help="score with these semantic,lexical,behaviour block weights instead of the artifact's")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("data/bench-behaviour"))
@@ -100,6 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     before = UnifiedEncoder(model_dir)
     behaviour.write_overlay(model_dir, result.overlay, factors.rank)
     after = UnifiedEncoder(model_dir)
+    if args.fusion_weights:  # e.g. the trainer's initial 0.6,0.3,0.1 where dev fitting zeroed the behaviour block
+        for encoder in (before, after):
+            encoder._model.set_fusion_weights([float(w) for w in args.fusion_weights.split(",")])
+    weights = [round(float(w), 4) for w in after._model.fusion_weights().detach()]
 
     trained_items, trained_queries = set(factors.items), set(factors.queries)
     folded = result.overlay.item_rows
@@ -111,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
         "all": lambda q, i: True,
     }
     window = frame[frame["event_time"] > refresh_end]
-    recall = behaviour.next_window_recall(items, window, {"before": before, "after": after}, groups, k=100)
+    recall = {f"recall@{k}": behaviour.next_window_recall(items, window, {"before": before, "after": after}, groups, k=k)
+              for k in args.k}
     report = {
         "meta": run_meta(), "args": {k: str(v) for k, v in vars(args).items()},
         "log": {"searches": len(searches), "train_until": str(train_end), "refresh_until": str(refresh_end)},
@@ -121,19 +133,20 @@ def main(argv: list[str] | None = None) -> dict:
                     "fold_in_seconds": round(fold_s, 2)},
         "graph_at_training": {"items": len(trained_items), "queries": len(trained_queries),
                               "catalog": len(items), "new_items": len(new_items)},
-        "recall@100": recall,
+        "block_weights": weights, **recall,
     }
-    for group in groups:
-        b, a, n = recall["before"][group], recall["after"][group], int(recall["before"][f"{group}_pairs"])
-        delta = "" if np.isnan(b) else f" ({a - b:+.4f})"
-        console.print(f"recall@100 {group:>20}: before {b:.4f}  after {a:.4f}{delta}  [{n} pairs]")
+    console.print(f"block weights (semantic, lexical, behaviour): {weights}")
+    for name, scores in recall.items():
+        for group in groups:
+            b, a, n = scores["before"][group], scores["after"][group], int(scores["before"][f"{group}_pairs"])
+            delta = "" if np.isnan(b) else f" ({a - b:+.4f})"
+            console.print(f"{name} {group:>20}: before {b:.4f}  after {a:.4f}{delta}  [{n} pairs]")
     r = report["refresh"]
     console.print(f"refresh: {r['searches']} searches, {r['engagements']} engagements; rows for {r['item_rows']} "
                   f"items ({r['new_items']} new), {r['query_rows']} queries ({r['new_queries']} new); "
                   f"fold-in {r['fold_in_seconds']} s")
     if args.json:
         write_json(args.json, report)
-    console.print(json.dumps(report["recall@100"]))
     return report
 
 

@@ -198,6 +198,8 @@ def refresh_behaviour_command(
 ) -> None:
     """Fold the behaviour logged since the last refresh into the serving retriever's graph rows
     (new items and queries included; the version stays) and re-upsert the items that changed."""
+    from pymilvus.exceptions import MilvusException
+
     from tailbridge.cli.behaviour import refresh_behaviour
 
     settings = get_settings()
@@ -206,5 +208,10 @@ def refresh_behaviour_command(
         report = refresh_behaviour(settings, log, say=console.print, version=version)
     except ValueError as exc:  # the log cannot be read (named in the message)
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except MilvusException as exc:
+        console.print(f"[bold red]error:[/] Milvus at {settings.milvus_uri} did not answer ({exc.message}); the "
+                      "refresh needs the item index (nothing was written if it failed before the overlay; "
+                      "else the next refresh upserts what is pending)", soft_wrap=True)
         raise typer.Exit(1) from None
     console.print(report.line())
