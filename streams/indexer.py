@@ -18,18 +18,25 @@ from functools import partial
 
 import redis
 from pymilvus import MilvusClient
-
 from tailbridge.models.retrieval.encoders import Encoder
 from tailbridge.models.retrieval.export import load_item_encoder
-from tailbridge.vocab import item_text
 from tailbridge.streams import item_index, term_index
 from tailbridge.streams.behaviour import Keys
 from tailbridge.streams.events import CatalogDelete, CatalogUpsert
 from tailbridge.streams.failures import Unavailable
 from tailbridge.streams.processor import Counts, Processor, Resources
+
 from tailbridge.settings import Settings
+from tailbridge.vocab import item_text
 
 LIVE_REFRESH_S = 2.0  # how soon a collection created by `reindex` starts receiving writes
+
+
+def drain_s(settings: Settings) -> float:
+    """How long ``reindex`` keeps the old collection after moving the alias: a query handler's
+    snapshot follows the alias within about a second, and a search in flight then has its
+    Milvus deadline left."""
+    return LIVE_REFRESH_S + settings.serve_milvus_timeout_s
 
 
 @dataclass
@@ -148,7 +155,8 @@ def processor(resources: Resources) -> Processor:
 
 def reindex(settings: Settings, version: str, milvus: MilvusClient, encoder: Encoder,
             progress: Callable[[int, int], None] = lambda done, total: None, keep_old: bool = False) -> dict:
-    """Build ``version`` beside the serving collection, then point the alias at it.
+    """Build ``version`` beside the serving collection, then point the alias at it (and drop the
+    old collection ``drain_s`` later, unless ``keep_old``).
 
     Running workers see the new collection within LIVE_REFRESH_S and write to both; the copy
     below re-encodes what the serving collection holds, never overwriting a row a worker wrote
@@ -180,6 +188,11 @@ def reindex(settings: Settings, version: str, milvus: MilvusClient, encoder: Enc
     milvus.load_collection(target)
     item_index.point_alias(milvus, settings, version)
     if source and not keep_old:
+        # Searches that resolved the alias (or pinned the collection, as the query handler does
+        # for up to its refresh period) before it moved finish on the old collection first: the
+        # Milvus 2.3.5 server answers a search whose collection is dropped under it with no hits
+        # or an error ("delegator closed"), where Milvus Lite dropped it between two searches.
+        time.sleep(drain_s(settings))
         milvus.drop_collection(source)
     return {"from": source, "to": target, "items": copied, "dropped_old": bool(source and not keep_old)}
 
