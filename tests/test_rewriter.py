@@ -194,3 +194,13 @@ def test_stages_write_versions_with_lineage_and_alignment_prefers_the_better_rew
     assert json.loads((out / "rewriter-eval-test.json").read_text())["split"] == "test"
     assert (out / "rewriter-eval-test.png").stat().st_size > 0
     assert (out / "runs" / "none.trec").read_text().count(" Q0 ") >= report["queries"]
+
+
+def test_the_demo_shows_results_only_a_rewrite_retrieved():
+    """make demo's rewritten example picks results whose every route is a rewrite's: the query's
+    own routes did not have them among their candidates."""
+    from tailbridge.cli.rewriting import _only_from_rewrites
+
+    assert _only_from_rewrites({"parts": {"routes": ["rewrite:no-pull harness/dense", "rewrite:dog lead/bm25"]}})
+    assert not _only_from_rewrites({"parts": {"routes": ["dense", "rewrite:no-pull harness/bm25"]}})
+    assert not _only_from_rewrites({"parts": {"routes": []}}) and not _only_from_rewrites({"parts": None})
