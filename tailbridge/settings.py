@@ -31,9 +31,9 @@ class Settings(BaseSettings):
     milvus_uri: str = Field("http://127.0.0.1:19530", description="Milvus (or Milvus Lite server) URI; "
                             "`unix:/path.sock` reaches the embedded server without a TCP port.")
     milvus_engine: Literal["milvus", "lite"] = Field(
-        "lite", description="What `stack up` starts when nothing answers at milvus_uri: milvus (the Milvus "
-        "2.3.5 server, confined to loopback; BM25 by the term index beside it) or lite (Milvus Lite 3.2.2, "
-        "pure Python, server-side BM25, slow at scale).")
+        "milvus", description="What `stack up` starts when nothing answers at milvus_uri: milvus (the Milvus "
+        "2.3.5 server, confined to loopback, HNSW; BM25 by the term index beside it) or lite (Milvus Lite 3.2.2, "
+        "pure Python, server-side BM25, slow past a few thousand items).")
     online_store: Literal["auto", "redis", "sqlite"] = Field(
         "auto", description="auto: Redis when one answers, else SQLite."
     )

@@ -22,7 +22,8 @@ from tailbridge.settings import get_settings
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 app = typer.Typer(help="tailbridge: real-time features and retrieval for e-commerce search.", no_args_is_help=True)
-stack_app = typer.Typer(help="The local stack: Kafka (Tansu), Redis, Milvus Lite.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local stack: Kafka (Tansu), Redis, Milvus (the 2.3.5 server, or Milvus Lite).",
+                        no_args_is_help=True)
 topics_app = typer.Typer(help="Kafka topics of the event contracts.", no_args_is_help=True)
 features_app = typer.Typer(help="Feast feature repository.", no_args_is_help=True)
 data_app = typer.Typer(help="Demo data: generate a catalog and queries, replay behaviour.", no_args_is_help=True)
