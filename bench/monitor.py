@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.monotonic()
         minutes = args.no_drift_minutes if args.no_drift_runs is None or run < args.no_drift_runs else 0.0
         runs.append(one_run(run, dataset, config, embed, args.rate, minutes, after_pin, args.max_delay,
-                            2_000 if args.smoke else 20_000, args.feature_sample, 30.0 if args.smoke else 300.0,
+                            2_000 if args.smoke else 20_000, args.feature_sample, 120.0 if args.smoke else 300.0,
                             1.0 if args.smoke else 5.0))
         console.print(f"run {run}: {time.monotonic() - started:.0f} s, delays "
                       + ", ".join(f"{k} {fmt(v['delay_s'], 0)}" for k, v in runs[-1]["delays"].items())
