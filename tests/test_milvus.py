@@ -178,7 +178,8 @@ def test_nothing_but_the_indexer_writes_milvus_rows():
 
 
 @pytest.mark.skipif(BACKEND != "embedded", reason="the containers' Milvus is not started by the stack")
-def test_every_server_the_stack_started_listens_on_loopback_only(stack_settings, milvus_server_settings):
+def test_every_server_the_stack_started_listens_on_loopback_only(stack_settings, milvus_server_settings,
+                                                                  bm25_milvus_settings):
     """Every listening socket of every process the stack started is on a loopback address, or
     in a private network namespace whose only interface is loopback (the Milvus 2.3.5 server,
     which binds all interfaces there)."""
@@ -186,7 +187,8 @@ def test_every_server_the_stack_started_listens_on_loopback_only(stack_settings,
 
     host_netns = Path("/proc/self/ns/net").readlink()
     seen = []
-    started = [(settings, name) for settings in (stack_settings, milvus_server_settings) for name in stack.COMPONENTS]
+    started = [(settings, name) for settings in (stack_settings, milvus_server_settings, bm25_milvus_settings)
+               for name in stack.COMPONENTS]
     for settings, name in started:
         leader = stack._live_pid(settings, name)
         if leader is None:

@@ -1,4 +1,4 @@
-"""Blue/green reindex on a real Milvus Lite server: the new encoder version is built beside
+"""Blue/green reindex on a real Milvus server: the new encoder version is built beside
 the serving one and the alias moves without a moment where search has nothing to serve."""
 
 import threading

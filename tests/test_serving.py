@@ -1,4 +1,4 @@
-"""The query handler against real servers: Tansu, Redis (Feast), Milvus Lite, and
+"""The query handler against real servers: Tansu, Redis (Feast), Milvus, and
 `tailbridge worker` as a subprocess keeping features and vectors up to date."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The stream worker end to end: real broker, real Redis (Feast online store), real Milvus Lite,
+"""The stream worker end to end: real broker, real Redis (Feast online store), real Milvus,
 and `tailbridge worker` as a separate process, as it runs in production."""
 
 from __future__ import annotations
