@@ -10,12 +10,14 @@ import uuid
 
 import pytest
 import torch
-
-from tailbridge.cli.loop import rewriter_step
 from tailbridge.feature_repo.online import resolve_online_store
 from tailbridge.models.data.loaders import load_dataset
 from tailbridge.models.registry import ModelVersion, Registry
-from tailbridge.models.rewrite_evidence import EvidenceRule, RewriteEvidence, RouteCounts
+from tailbridge.models.rewrite_evidence import (
+    EvidenceRule,
+    RewriteEvidence,
+    RouteCounts,
+)
 from tailbridge.models.rewriting import online
 from tailbridge.models.rewriting.losses.bradley_terry import sequence_scores
 from tailbridge.models.rewriting.prompts import prompt
@@ -25,6 +27,8 @@ from tailbridge.models.rewriting.versions import load_version, save_version
 from tailbridge.streams.events import RewriteFeedback
 from tailbridge.streams.rewrite_feedback import apply_events
 from tailbridge.streams.rewrite_store import RewriteWriter
+
+from tailbridge.cli.loop import rewriter_step
 from tailbridge.synthetic import catalog as synth
 from tests.rewriter_tiny import tiny_generator
 
