@@ -5,7 +5,7 @@
                                                  [--stack-from-env]
 
 It starts a private embedded stack through the CLI (`tailbridge stack up`: Tansu, redis-server,
-Milvus Lite server on free loopback ports, in a temporary state dir) and stops it at the end;
+the default Milvus engine on free loopback ports, in a temporary state dir) and stops it at the end;
 with ``--stack-from-env`` it uses the stack the TAILBRIDGE_* settings point at instead (it
 must be up). In every run it measures the phases of ``tailbridge.bench.stream_phases``, each
 in a namespace of its own (a unique topic prefix and Feast project, so nothing is shared
@@ -18,7 +18,7 @@ between measurements):
 5. stages      - the worker's processors in-process, stage by stage: which component is the wall;
 
 and the peak (VmHWM) and current (VmRSS) memory and the CPU of the worker, broker, Milvus
-Lite server and redis-server from /proc. Everything it created (stack, keys, collections,
+server and redis-server from /proc. Everything it created (stack, keys, collections,
 temp dir) is removed at the end. ``--smoke`` runs every phase once at tiny sizes (seconds
 each): it checks that the benchmark works, its numbers are no measurement. See bench/README.md.
 """
