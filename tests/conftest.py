@@ -2,7 +2,10 @@
 
 With a Docker engine, Kafka (KRaft), Redis and Milvus run in testcontainers; without one
 (this project's own machines and CI) the embedded stack is started by `tailbridge.infra.stack.up`, in
-a temporary state dir and on free ports so it never touches a developer's running stack.
+a temporary state dir and on free ports so it never touches a developer's running stack. Its
+Milvus is the settings' engine: the 2.3.5 server by default, Milvus Lite with
+TAILBRIDGE_MILVUS_ENGINE=lite; the fixtures below start the other engine beside it where a test
+needs both.
 Either way the tests get a ``Settings`` pointing at real servers; what the fixture started,
 it stops.
 """
