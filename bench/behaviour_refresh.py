@@ -16,10 +16,11 @@
    catalog without user context, with the vectors of before and after the refresh
    (``behaviour.next_window_recall``), for warm items (a graph row at training), newly engaged
    ones (a row only after the refresh), items engaged but never folded in, and for the pairs of
-   queries the graph did not have at training (the simulator searches training queries only, so
-   those are the trainer's dev queries, kept out of its graph).
+   queries the graph did not have at training, folded in by the refresh or not (the simulator
+   searches training queries only, so those are the trainer's dev queries, kept out of its graph).
 
-Block weights fit on dev give the behaviour block almost nothing (dev queries have no graph rows
+The same recall with the graph rows alone (spectral query row . item row) says what the refresh
+adds to the behaviour block's input. Block weights fit on dev give the behaviour block almost nothing (dev queries have no graph rows
 by construction): ``--fusion-weights`` scores both sides with other weights, to see what a
 refresh does where the block carries weight. No Milvus, no Kafka: the refresh's Milvus side is
 ``tests/test_behaviour_refresh.py``'s.
@@ -52,6 +53,32 @@ def without_items(data: Path, out: Path, item_ids: set[str]) -> Path:
     return out
 
 
+def graph_recall(factors, overlay, items, window, groups, k: int) -> dict[str, float]:
+    """The same recall with the graph rows alone (query row . item row in the spectral space,
+    ``overlay`` None: the trained rows): what the refresh adds to the behaviour block's input,
+    whatever the model's projection and block weight make of it. A query without a row finds
+    nothing; an item without a row is never found."""
+    import numpy as np
+
+    from tailbridge.vocab import ENGAGEMENT, normalize_query
+
+    q_rows = dict(zip(factors.queries, factors.query_rows())) | (overlay.query_rows if overlay else {})
+    i_rows = dict(zip(factors.items, factors.item_rows())) | (overlay.item_rows if overlay else {})
+    ids = [str(it["item_id"]) for it in items if str(it["item_id"]) in i_rows]
+    table = np.asarray([i_rows[i] for i in ids])
+    engaged = window[window["label"].map(lambda label: ENGAGEMENT.get(label, 0) > 0)]
+    pairs = set(zip(engaged["query"].astype(str).map(normalize_query), engaged["item_id"].astype(str)))
+    found = {}
+    for q in {q for q, _ in pairs if q in q_rows}:
+        scores = table @ q_rows[q]
+        found[q] = {ids[j] for j in np.argsort(-scores)[:k]}
+    out = {}
+    for group, member in groups.items():
+        hits = [i in found.get(q, ()) for q, i in pairs if member(q, i)]
+        out[group] = float(np.mean(hits)) if hits else float("nan")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1500)
@@ -69,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import numpy as np
+    import pandas as pd
     import torch
 
     from tailbridge.models.data.feedback import write_feedback
@@ -84,8 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
     data, model_dir = args.out / "demo", args.out / "models" / "tb-behaviour"
     if not (data / "corpus.jsonl").is_file():
         synth.write(synth.generate(items=args.items, users=args.users, seed=args.seed), data)
-    frame = simulate_feedback(data, sessions=args.sessions, seed=args.seed)
-    frame = frame.sort_values(["event_time", "query_id", "position"], ignore_index=True)
+    simulated = args.out / f"log-{args.sessions}-{args.seed}.parquet"  # the simulation is the slow part: kept
+    if not simulated.is_file():
+        simulate_feedback(data, sessions=args.sessions, seed=args.seed).to_parquet(simulated, index=False)
+    frame = pd.read_parquet(simulated).sort_values(["event_time", "query_id", "position"], ignore_index=True)
     searches = frame.drop_duplicates("query_id")["event_time"].tolist()
     train_end, refresh_end = searches[int(len(searches) * 0.6) - 1], searches[int(len(searches) * 0.8) - 1]
     items = list(load_dataset(data).items.values())
@@ -118,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         "warm_items": lambda q, i: i in trained_items,
         "newly_engaged_items": lambda q, i: i not in trained_items and i in folded,
         "never_folded_items": lambda q, i: i not in trained_items and i not in folded,
-        "new_queries": lambda q, i: q not in trained_queries,
+        "new_queries_folded": lambda q, i: q not in trained_queries and q in result.overlay.query_rows,
+        "new_queries_not_folded": lambda q, i: q not in trained_queries and q not in result.overlay.query_rows,
         "all": lambda q, i: True,
     }
     window = frame[frame["event_time"] > refresh_end]
@@ -134,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
         "graph_at_training": {"items": len(trained_items), "queries": len(trained_queries),
                               "catalog": len(items), "new_items": len(new_items)},
         "block_weights": weights, **recall,
+        "graph_only": {f"recall@{k}": {"before": graph_recall(factors, None, items, window, groups, k),
+                                        "after": graph_recall(factors, result.overlay, items, window, groups, k)}
+                       for k in args.k},
     }
     console.print(f"block weights (semantic, lexical, behaviour): {weights}")
     for name, scores in recall.items():
@@ -141,6 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
             b, a, n = scores["before"][group], scores["after"][group], int(scores["before"][f"{group}_pairs"])
             delta = "" if np.isnan(b) else f" ({a - b:+.4f})"
             console.print(f"{name} {group:>20}: before {b:.4f}  after {a:.4f}{delta}  [{n} pairs]")
+    for name, scores in report["graph_only"].items():
+        for group in groups:
+            console.print(f"graph rows alone {name} {group:>20}: before {scores['before'][group]:.4f}  "
+                          f"after {scores['after'][group]:.4f}")
     r = report["refresh"]
     console.print(f"refresh: {r['searches']} searches, {r['engagements']} engagements; rows for {r['item_rows']} "
                   f"items ({r['new_items']} new), {r['query_rows']} queries ({r['new_queries']} new); "
