@@ -42,7 +42,7 @@ def _one_thread():
 def _valid(query: str, rewrite: str) -> bool:
     return (bool(rewrite.strip()) and normalize_query(rewrite) != normalize_query(clean_query(query))
             and len(rewrite) <= MAX_REWRITE_CHARS and len(rewrite.split()) <= MAX_REWRITE_WORDS
-            and rewrite.isprintable())
+            and rewrite.isprintable() and "\ufffd" not in rewrite and any(ch.isalnum() for ch in rewrite))
 
 
 @hypothesis_settings(max_examples=300, deadline=None)
@@ -61,6 +61,9 @@ def test_bounds_on_known_cases():
     long = accept_rewrite("q", " ".join(["harness"] * 40))
     assert long is not None and len(long.split()) == MAX_REWRITE_WORDS
     assert clean_query("a\x00b\tc") == "a b c" and clean_query(None) == "" and len(clean_query("w " * 999)) <= 200
+    # What decoding leaves of a cut multi-byte character, and answers with nothing to search for.
+    assert accept_rewrite("q", "\ufffd\ufffd\ufffd") is None and accept_rewrite("q", "dog \ufffd\ufffd leash") == "dog leash"
+    assert accept_rewrite("q", "🐕 🦮 !!") is None and accept_rewrite("q", "狗绳") == "狗绳"
 
 
 def test_partial_order_is_pareto_dominance():

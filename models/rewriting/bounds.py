@@ -17,6 +17,7 @@ from tailbridge.vocab import normalize_query
 MAX_QUERY_CHARS = 200  # longer queries are cut (at a word boundary) before prompting
 MAX_REWRITE_WORDS = 12
 MAX_REWRITE_CHARS = 96
+REPLACEMENT = "\ufffd"
 _SPACES = re.compile(r"\s+")
 
 
@@ -45,13 +46,15 @@ def clean_query(text: object) -> str:
 def accept_rewrite(query: str, generated: str) -> str | None:
     """A decoded generation as a rewrite of ``query``, or None when it cannot be one: the first
     line only, cleaned, at most ``MAX_REWRITE_WORDS`` words and ``MAX_REWRITE_CHARS``
-    characters, not empty and not the query itself once normalised."""
+    characters, with a letter or digit in it (a decoding's replacement characters removed), and
+    not the query itself once normalised."""
     first = generated.strip().split("\n", 1)[0] if isinstance(generated, str) else ""
-    text = clean_query(first)
+    # U+FFFD is what decoding leaves of a multi-byte character cut between byte-level tokens.
+    text = clean_query(first.replace(REPLACEMENT, " "))
     text = " ".join(text.split(" ")[:MAX_REWRITE_WORDS])
     text = _cut(text, MAX_REWRITE_CHARS).strip(" .,;:-")
-    if not text or normalize_query(text) == normalize_query(clean_query(query)):
-        return None
+    if not any(ch.isalnum() for ch in text) or normalize_query(text) == normalize_query(clean_query(query)):
+        return None  # nothing a search could match (empty, punctuation or symbols only), or the query again
     return text
 
 

@@ -132,6 +132,8 @@ def eval_rewriter(
     out: Annotated[Optional[Path], typer.Option(help="Where rewriter-eval-<split>.json/.png go (default: the aligned version's dir).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Also write each system's fused top 100 as TREC runs.")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Generate with the int8 copies the worker and the fill use "
+                                                      "(TAILBRIDGE_REWRITE_INT8), to judge the rewrites as served.")] = False,
 ) -> None:
     """No rewriting vs SFT-only vs aligned: nDCG@10 and Recall@100 with rewrites fused, and the
     rewrites' relevance, increment and hit rate, overall and per stratum."""
@@ -148,7 +150,8 @@ def eval_rewriter(
         systems = {f"sft ({parent})": parent} if parent else {}
         systems[f"{top['stage']} ({top['version']})"] = top["version"]
         search = build_search(data)
-        report = evaluate(data, search, {label: (lambda v=v: load_version(root, v)) for label, v in systems.items()},
+        report = evaluate(data, search, {label + (" int8" if int8 else ""): (lambda v=v: load_version(root, v, int8=int8))
+                                         for label, v in systems.items()},
                           split, tuple(s.strip() for s in strata.split(",")), rewrites, beams,
                           out_dir=out or root / top["version"], run_dir=run_dir, max_queries=max_queries,
                           say=console.print)
