@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tailbridge.bench.behaviour_refresh [--items 1500] [--users 60] [--sessions 6000]
                                                           [--minutes 3] [--out DIR] [--json out.json]
-                                                          [--fusion-weights 0.6,0.3,0.1]
+                                                          [--fusion-weights 0.6,0.3,0.1] [--smoke]
 
 1. Demo data (``tailbridge data synth``) and a simulated feedback log of ``--sessions`` shopper
    sessions (``synthetic.feedback``), cut in time by searches: the first 60% train the retriever
@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("data/bench-behaviour"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmark works, no measurement")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.items, args.users, args.sessions, args.minutes = 150, 6, 150, 0.2
 
     import numpy as np
     import pandas as pd
