@@ -122,6 +122,11 @@ def true_gains(rd: RankerData, searches: Sequence[int], truth: Truth) -> np.ndar
     return gains
 
 
+def true_examination(rd: RankerData, truth: Truth) -> list[float]:
+    """The simulator's examination per logged position (index 0 unused), as ``page_ndcg`` takes it."""
+    return [1.0, *(truth.examination(k) for k in range(1, int(rd.position.max()) + 1))]
+
+
 def truth_metrics(rd: RankerData, scores: np.ndarray, searches: Sequence[int], gains: np.ndarray,
                   truth: Truth) -> dict[str, Any]:
     """Mean over the pages the truth knows: expected purchase nDCG@10 and expected purchases
@@ -136,10 +141,10 @@ def truth_metrics(rd: RankerData, scores: np.ndarray, searches: Sequence[int], g
         args = (scores[rows].tolist(), rd.position[rows].tolist(), gains[rows].tolist())
         ndcg.append(expected_ndcg(*args))
         bought.append(expected_purchases(*args, truth.examination))
-    exam = [1.0, *(truth.examination(k) for k in range(1, int(rd.position.max()) + 1))]
     return {"ndcg@10_purchase_expected": float(np.mean(ndcg)) if ndcg else None,
             "expected_purchases_per_page": float(np.mean(bought)) if bought else None,
-            "ndcg@10_purchase_ips_true_exam": page_ndcg(rd, scores, pages, exam)["ndcg@10_purchase_ips"],
+            "ndcg@10_purchase_ips_true_exam": page_ndcg(rd, scores, pages, true_examination(rd, truth))[
+                "ndcg@10_purchase_ips"],
             "pages": len(pages)}
 
 
@@ -242,7 +247,7 @@ def evaluate(data_dir: Path, model_dir: Path, feedback_dir: Path, say: Callable[
             "source": "the simulator's ground truth (simulated data only; no log has it)",
             "gain": "each served item's true position-free p(purchase): bought if examined",
             "pages": known, "pages_unknown": len(test) - known,
-            "examination": [1.0, *(truth.examination(k) for k in range(1, int(rd.position.max()) + 1))]}
+            "examination": true_examination(rd, truth)}
         say(f"ground truth: {known} of {len(test)} test pages known to the simulator")
 
     def ordered_by(scores: np.ndarray) -> dict[str, Any]:
