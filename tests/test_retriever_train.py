@@ -14,7 +14,9 @@ from tailbridge.models.retrieval.encoders import load_encoder
 from tailbridge.models.retrieval.evaluate import evaluate
 from tailbridge.models.metrics import ndcg_at
 from tailbridge.models.retrieval.train import TrainConfig, TrainingError, train
+from tailbridge.models.retrieval.graph import GraphFactors
 from tailbridge.models.retrieval.model import RetrieverConfig
+from tailbridge.models.retrieval.model import load as load_retriever
 from tests.conftest import tiny_demo
 
 torch.set_num_threads(1)
@@ -24,8 +26,8 @@ MODEL = RetrieverConfig(semantic_dim=32, lexical_dim=16, behaviour_dim=8, term_b
 TRAIN = TrainConfig(stage1_epochs=2, stage2_epochs=1, batch_size=16, group_size=4, random_items=8, mine_depth=10,
                     encode_batch=64, warmup_steps=2, export_onnx=False)  # export: tests/test_models_onnx.py
 EVERY_STEP = dataclasses.replace(TRAIN, checkpoint_minutes=0.0)  # a checkpoint after each step
-ARTIFACT_FILES = {"config.json", "model.safetensors", "graph_index.json", "item_vectors.npy", "item_vectors_ids.json",
-                  "metrics.json", "MODEL_CARD.md", "text", "tokenizer"}
+ARTIFACT_FILES = {"config.json", "model.safetensors", "graph_index.json", "graph_factors.npz", "item_vectors.npy",
+                  "item_vectors_ids.json", "metrics.json", "MODEL_CARD.md", "text", "tokenizer"}
 
 
 class Interrupted(Exception):
@@ -86,6 +88,12 @@ def test_artifact_has_everything_and_loads(trained, demo):
     assert v.shape == (1, MODEL.dim) and np.isclose(np.linalg.norm(v), 1.0, atol=1e-5)
     shipped = np.load(trained / "item_vectors.npy")
     assert shipped.shape == (150, MODEL.dim)
+    # The graph's factors ship too (a behaviour refresh folds in against them): they give the
+    # model's rows, and say which logged search the graph saw last.
+    factors = GraphFactors.load(trained / "graph_factors.npz")
+    table = load_retriever(trained)[0].item_tower.graph.table[:len(factors.items)].numpy()
+    np.testing.assert_allclose(table, factors.item_rows(), atol=1e-6)
+    assert factors.log_until is not None
 
 
 def test_interrupted_training_resumes_to_the_same_model(demo, trained, tmp_path):
