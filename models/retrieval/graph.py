@@ -59,15 +59,9 @@ def randomized_svd(matrix, rank: int, seed: int, oversample: int = 10, power_ite
     return u * signs, s, vt * signs[:, None]
 
 
-def spectral_embedding(edges: Mapping[tuple[str, str], float], rank: int, seed: int = 0
-                       ) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
-    """(query keys, query vectors [m, rank], item ids, item vectors [n, rank]), unit rows."""
-    f = spectral_factors(edges, rank, seed)
-    return f.queries, f.query_rows(), f.items, f.item_rows()
-
-
 def spectral_factors(edges: Mapping[tuple[str, str], float], rank: int, seed: int = 0) -> GraphFactors:
-    """The truncated SVD behind ``spectral_embedding``, kept whole so nodes can be folded in later."""
+    """The graph's truncated SVD; its ``query_rows`` / ``item_rows`` are the node vectors (unit
+    rows), and it is kept whole with the artifact so nodes can be folded in later."""
     import scipy.sparse as sp
 
     queries = sorted({q for q, _ in edges})
