@@ -94,6 +94,16 @@ def test_block_bootstrap_sees_overdispersion():
     assert np.mean(z_clustered ** 2) > 3  # buckets that differ: a wider null, so a higher threshold
 
 
+def test_windows_are_runs_so_neighbouring_buckets_that_move_together_widen_the_null():
+    rng = np.random.default_rng(8)
+    rate = 0.3 + 0.15 * np.sin(2 * np.pi * np.arange(30) / 30)  # a slow swing, no drift
+    buckets = np.stack([[rng.binomial(400, p), 400] for p in rate])
+    z_runs = calibration.bootstrap_null(buckets, 6, stats.proportion_z, 2000, np.random.default_rng(1))
+    shuffled = buckets[np.random.default_rng(2).permutation(30)]  # same buckets, order lost
+    z_shuffled = calibration.bootstrap_null(shuffled, 6, stats.proportion_z, 2000, np.random.default_rng(1))
+    assert np.mean(z_runs ** 2) > 2 * np.mean(z_shuffled ** 2)
+
+
 def test_mmd_null_from_block_sums_matches_direct_computation():
     rng = np.random.default_rng(6)
     vectors = [rng.normal(size=(4, 3)) for _ in range(5)]
@@ -104,7 +114,8 @@ def test_mmd_null_from_block_sums_matches_direct_computation():
     null = calibration.mmd_null(blocks, np.full(5, 4.0), 5, 3, np.random.default_rng(7))
     # the same draws, computed directly from the vectors
     again = np.random.default_rng(7)
-    picks_a, picks_b = again.integers(0, 5, size=(3, 5)), again.integers(0, 5, size=(3, 5))
+    picks_a = (again.integers(0, 5, size=3)[:, None] + np.arange(5)) % 5  # the window: a run of buckets
+    picks_b = again.integers(0, 5, size=(3, 5))
     for d in range(3):
         x = np.concatenate([vectors[i] for i in picks_a[d]])
         y = np.concatenate([vectors[i] for i in picks_b[d]])

@@ -2,10 +2,12 @@
 
 The reference is a run of buckets (fixed spans of stream time) with no drift. For each test
 and window length (w buckets), a block bootstrap draws what the statistic looks like without
-drift: a window is w reference buckets drawn with replacement, compared with a reference made
-of all R buckets drawn with replacement (resampling both sides counts the reference's own
-noise; resampling whole buckets keeps whatever correlates events within a bucket, such as a
-shopper's session). The threshold is the (1 - alpha) quantile of a scaled chi-square matched to
+drift: a window is a run of w consecutive reference buckets (from a random start, wrapping
+around), compared with a reference made of all R buckets drawn with replacement (resampling both
+sides counts the reference's own noise; resampling whole buckets keeps whatever correlates events
+within a bucket, such as a shopper's session, and drawing the window as a run keeps what
+correlates neighbouring buckets: the same items, sessions and slowly moving rates. Windows of
+independently drawn buckets averaged that away and set thresholds too low for long windows). The threshold is the (1 - alpha) quantile of a scaled chi-square matched to
 the mean and variance of those draws (Satterthwaite; for a |z| statistic, of z squared): a few
 hundred draws cannot show a 1e-6 quantile directly, and PSI, MMD^2 and z^2 are all close to
 scaled chi-squares without drift. It is never below the largest draw nor below the statistic's
@@ -35,12 +37,21 @@ def _multiplicities(rng: np.random.Generator, draws: int, buckets: int, size: in
     return np.bincount(picks.ravel(), minlength=draws * buckets).reshape(draws, buckets).astype(float)
 
 
+def _runs(rng: np.random.Generator, draws: int, buckets: int, size: int) -> np.ndarray:
+    """(draws, buckets): how often each bucket is in a run of ``size`` consecutive buckets from a
+    random start (circular: a run past the last bucket goes on from the first)."""
+    starts = rng.integers(0, buckets, size=draws)
+    picks = (starts[:, None] + np.arange(size)) % buckets + np.arange(draws)[:, None] * buckets
+    return np.bincount(picks.ravel(), minlength=draws * buckets).reshape(draws, buckets).astype(float)
+
+
 def bootstrap_null(buckets: np.ndarray, window: int, statistic: Statistic, draws: int,
                    rng: np.random.Generator) -> np.ndarray:
-    """``draws`` values of ``statistic`` with no drift, from per-bucket summaries (R, d)."""
+    """``draws`` values of ``statistic`` with no drift, from per-bucket summaries (R, d) in
+    stream order."""
     buckets = np.asarray(buckets, dtype=float)
     r = len(buckets)
-    win = _multiplicities(rng, draws, r, window) @ buckets
+    win = _runs(rng, draws, r, window) @ buckets
     ref = _multiplicities(rng, draws, r, r) @ buckets
     return np.asarray(statistic(ref, win), dtype=float)
 
@@ -51,7 +62,7 @@ def mmd_null(block_sums: np.ndarray, sizes: np.ndarray, window: int, draws: int,
     pair of reference buckets (R, R) and each bucket's sample size (R,): the kernel matrix is
     computed once, a draw only re-weights its blocks."""
     r = len(sizes)
-    a, b = _multiplicities(rng, draws, r, window), _multiplicities(rng, draws, r, r)
+    a, b = _runs(rng, draws, r, window), _multiplicities(rng, draws, r, r)
     n_a, n_b = a @ sizes, b @ sizes
     aa = np.einsum("dr,rs,ds->d", a, block_sums, a)
     bb = np.einsum("dr,rs,ds->d", b, block_sums, b)
