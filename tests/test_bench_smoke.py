@@ -267,3 +267,15 @@ def test_rewriter_smoke(tmp_path):
     assert result["worker"]["per_query"]["count"] > 0 and result["worker"]["per_query"]["p50_ms"] > 0
     assert result["fill"] and all(f["queries"] > 0 and f["queries_per_s"] > 0 for f in result["fill"].values())
     assert result["targets"]["serving_p50"]["pass"] in (True, False) and len(result["loadavg_end"]) == 3
+
+
+def test_behaviour_refresh_smoke(tmp_path):
+    """The behaviour refresh benchmark, in process (no stack): a tiny retriever trained without
+    the newest items, one refresh from the later log, recall of the next window before and after."""
+    result, output = SmokeRun.start("behaviour_refresh", tmp_path, "--out", str(tmp_path / "out")).finish(300)
+    assert result["args"]["smoke"] == "True" and "refresh:" in output
+    refresh = result["refresh"]
+    assert refresh["engagements"] > 0 and refresh["item_rows"] > 0 and refresh["fold_in_seconds"] >= 0
+    for when in ("before", "after"):
+        recall = result["recall@100"][when]
+        assert recall["all_pairs"] > 0 and 0 <= recall["all"] <= 1
