@@ -28,8 +28,14 @@ def test_binned_wasserstein_by_hand():
 
 
 def test_two_sample_z_by_hand():
-    # 50/100 vs 70/100, pooled (120.5 / 201): se = sqrt(p(1-p)(1/100 + 1/100)) = 0.069296
-    assert stats.proportion_z(np.array([50, 100]), np.array([70, 100])) == pytest.approx(2.8862, abs=1e-3)
+    # 50/100 vs 70/100: Fisher's exact one-sided tail of the 2x2 table less half the table's own
+    # probability (mid-p), as the normal |z| with it
+    table = [[70, 30], [50, 50]]
+    one_sided = sstats.fisher_exact(table, alternative="greater")[1] - sstats.hypergeom.pmf(70, 200, 120, 100) / 2
+    assert stats.proportion_z(np.array([50, 100]), np.array([70, 100])) == pytest.approx(sstats.norm.isf(one_sided))
+    assert 2.75 < stats.proportion_z(np.array([50, 100]), np.array([70, 100])) < 2.89  # the normal approximation: 2.89
+    # a rare-event rate (3% of a few hundred): the normal approximation's |z| 5.3 is a tail far above 1e-7
+    assert stats.proportion_z(np.array([59, 1919]), np.array([30, 384])) < 4.5
     assert stats.proportion_z(np.array([0, 100]), np.array([0, 0])) == 0.0  # an empty window has no score
     assert math.isfinite(stats.proportion_z(np.array([0, 1000]), np.array([5, 100])))  # a share that was exactly 0
     # means .5 (var .25) vs .6 (var .24), n 100 each: se = sqrt(.0025 + .0024) = .07

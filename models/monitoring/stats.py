@@ -14,6 +14,7 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats as sstats
 
 
 class Reservoir:
@@ -73,15 +74,23 @@ def wasserstein_binned(reference: np.ndarray, window: np.ndarray, edges: Sequenc
 
 
 def proportion_z(reference: np.ndarray, window: np.ndarray) -> np.ndarray | float:
-    """|z| of two rates, each (successes, trials), with the pooled rate kept off 0 and 1 (a
-    share that is exactly 0 in the reference, such as missing values, still gets a finite z)."""
+    """|z| of two rates, each (successes, trials), from the exact conditional test (Fisher's):
+    given the successes of both together, the window's count is hypergeometric when the rates are
+    equal; its two-sided tail probability (twice the smaller one-sided tail) is turned into the
+    normal |z| with that probability (Lancaster's mid-p, so a discrete count is neither
+    favoured nor penalised: about N(0, 1) without drift). Exact for small counts, where the normal approximation's
+    tail is far too thin (a rate of a few percent in a window of a few hundred: a short burst read
+    |z| 5.3 where the real tail probability was orders of magnitude above the per-test level), and
+    finite for a share that was exactly 0 in the reference (missing values)."""
     reference, window = np.asarray(reference, dtype=float), np.asarray(window, dtype=float)
-    s_r, n_r, s_w, n_w = reference[..., 0], reference[..., 1], window[..., 0], window[..., 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pooled = (s_r + s_w + 0.5) / (n_r + n_w + 1.0)
-        se = np.sqrt(pooled * (1 - pooled) * (1 / n_r + 1 / n_w))
-        z = np.abs(s_w / n_w - s_r / n_r) / se
-    z = np.where((n_r > 0) & (n_w > 0), z, 0.0)
+    s_r, n_r, s_w, n_w = (np.rint(a).astype(np.int64) for a in (reference[..., 0], reference[..., 1],
+                                                               window[..., 0], window[..., 1]))
+    total, successes = n_r + n_w, s_r + s_w
+    point = sstats.hypergeom.pmf(s_w, total, successes, n_w) / 2  # mid-p: half the observed count's own mass
+    lower = sstats.hypergeom.cdf(s_w, total, successes, n_w) - point
+    upper = sstats.hypergeom.sf(s_w, total, successes, n_w) + point
+    tail = np.clip(2 * np.minimum(lower, upper), 1e-300, 1.0)
+    z = np.where((n_r > 0) & (n_w > 0), sstats.norm.isf(tail / 2), 0.0)
     return float(z) if np.ndim(z) == 0 else z
 
 
