@@ -1,6 +1,7 @@
 """`tailbridge data synth` and `data replay` as a user runs them, against the session's broker."""
 
 import json
+import socket
 import uuid
 import subprocess
 import sys
@@ -55,3 +56,18 @@ def test_replay_without_data_is_a_clear_error(stack_settings, tmp_path):
     out = subprocess.run([CLI, "data", "replay", "--data", str(tmp_path / "missing")],
                          env=settings_env(stack_settings), capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "run `tailbridge data synth` first" in out.stdout
+
+
+def test_replay_with_no_broker_is_a_clear_error(stack_settings, tmp_path):
+    """A broker that does not answer: an error that names it and the way out, not a traceback."""
+    data = tmp_path / "demo"
+    run(stack_settings, "data", "synth", "--items", "40", "--users", "4", "--seed", "3", "--out", str(data))
+    with socket.socket() as closed:  # a free loopback port with nothing listening on it
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    nowhere = stack_settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{port}"})
+    out = subprocess.run([CLI, "data", "replay", "--data", str(data), "--events", "10"], env=settings_env(nowhere),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"Kafka at 127.0.0.1:{port}" in out.stdout and "tailbridge stack up" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr

@@ -16,7 +16,7 @@ from rich.table import Table
 from tailbridge.cli import loop as loop_cli
 from tailbridge.cli import models as models_cli
 from tailbridge.cli.monitor import monitor_app
-from tailbridge.settings import get_settings
+from tailbridge.settings import Settings, get_settings
 
 # Library deprecation notices (kafka-python, Feast) are for their maintainers, not our users.
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -47,6 +47,10 @@ console = Console()
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _fail_kafka(settings: Settings, exc: Exception) -> None:
+    _fail(f"Kafka at {settings.kafka_bootstrap}: {exc} (is the stack up? `tailbridge stack up`)")
 
 
 def _progress() -> Progress:
@@ -130,7 +134,7 @@ def topics_create() -> None:
     try:
         result = create_topics(settings)
     except KafkaError as exc:
-        _fail(f"Kafka at {settings.kafka_bootstrap}: {exc} (is the stack up? `tailbridge stack up`)")
+        _fail_kafka(settings, exc)
     for name, state in result.items():
         console.print(f"{state:8} {name}")
 
@@ -226,13 +230,19 @@ def _replay(data: Path, rate: float, events: int, seed: int, catalog: bool, drif
         spec = DriftSpec.parse(drift) if drift else None
     except ValueError as exc:
         _fail(str(exc))
+    from kafka.errors import KafkaError
+
     dataset = _load_demo_data(data)
-    with _progress() as progress:
-        catalog_task = progress.add_task("catalog upserts", total=len(dataset.items), visible=catalog)
-        task = progress.add_task(f"behaviour events @ {rate:g}/s" if rate else "behaviour events", total=events)
-        reports = replay_dataset(get_settings(), dataset, rate, events, seed, catalog,
-                                      on_catalog=lambda e: progress.advance(catalog_task),
-                                      on_behaviour=lambda e: progress.advance(task), drift=spec)
+    settings = get_settings()
+    try:
+        with _progress() as progress:
+            catalog_task = progress.add_task("catalog upserts", total=len(dataset.items), visible=catalog)
+            task = progress.add_task(f"behaviour events @ {rate:g}/s" if rate else "behaviour events", total=events)
+            reports = replay_dataset(settings, dataset, rate, events, seed, catalog,
+                                     on_catalog=lambda e: progress.advance(catalog_task),
+                                     on_behaviour=lambda e: progress.advance(task), drift=spec)
+    except KafkaError as exc:
+        _fail_kafka(settings, exc)
     print_published(reports)
 
 
