@@ -171,5 +171,6 @@ def milvus_server_settings(stack_settings, tmp_path_factory) -> Iterator[Setting
     """The embedded Milvus 2.3.5 server (no BM25: the term index beside it), confined to its
     own network namespace."""
     if BACKEND == "testcontainers":
-        pytest.skip("the containers' Milvus is not the embedded server")
+        pytest.skip("testcontainers backend (a Docker engine answered): its Milvus is a container, not the "
+                    "embedded 2.3.5 server this fixture starts; run without Docker to test that engine")
     yield from _engine_stack(stack_settings, tmp_path_factory.mktemp("milvus-server"), "milvus")

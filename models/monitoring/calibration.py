@@ -6,8 +6,8 @@ drift: a window is a run of w consecutive reference buckets (from a random start
 around), compared with a reference made of all R buckets drawn with replacement (resampling both
 sides counts the reference's own noise; resampling whole buckets keeps whatever correlates events
 within a bucket, such as a shopper's session, and drawing the window as a run keeps what
-correlates neighbouring buckets: the same items, sessions and slowly moving rates. Windows of
-independently drawn buckets averaged that away and set thresholds too low for long windows). The threshold is the (1 - alpha) quantile of a scaled chi-square matched to
+correlates neighbouring buckets: the same items, sessions and slowly moving rates). The
+threshold is the (1 - alpha) quantile of a scaled chi-square matched to
 the mean and variance of those draws (Satterthwaite; for a |z| statistic, of z squared): a few
 hundred draws cannot show a 1e-6 quantile directly, and PSI, MMD^2 and z^2 are all close to
 scaled chi-squares without drift. It is never below the largest draw nor below the statistic's
@@ -31,18 +31,23 @@ def bonferroni(alpha_window: float, tests: int) -> float:
     return alpha_window / max(tests, 1)
 
 
+def _counts(picks: np.ndarray, buckets: int) -> np.ndarray:
+    """(draws, buckets): how often each bucket is among a draw's picks (draws, size)."""
+    draws = len(picks)
+    offset = picks + np.arange(draws)[:, None] * buckets
+    return np.bincount(offset.ravel(), minlength=draws * buckets).reshape(draws, buckets).astype(float)
+
+
 def _multiplicities(rng: np.random.Generator, draws: int, buckets: int, size: int) -> np.ndarray:
     """(draws, buckets): how often each bucket is drawn in ``size`` draws with replacement."""
-    picks = rng.integers(0, buckets, size=(draws, size)) + np.arange(draws)[:, None] * buckets
-    return np.bincount(picks.ravel(), minlength=draws * buckets).reshape(draws, buckets).astype(float)
+    return _counts(rng.integers(0, buckets, size=(draws, size)), buckets)
 
 
 def _runs(rng: np.random.Generator, draws: int, buckets: int, size: int) -> np.ndarray:
     """(draws, buckets): how often each bucket is in a run of ``size`` consecutive buckets from a
     random start (circular: a run past the last bucket goes on from the first)."""
     starts = rng.integers(0, buckets, size=draws)
-    picks = (starts[:, None] + np.arange(size)) % buckets + np.arange(draws)[:, None] * buckets
-    return np.bincount(picks.ravel(), minlength=draws * buckets).reshape(draws, buckets).astype(float)
+    return _counts((starts[:, None] + np.arange(size)) % buckets, buckets)
 
 
 def bootstrap_null(buckets: np.ndarray, window: int, statistic: Statistic, draws: int,

@@ -76,12 +76,12 @@ def wasserstein_binned(reference: np.ndarray, window: np.ndarray, edges: Sequenc
 def proportion_z(reference: np.ndarray, window: np.ndarray) -> np.ndarray | float:
     """|z| of two rates, each (successes, trials), from the exact conditional test (Fisher's):
     given the successes of both together, the window's count is hypergeometric when the rates are
-    equal; its two-sided tail probability (twice the smaller one-sided tail) is turned into the
-    normal |z| with that probability (Lancaster's mid-p, so a discrete count is neither
-    favoured nor penalised: about N(0, 1) without drift). Exact for small counts, where the normal approximation's
-    tail is far too thin (a rate of a few percent in a window of a few hundred: a short burst read
-    |z| 5.3 where the real tail probability was orders of magnitude above the per-test level), and
-    finite for a share that was exactly 0 in the reference (missing values)."""
+    equal; its two-sided tail probability (twice the smaller one-sided mid-p tail, so a discrete
+    count is neither favoured nor penalised) is turned into the normal |z| with that probability.
+    Exact for small counts, where the normal approximation's tail is far too thin (a rate of a few
+    percent in a window of a few hundred: a short burst read |z| 5.3 where the real tail
+    probability was far above the per-test level), and finite for a share that was exactly 0 in
+    the reference (missing values)."""
     reference, window = np.asarray(reference, dtype=float), np.asarray(window, dtype=float)
     s_r, n_r, s_w, n_w = (np.rint(a).astype(np.int64) for a in (reference[..., 0], reference[..., 1],
                                                                window[..., 0], window[..., 1]))
