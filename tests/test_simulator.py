@@ -11,7 +11,7 @@ import pytest
 from tailbridge.synthetic import catalog as synth
 from tailbridge.streams.events import CatalogUpsert, InteractionEvent, QueryEvent, decode, encode
 from tailbridge.vocab import normalize_query
-from tailbridge.synthetic.shoppers import catalog_events, simulate
+from tailbridge.synthetic.shoppers import catalog_events, item_converts, simulate
 
 SESSIONS = 600
 
@@ -111,6 +111,36 @@ def test_exact_items_are_clicked_more_than_irrelevant_ones(dataset, events):
     _, ctr = _ctr(dataset, events)
     assert ctr[3] > ctr[2] > ctr[0], ctr
     assert ctr[3] > 3 * ctr[0]
+
+
+def test_an_items_latent_converts_moves_its_carts_per_click_not_its_clicks(dataset, events):
+    """Whether a clicked item sells is decided past the tile (``item_converts``): the items that
+    convert best get far more carts per click than those that convert worst, and about the
+    same clicks per impression."""
+    converts = {it.item_id: item_converts(it.item_id) for it in dataset.items}
+    assert converts == {i: item_converts(i) for i in converts}  # a fixed property of the item
+    values = sorted(converts.values())
+    assert 0.9 < sum(values) / len(values) < 1.1 and values[len(values) * 9 // 10] > 4 * values[len(values) // 10]
+    low, high = values[len(values) // 3], values[2 * len(values) // 3]
+    counts = defaultdict(Counter)  # tercile -> action -> count
+    for e in events:
+        if isinstance(e, InteractionEvent):
+            c = converts[e.item_id]
+            counts["low" if c < low else "high" if c >= high else "middle"][e.action] += 1
+    rate = {t: (n["click"] / n["impression"], n["add_to_cart"] / n["click"]) for t, n in counts.items()}
+    assert rate["high"][1] > 2.5 * rate["low"][1], rate  # carts per click
+    assert 0.8 < rate["high"][0] / rate["low"][0] < 1.25, rate  # clicks per impression
+
+
+def test_a_pages_click_order_is_not_its_purchase_order(events):
+    """The published position-free probabilities: the most clickable item of a page is often not
+    the one most likely bought (a perfect click model is not a perfect purchase ranker)."""
+    pages = [e.served for e in events if isinstance(e, QueryEvent)]
+    differs = sum(max(page, key=lambda s: s.p_click).item_id != max(page, key=lambda s: s.p_purchase).item_id
+                  for page in pages)
+    assert differs > len(pages) // 4, (differs, len(pages))
+    for page in pages:
+        assert all(0 <= s.p_purchase <= s.p_cart <= s.p_click <= 1 for s in page)
 
 
 def test_every_purchase_follows_a_click_and_a_cart_of_the_same_item_in_the_session(events):

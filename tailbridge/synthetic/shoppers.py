@@ -7,8 +7,22 @@ one persona issuing 1-4 searches (picked by query frequency and the persona's de
 type affinity, with some reformulations of the previous search). Each search is answered by
 a deliberately imperfect ranker (judged items of all grades plus random items, ordered by
 grade + noise), shown as impressions, and clicked under a position-biased cascade: a click
-needs the position to be examined (decays with rank) and the item to attract (by relevance
-grade, persona price band and brand). Carts follow clicks, purchases follow carts.
+needs the position to be examined (decays with rank) and the item's result tile to attract (by
+relevance grade, its price against the persona's band, and brand). Carts follow clicks,
+purchases follow carts.
+
+The funnel (``_funnel``): a click is decided on the result tile (title, picture, price, brand);
+a cart on the product page and a purchase at checkout, which show what the tile does not:
+reviews, returns, sizes in stock, delivery cost and time, how the product looks up close.
+Each item has a latent ``converts`` (``item_converts``: log-normal, mean 1, the 10th and 90th
+percentile items 6x apart) that multiplies its cart rate per click and that nothing a
+shopper sees before the click, nor the catalog, carries; and the price against the shopper's
+band weighs harder when paying (``CHECKOUT_PRICE_WEIGHT``) than when browsing
+(``BROWSE_PRICE_WEIGHT``: a shopper opens an item a little over budget to look at it). So,
+as in real shops, some items draw clicks and rarely sell (a good picture, a price that looks
+like a deal but is over the shopper's budget at the till, poor reviews) and the click order of
+a page is not its purchase order. What an item converts at can only be learned from behaviour
+(carts and purchases per click, ``streams.item_stats``), which is the funnel's point.
 
 Determinism: all choices and ids come from one ``random.Random`` seeded from ``seed``; with a
 deterministic ``clock`` the whole stream is reproducible.
@@ -23,6 +37,7 @@ import random
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from itertools import accumulate
+from statistics import NormalDist
 
 import orjson
 
@@ -30,12 +45,17 @@ from tailbridge.synthetic.catalog import PRODUCT_TYPES, Item, Persona, SynthData
 from tailbridge.streams.events import CatalogUpsert, InteractionEvent, QueryEvent, ServedItem, _Event, utc_now
 
 RANKER_VERSION = "simulated-noisy-v1"
-# Click model parameters: P(click) = examination(position) * attractiveness(grade, fit).
+# Click model parameters: P(click) = examination(position) * attractiveness(grade, browse fit).
 EXAMINATION_DECAY = 0.8  # examination = position ** -decay
 ATTRACTIVENESS = {3: 0.5, 2: 0.25, 1: 0.1, 0: 0.03}
-CART_GIVEN_CLICK = {3: 0.3, 2: 0.15, 1: 0.1, 0: 0.02}
+CART_GIVEN_CLICK = {3: 0.3, 2: 0.15, 1: 0.1, 0: 0.02}  # times the item's converts and checkout fit
 PURCHASE_GIVEN_CART = 0.45
-BRAND_BOOST = 1.4
+BRAND_BOOST = 1.4  # on the click: the tile shows the brand
+# How hard the price's distance outside the persona's band (scaled by their price sensitivity)
+# weighs: on the tile, and on the product page and at checkout, where the money is spent.
+BROWSE_PRICE_WEIGHT = 1.0
+CHECKOUT_PRICE_WEIGHT = 3.0
+CONVERTS_SPREAD = 0.7  # std-dev of log(converts): exp(2 * 1.2816 * 0.7) = 6x from the 10th to 90th percentile
 RANKER_NOISE = 1.0  # std-dev of the noise added to the grade; higher = worse ranker
 REFORMULATE = 0.35  # chance a follow-up search stays on the previous product type
 FAVOURITE_TYPE = 0.3  # chance a search comes from the persona's favourite types
@@ -128,15 +148,31 @@ class _World:
         return [(item_id, round(score, 4)) for score, item_id in scored[:page_size]]
 
 
-def _fit(persona: Persona, item: Item) -> float:
-    """How well an item suits a persona: 1 inside the price band, less the further outside."""
-    if item.type in PRODUCT_TYPES:
-        pos = price_position(item)
-        distance = max(0.0, persona.price_low - pos, pos - persona.price_high)
-        fit = math.exp(-3.0 * persona.price_sensitivity * distance)
-    else:
-        fit = 1.0
-    return fit * (BRAND_BOOST if item.brand in persona.preferred_brands else 1.0)
+def _price_distance(persona: Persona, item: Item) -> float:
+    """How far the item's price sits outside the persona's band, scaled by their sensitivity."""
+    if item.type not in PRODUCT_TYPES:
+        return 0.0
+    pos = price_position(item)
+    return persona.price_sensitivity * max(0.0, persona.price_low - pos, pos - persona.price_high)
+
+
+def item_converts(item_id: str) -> float:
+    """The item's latent conversion quality (see the module docstring): a fixed log-normal draw
+    per item id, mean 1; not in the catalog, so no feature can read it."""
+    u = int.from_bytes(hashlib.blake2b(f"{item_id}:converts".encode(), digest_size=8).digest()) / 2 ** 64
+    z = NormalDist().inv_cdf(min(max(u, 1e-12), 1 - 1e-12))
+    return math.exp(CONVERTS_SPREAD * z - CONVERTS_SPREAD ** 2 / 2)
+
+
+def _funnel(persona: Persona, item: Item, grade: int) -> tuple[float, float, float]:
+    """The shopper's position-free funnel for an item: p(click | examined) from the tile,
+    p(cart | click) from the product page, p(purchase | cart) at checkout."""
+    distance = _price_distance(persona, item)
+    brand = BRAND_BOOST if item.brand in persona.preferred_brands else 1.0
+    click = min(0.95, ATTRACTIVENESS.get(grade, 0.03) * math.exp(-BROWSE_PRICE_WEIGHT * distance) * brand)
+    checkout = math.exp(-CHECKOUT_PRICE_WEIGHT * distance)
+    cart = min(0.9, CART_GIVEN_CLICK.get(grade, 0.02) * item_converts(item.item_id) * checkout)
+    return click, cart, PURCHASE_GIVEN_CART * (0.5 + 0.5 * checkout)
 
 
 def examination(position: int) -> float:
@@ -145,21 +181,20 @@ def examination(position: int) -> float:
 
 
 def _predicted(world: _World, persona: Persona, q: SynthQuery, item_id: str) -> dict[str, float]:
-    """The simulated ranker's head probabilities: the true ones of this click model with the item
+    """The simulated ranker's head probabilities: the true ones of this funnel with the item
     examined (position-free, as the real ranker's heads are), for the monitor's calibration."""
-    grade, fit = world.qrels[q.query_id].get(item_id, 0), _fit(persona, world.items[item_id])
-    click = min(0.95, ATTRACTIVENESS.get(grade, 0.03) * fit)
-    cart = click * min(0.9, CART_GIVEN_CLICK.get(grade, 0.02) * fit)
-    return {"p_click": round(click, 4), "p_cart": round(cart, 4),
-            "p_purchase": round(cart * PURCHASE_GIVEN_CART * (0.5 + 0.5 * min(1.0, fit)), 4)}
+    click, cart, purchase = _funnel(persona, world.items[item_id], world.qrels[q.query_id].get(item_id, 0))
+    return {"p_click": round(click, 4), "p_cart": round(click * cart, 4),
+            "p_purchase": round(click * cart * purchase, 4)}
 
 
 class GroundTruth:
     """What the simulator knows and a log does not: for a logged (shopper, query text, item), the
     position-free probabilities ``_predicted`` gives (click, cart, purchase with the item
-    examined), and the examination per position. Offline evaluation scores re-ranked pages with
-    them (``models.ranking.evaluation``). A search is unknown (None) when its shopper is not one
-    of the dataset's personas or its text is not exactly one judged query's."""
+    examined: ``_funnel``, with the item's latent converts), and the examination per position.
+    Offline evaluation scores re-ranked pages with them (``models.ranking.evaluation``). A
+    search is unknown (None) when its shopper is not one of the dataset's personas or its text
+    is not exactly one judged query's."""
 
     def __init__(self, dataset: SynthDataset):
         self.world = _World(dataset)
@@ -202,18 +237,16 @@ def _session(
         # Cascade-like scan from the top: examination decays with position.
         for s in served:
             item = world.items[s.item_id]
-            grade = world.qrels[q.query_id].get(s.item_id, 0)
-            fit = _fit(persona, item)
-            p_click = examination(s.position) * min(0.95, ATTRACTIVENESS.get(grade, 0.03) * fit)
-            if rng.random() >= p_click:
+            click, cart, purchase = _funnel(persona, item, world.qrels[q.query_id].get(s.item_id, 0))
+            if rng.random() >= examination(s.position) * click:
                 continue
             base = {**user, "query_id": search_id, "item_id": s.item_id, "position": s.position}
             yield InteractionEvent, {**base, "action": "click"}
-            if rng.random() >= min(0.9, CART_GIVEN_CLICK.get(grade, 0.02) * fit):
+            if rng.random() >= cart:
                 continue
             quantity = 2 if item.price < 20 and rng.random() < 0.2 else 1
             yield InteractionEvent, {**base, "action": "add_to_cart", "price": item.price, "quantity": quantity}
-            if rng.random() < PURCHASE_GIVEN_CART * (0.5 + 0.5 * min(1.0, fit)):
+            if rng.random() < purchase:
                 yield InteractionEvent, {**base, "action": "purchase", "price": item.price, "quantity": quantity}
 
 
