@@ -64,6 +64,11 @@ def all_topic_names(settings: Settings) -> list[str]:
     return [name for spec in TOPICS.values() for name in (spec.topic(settings), spec.dlq(settings))]
 
 
+# How long a client waits for a first broker answer: a broker that is up answers within a
+# second even under load; the library's default (30 s) makes a missing stack look like a hang.
+BOOTSTRAP_TIMEOUT_MS = 10_000
+
+
 def _bootstrap(settings: Settings) -> list[str]:
     return [server.strip() for server in settings.kafka_bootstrap.split(",") if server.strip()]
 
@@ -71,7 +76,7 @@ def _bootstrap(settings: Settings) -> list[str]:
 def create_topics(settings: Settings) -> dict[str, str]:
     """Create every topic and its DLQ; returns topic -> 'created' | 'exists'. Idempotent."""
     admin = KafkaAdminClient(bootstrap_servers=_bootstrap(settings), client_id="tailbridge-admin",
-                             bootstrap_timeout_ms=10_000)
+                             bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
     try:
         existing = set(admin.list_topics())
         result: dict[str, str] = {}
@@ -95,6 +100,7 @@ def make_producer(settings: Settings, **overrides) -> KafkaProducer:
         acks="all",
         linger_ms=5,
         client_id="tailbridge-producer",
+        bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
     )
     return KafkaProducer(**(config | overrides))
 
