@@ -54,9 +54,11 @@ item_stats = FeatureView(
     ttl=timedelta(days=2),
     schema=[
         *(Field(name=f"{action}_{window}", dtype=Int64)
-          for window in ("1h", "24h") for action in ("impressions", "clicks", "carts", "purchases")),
+          for window in ("1h", "24h", "7d") for action in ("impressions", "clicks", "carts", "purchases")),
         Field(name="ctr_24h", dtype=Float32, description="Smoothed click-through rate."),
         Field(name="cvr_24h", dtype=Float32, description="Smoothed purchase rate per click."),
+        Field(name="cart_rate_7d", dtype=Float32, description="Smoothed add-to-cart rate per click over 7 days."),
+        Field(name="cvr_7d", dtype=Float32, description="Smoothed purchase rate per click over 7 days."),
     ],
     source=_parquet("item_stats"),
     online=True,

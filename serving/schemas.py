@@ -59,13 +59,15 @@ class ScoreParts(BaseModel):
 
 
 class ItemStats(BaseModel):
-    """The item's behaviour over the last 24 h, from the Feast ``item_stats`` view: what the
-    ranker used. The priors for an item nobody engaged with, and for every item when the read
-    failed (``degraded`` then names ``item_stats``)."""
+    """The item's behaviour over the last 24 h and its conversion per click over 7 days, from
+    the Feast ``item_stats`` view: what the ranker used. The priors for an item nobody engaged
+    with, and for every item when the read failed (``degraded`` then names ``item_stats``)."""
 
     ctr_24h: float = Field(description="Click-through rate, smoothed towards the prior.")
     cvr_24h: float = Field(description="Purchases per click, smoothed towards the prior.")
     purchases_24h: int
+    cart_rate_7d: float = Field(description="Add-to-carts per click over 7 days, smoothed towards the prior.")
+    cvr_7d: float = Field(description="Purchases per click over 7 days, smoothed towards the prior.")
 
 
 class SearchHit(BaseModel):

@@ -41,4 +41,16 @@ ENGAGEMENT = ({label: LABEL_LEVEL[label] - 1 for label in LABELS[1:]}
 # Behaviour rates are smoothed towards these priors (rate, pseudo-count), online by the stream
 # worker and offline when training rebuilds the stats a search saw.
 PRIOR_CTR, PRIOR_CTR_WEIGHT = 0.05, 20.0
-PRIOR_CVR, PRIOR_CVR_WEIGHT = 0.05, 10.0
+PRIOR_CVR, PRIOR_CVR_WEIGHT = 0.05, 10.0  # purchases per click
+PRIOR_CART, PRIOR_CART_WEIGHT = 0.15, 10.0  # carts per click
+# An item's conversion after the click (carts and purchases per click) is counted over a week:
+# an item gets a few clicks a day, and what it converts at changes slowly (reviews, returns).
+CONVERSION_WINDOW_DAYS = 7
+# The Feast ``item_stats`` fields search reads for its candidates and the ranker's item
+# features are computed from (``streams.item_stats`` writes them, ``models.ranking`` reads them).
+ITEM_STATS_FIELDS = ("ctr_24h", "cvr_24h", "purchases_24h", "cart_rate_7d", "cvr_7d")
+
+
+def smoothed(count: float, base: float, prior: float, weight: float) -> float:
+    """``count / base`` pulled towards ``prior`` by ``weight`` pseudo-observations of the base."""
+    return (count + prior * weight) / (base + weight)

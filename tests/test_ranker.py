@@ -14,9 +14,10 @@ import torch
 
 from tailbridge.models.ranking import features as ft
 from tailbridge.models.ranking import model as rk
-from tailbridge.models.ranking.dataset import point_in_time_stats, prepare
+from tailbridge.models.ranking.dataset import NO_STATS, point_in_time_stats, prepare
 from tailbridge.models.ranking.evaluation import auc, evaluate, expected_ndcg, expected_purchases
 from tailbridge.models.ranking.training import RankerTrainConfig, cache_texts, fit, train, write_artifact
+from tailbridge.vocab import ITEM_STATS_FIELDS
 from tests.conftest import tiny_demo
 
 torch.set_num_threads(1)
@@ -91,7 +92,8 @@ def test_user_item_features():
     # the feedback log's mapping form of affinities works too
     mapping = {"category_affinity": {"Sofas": 0.5}, "recent_item_ids": [], "recent_actions": []}
     assert ft.user_item_features(item, ft.user_view(mapping, catalog), catalog)[1] == 0.5
-    assert ft.item_features({"purchases_24h": 3, "ctr_24h": None}) == [0.0, 0.0, pytest.approx(math.log(4))]
+    assert ft.item_features({"purchases_24h": 3, "ctr_24h": None, "cart_rate_7d": 0.4}) == [
+        0.0, 0.0, pytest.approx(math.log(4)), 0.4, 0.0]
 
 
 def test_query_item_features():
@@ -142,15 +144,21 @@ def test_point_in_time_stats_never_see_their_own_search():
                           for s, i, lab, t in rows])
     frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
     stats = point_in_time_stats(frame, 24)
-    prior_ctr, prior_cvr = 0.05, 0.05  # no history: the smoothing priors
-    assert stats[0].tolist() == pytest.approx([prior_ctr, prior_cvr, 0])  # s1 does not see its own purchase
-    assert stats[1].tolist() == pytest.approx([prior_ctr, prior_cvr, 0])
-    # s2 sees s1 only: 1 impression, 1 click (the purchase), 1 purchase
-    assert stats[2].tolist() == pytest.approx([(1 + 1) / (1 + 20), (1 + 0.5) / (1 + 10), 1])
-    # s3 and s4 see s2 only (s1 left the window; s3 is not before s4): 1 impression, 1 click, 0 purchases
+    assert stats.shape == (len(rows), len(ITEM_STATS_FIELDS))
+    prior_ctr, prior_cvr, prior_cart = 0.05, 0.05, 0.15  # no history: the smoothing priors
+    assert stats[0].tolist() == pytest.approx([prior_ctr, prior_cvr, 0, prior_cart, prior_cvr])  # not its own purchase
+    assert stats[1].tolist() == pytest.approx([prior_ctr, prior_cvr, 0, prior_cart, prior_cvr])
+    # s2 sees s1 only: 1 impression, 1 click, 1 cart, 1 purchase (the purchase implies the rest)
+    assert stats[2].tolist() == pytest.approx([(1 + 1) / (1 + 20), (1 + 0.5) / (1 + 10), 1,
+                                               (1 + 1.5) / (1 + 10), (1 + 0.5) / (1 + 10)])
+    # s3 and s4 see s2 only in 24 h (s1 left that window; s3 is not before s4): 1 impression, 1 click;
+    # the 7-day conversion window still holds s1: 2 clicks, 1 cart, 1 purchase
     for r in (3, 4):
-        assert stats[r].tolist() == pytest.approx([(1 + 1) / (1 + 20), 0.5 / (1 + 10), 0])
-    assert stats[5].tolist() == pytest.approx([prior_ctr, prior_cvr, 0])
+        assert stats[r].tolist() == pytest.approx([(1 + 1) / (1 + 20), 0.5 / (1 + 10), 0,
+                                                   (1 + 1.5) / (2 + 10), (1 + 0.5) / (2 + 10)])
+    # s5: nothing in 24 h; in 7 days s1-s4: 3 clicks, 2 carts, 2 purchases
+    assert stats[5].tolist() == pytest.approx([prior_ctr, prior_cvr, 0, (2 + 1.5) / (3 + 10), (2 + 0.5) / (3 + 10)])
+    assert NO_STATS == pytest.approx(stats[0].tolist())
 
 
 def test_funnel_probabilities_and_single_task_gradients(bert):
@@ -304,7 +312,7 @@ def test_split_is_by_time_and_features_point_in_time(demo):
     assert max(rd.search_times[:rd.train_searches]) <= min(rd.search_times[rd.train_searches:])
     assert rd.features.shape == (rd.rows, len(ft.FEATURES))
     assert rd.contexts[0] is None  # the very first search has no history
-    assert (rd.stats[: rd.search_start[1], 2] == 0).all()  # nor any item stats
+    assert (rd.stats[: rd.search_start[1]] == np.float32(NO_STATS)).all()  # nor any item stats: the priors
     users = [rd.contexts[s] for s in range(n)]
     assert any(c is not None for c in users[rd.train_searches:])  # test searches carry earlier history
 

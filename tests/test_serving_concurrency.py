@@ -42,9 +42,10 @@ def test_direct_redis_reads_equal_feasts_own(ns):
                "recent_action_times_ms": [1_700_000_000_000, 1_700_000_001_000], "affinity_categories": ["Sofas"],
                "affinity_weights": [1.0], "recent_queries": ["sofa"], "session_id": "s_rows", "session_queries": 2,
                "session_clicks": 1, "session_carts": 0, "session_purchases": 1}
-    stats = {f"{a}_{w}": 3 for w in ("1h", "24h") for a in ("impressions", "clicks", "carts", "purchases")}
+    stats = {f"{a}_{w}": 3 for w in ("1h", "24h", "7d") for a in ("impressions", "clicks", "carts", "purchases")}
     r.hset(users.key("u_rows"), mapping=users.fields(context, 1_700_000_002_000))
-    r.hset(items.key("rug-1"), mapping=items.fields(stats | {"ctr_24h": 0.25, "cvr_24h": 0.5}, 1_700_000_002_000))
+    rates = {"ctr_24h": 0.25, "cvr_24h": 0.5, "cart_rate_7d": 0.4, "cvr_7d": 0.3}
+    r.hset(items.key("rug-1"), mapping=items.fields(stats | rates, 1_700_000_002_000))
 
     async def direct():
         reader = RedisOnlineFeatures(settings, resolve_online_store(settings).redis_url)

@@ -10,6 +10,7 @@ import pytest
 from tailbridge.models.data import user_context
 from tailbridge.streams import feedback, item_stats
 from tailbridge.streams.events import InteractionEvent, QueryEvent, ServedItem
+from tailbridge.vocab import PRIOR_CART
 
 T0 = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
@@ -148,6 +149,8 @@ def test_item_windows_count_only_what_is_inside():
     assert (row["impressions_1h"], row["clicks_1h"]) == (1, 1)
     assert (row["impressions_24h"], row["clicks_24h"]) == (3, 1)  # the 25-hour-old one is out
     assert 0 < row["ctr_24h"] < 0.5  # smoothed: 1 click in 3 impressions is not a 33% CTR yet
+    assert (row["impressions_7d"], row["clicks_7d"], row["carts_7d"]) == (4, 1, 0)  # the week keeps the 25 h one
+    assert 0 < row["cart_rate_7d"] < PRIOR_CART  # 1 click without a cart pulls the prior down, a little
     # minute buckets older than 1 h (90 min, 23 h, 25 h) and the hour bucket older than 24 h
     assert sorted(item_stats.stale_fields(counters, now)) == sorted(
         [f"impressions:1h:{(now - m * 60_000) // 60_000}" for m in (90, 23 * 60, 25 * 60)]

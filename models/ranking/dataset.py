@@ -9,9 +9,10 @@ time split, for training (``models.ranking.training``) and evaluation (``models.
    search, and evaluation tests on every logged search after it (a log that grew since
    training adds test searches, never training ones).
 3. Point-in-time features, so nothing a row's own labels say reaches its features:
-   * item behaviour: ``ctr_24h``, ``cvr_24h``, ``purchases_24h`` as the stream worker computes
-     them (``streams.item_stats``: same smoothing priors), over the log's searches in the 24 h
-     before the row's search -- strictly earlier ones, so never the row's own search;
+   * item behaviour: ``ctr_24h``, ``cvr_24h``, ``purchases_24h`` and the conversion per click
+     ``cart_rate_7d``, ``cvr_7d`` as the stream worker computes them (``streams.item_stats``:
+     same smoothing priors), over the log's searches in the 24 h (7 days) before the row's
+     search -- strictly earlier ones, so never the row's own search;
    * user context: the shopper's engagements before the search
      (``models.data.feedback.searches_with_context``, what the Feast ``user_context`` view
      held then).
@@ -43,26 +44,22 @@ import pandas as pd
 from tailbridge.models.data.feedback import read_feedback, searches_with_context
 from tailbridge.models.data.loaders import load_dataset
 from tailbridge.models.ranking import features as ft
-from tailbridge.vocab import LABEL_LEVEL, PRIOR_CTR, PRIOR_CTR_WEIGHT, PRIOR_CVR, PRIOR_CVR_WEIGHT
+from tailbridge.vocab import (CONVERSION_WINDOW_DAYS, ITEM_STATS_FIELDS, LABEL_LEVEL, PRIOR_CART, PRIOR_CART_WEIGHT,
+                              PRIOR_CTR, PRIOR_CTR_WEIGHT, PRIOR_CVR, PRIOR_CVR_WEIGHT, smoothed)
 
 
 class RankerTrainingError(ValueError):
     pass
 
 
-def point_in_time_stats(frame: pd.DataFrame, window_hours: float = 24.0) -> np.ndarray:
-    """[rows, 3]: ctr_24h, cvr_24h, purchases_24h of each row's item as they stood just before the
-    row's search: from the log's rows of strictly earlier searches within the window (one
-    impression per served row, a click for clicked-or-better, a purchase for purchased), smoothed
-    like the stream worker's ``item_stats``. ``frame`` is in ``read_feedback`` (time) order."""
-    n = len(frame)
-    times = ((frame["event_time"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ns")).to_numpy(np.int64)
-    items = frame["item_id"].astype(str).to_numpy()
-    levels = frame["label"].map(LABEL_LEVEL).to_numpy()
-    window = int(window_hours * 3600 * 1e9)
-    events: dict[str, deque] = {}  # item -> (time, click, purchase) inside the window
-    totals: dict[str, list[int]] = {}  # item -> [impressions, clicks, purchases]
-    out = np.zeros((n, 3), dtype=np.float32)
+def _window_counts(times: np.ndarray, items: np.ndarray, levels: np.ndarray, window_ns: int) -> np.ndarray:
+    """[rows, 4]: impressions, clicks, carts, purchases of each row's item in the log's rows of
+    strictly earlier searches within ``window_ns`` before the row's (one impression per served
+    row, a click for clicked-or-better, a cart for carted-or-better, a purchase for purchased)."""
+    n = len(times)
+    events: dict[str, deque] = {}  # item -> (time, counts) inside the window
+    totals: dict[str, np.ndarray] = {}  # item -> [impressions, clicks, carts, purchases]
+    out = np.zeros((n, 4), dtype=np.int64)
     start = 0
     while start < n:
         end = start
@@ -71,28 +68,47 @@ def point_in_time_stats(frame: pd.DataFrame, window_hours: float = 24.0) -> np.n
         now = times[start]
         for r in range(start, end):  # rows at one instant see only earlier ones
             queue, total = events.get(items[r]), totals.get(items[r])
-            while queue and queue[0][0] <= now - window:
-                _, c, p = queue.popleft()
-                total[0] -= 1
-                total[1] -= c
-                total[2] -= p
-            imps, clicks, purchases = total or (0, 0, 0)
-            out[r] = ((clicks + PRIOR_CTR * PRIOR_CTR_WEIGHT) / (imps + PRIOR_CTR_WEIGHT),
-                      (purchases + PRIOR_CVR * PRIOR_CVR_WEIGHT) / (clicks + PRIOR_CVR_WEIGHT), purchases)
+            while queue and queue[0][0] <= now - window_ns:
+                total -= queue.popleft()[1]
+            if total is not None:
+                out[r] = total
         for r in range(start, end):
-            c, p = int(levels[r] >= LABEL_LEVEL["clicked"]), int(levels[r] == LABEL_LEVEL["purchased"])
-            events.setdefault(items[r], deque()).append((times[r], c, p))
-            total = totals.setdefault(items[r], [0, 0, 0])
-            total[0] += 1
-            total[1] += c
-            total[2] += p
+            counts = np.array([1, levels[r] >= LABEL_LEVEL["clicked"], levels[r] >= LABEL_LEVEL["added_to_cart"],
+                               levels[r] == LABEL_LEVEL["purchased"]], dtype=np.int64)
+            events.setdefault(items[r], deque()).append((times[r], counts))
+            totals.setdefault(items[r], np.zeros(4, dtype=np.int64))
+            totals[items[r]] += counts
         start = end
     return out
 
 
+def point_in_time_stats(frame: pd.DataFrame, window_hours: float = 24.0,
+                        conversion_days: float = CONVERSION_WINDOW_DAYS) -> np.ndarray:
+    """[rows, len(ITEM_STATS_FIELDS)]: each row's item's stats as they stood just before the row's
+    search, smoothed like the stream worker's ``item_stats``: ctr_24h, cvr_24h, purchases_24h over
+    ``window_hours`` and cart_rate_7d, cvr_7d (per click) over ``conversion_days``, from the log's
+    rows of strictly earlier searches. ``frame`` is in ``read_feedback`` (time) order."""
+    times = ((frame["event_time"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ns")).to_numpy(np.int64)
+    items = frame["item_id"].astype(str).to_numpy()
+    levels = frame["label"].map(LABEL_LEVEL).to_numpy()
+    day = _window_counts(times, items, levels, int(window_hours * 3600 * 1e9))
+    week = _window_counts(times, items, levels, int(conversion_days * 86400 * 1e9))
+    imps, clicks, _, purchases = day.T
+    _, clicks_w, carts_w, purchases_w = week.T
+    return np.stack([smoothed(clicks, imps, PRIOR_CTR, PRIOR_CTR_WEIGHT),
+                     smoothed(purchases, clicks, PRIOR_CVR, PRIOR_CVR_WEIGHT), purchases,
+                     smoothed(carts_w, clicks_w, PRIOR_CART, PRIOR_CART_WEIGHT),
+                     smoothed(purchases_w, clicks_w, PRIOR_CVR, PRIOR_CVR_WEIGHT)], axis=1).astype(np.float32)
+
+
+# An item nobody engaged with: the smoothing priors, in ``ITEM_STATS_FIELDS`` order.
+NO_STATS = (PRIOR_CTR, PRIOR_CVR, 0.0, PRIOR_CART, PRIOR_CVR)
+
+
 def candidate(item: Mapping[str, Any], stats: Sequence[float]) -> dict[str, Any]:
-    """A catalog item shaped like a search hit: its fields plus the behaviour stats."""
-    return {**item, "ctr_24h": float(stats[0]), "cvr_24h": float(stats[1]), "purchases_24h": float(stats[2])}
+    """A catalog item shaped like a search hit: its fields plus the behaviour stats
+    (``ITEM_STATS_FIELDS`` order)."""
+    return {**item, **{name: float(x) for name, x in zip(ITEM_STATS_FIELDS, stats)}}
 
 
 @dataclass
@@ -112,7 +128,7 @@ class RankerData:
     route: np.ndarray  # per row: index into routes (0: unknown)
     routes: tuple[str, ...]  # the log's named serving routes
     level: np.ndarray  # per row: LABEL_LEVEL
-    stats: np.ndarray  # per row: [ctr_24h, cvr_24h, purchases_24h] at the search
+    stats: np.ndarray  # per row: ITEM_STATS_FIELDS at the search
     features: np.ndarray  # per row: models.ranking.features.FEATURES
     train_searches: int  # searches [0, train_searches) train, the rest test
     # Negatives of training searches (not rows of any page): query, item, features.
@@ -193,8 +209,7 @@ def prepare(data_dir: Path, feedback_dir: Path, test_fraction: float = 0.2, wind
                 negative_item.append(pool[k])
     negative_search, negative_item = np.array(negative_search, int), np.array(negative_item, int)
     negative_query = query_col[search_start[negative_search]]
-    no_stats = (PRIOR_CTR, PRIOR_CVR, 0.0)  # an item nobody engaged with, as the stats smooth it
-    negative_feats = np.array([ft.features(asked[q], candidate(data.items[item_ids[i]], no_stats), views[s], catalog)
+    negative_feats = np.array([ft.features(asked[q], candidate(data.items[item_ids[i]], NO_STATS), views[s], catalog)
                                for q, s, i in zip(negative_query, negative_search, negative_item)], dtype=np.float32)
     return RankerData(
         random_query=negative_query, random_item=negative_item, routes=routes, route=route_col,

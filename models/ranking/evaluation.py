@@ -40,7 +40,7 @@ import torch
 
 from tailbridge.models.metrics import ndcg_at
 from tailbridge.models.ranking import model as rk
-from tailbridge.models.ranking.dataset import RankerData, RankerTrainingError, candidate, prepare
+from tailbridge.models.ranking.dataset import NO_STATS, RankerData, RankerTrainingError, candidate, prepare
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -309,7 +309,6 @@ def judged_relevance(data_dir: Path, models: Mapping[str, rk.Ranker], blend: Cal
 
     from tailbridge.models.data.loaders import load_dataset
     from tailbridge.models.retrieval.encoders import MiniLMEncoder
-    from tailbridge.vocab import PRIOR_CTR, PRIOR_CVR
 
     data = load_dataset(data_dir)
     judged = data.split("test")
@@ -325,7 +324,7 @@ def judged_relevance(data_dir: Path, models: Mapping[str, rk.Ranker], blend: Cal
     ndcg: dict[str, list[float]] = {"no ranker (retrieval order)": []}
     first = next(iter(models))
     for row, qid in enumerate(qids):
-        cands = [candidate({**data.items[item_ids[j]], "item_id": item_ids[j]}, (PRIOR_CTR, PRIOR_CVR, 0.0))
+        cands = [candidate({**data.items[item_ids[j]], "item_id": item_ids[j]}, NO_STATS)
                  for j in top[row]]
         ids = [c["item_id"] for c in cands]
         ndcg["no ranker (retrieval order)"].append(ndcg_at(ids, judged[qid]))

@@ -8,9 +8,12 @@ text encodings. One module computes them for training rows and for serving's can
   price against a price cap the query states ("under $50", "max 30 bucks"). The late-interaction
   text encoder cannot read a number or check a constraint; these say what makes an item an exact
   match rather than a substitute.
-* Item behaviour (``ITEM_FEATURES``): ``ctr_24h``, ``cvr_24h``, ``log1p(purchases_24h)``, exactly
-  the stats serving reads for its candidates from the Feast ``item_stats`` view (the smoothing
-  priors for an item without a row).
+* Item behaviour (``ITEM_FEATURES``): ``ctr_24h``, ``cvr_24h``, ``log1p(purchases_24h)`` and the
+  item's conversion after the click over a week, ``cart_rate_7d`` and ``cvr_7d`` (carts and
+  purchases per click), exactly the stats serving reads for its candidates from the Feast
+  ``item_stats`` view (the smoothing priors for an item without a row). Whether a clicked item
+  sells depends on what the product page and checkout show (reviews, returns, delivery) and no
+  text or catalog field says: the per-click rates are how the cart and purchase heads learn it.
 * User x item (``USER_FEATURES``), from the Feast ``user_context`` row: affinity to the item's
   leaf category, whether the shopper recently clicked / carted / bought it, its price against
   their recent items' (log ratio to their median price, and the gap between price levels
@@ -39,7 +42,7 @@ from tailbridge.vocab import ENGAGEMENT
 
 QUERY_FEATURES = ("query_terms_in_item", "leaf_named", "brand_named", "asked_values_matched", "asked_value_missing",
                   "has_price_cap", "over_price_cap", "log_price_vs_cap")
-ITEM_FEATURES = ("ctr_24h", "cvr_24h", "log1p_purchases_24h")
+ITEM_FEATURES = ("ctr_24h", "cvr_24h", "log1p_purchases_24h", "cart_rate_7d", "cvr_7d")
 USER_FEATURES = ("has_user", "category_affinity", "recently_clicked", "recently_carted", "recently_purchased",
                  "log_price_vs_recent_median", "price_level_vs_recent", "abs_price_level_vs_recent", "brand_share")
 FEATURES = QUERY_FEATURES + ITEM_FEATURES + USER_FEATURES
@@ -136,7 +139,8 @@ def item_features(candidate: Mapping[str, Any]) -> list[float]:
     """The item's behaviour stats as the Feast ``item_stats`` view holds them (missing -> 0);
     the purchase count is log1p'd."""
     return [_number(candidate.get("ctr_24h")), _number(candidate.get("cvr_24h")),
-            math.log1p(max(0.0, _number(candidate.get("purchases_24h"))))]
+            math.log1p(max(0.0, _number(candidate.get("purchases_24h")))), _number(candidate.get("cart_rate_7d")),
+            _number(candidate.get("cvr_7d"))]
 
 
 class Catalog:

@@ -4,7 +4,8 @@
     product text ─── the same weights ───────────────────────────────────────── p ─┤
     (title. brand. leaf category)                                                  ├─ x = [q, p, q*p, features]
     query x item: term match, asked-for values, price cap ─────────────────────────┤
-    item behaviour (Feast item_stats): ctr_24h, cvr_24h, log1p(purchases_24h) ─────┤
+    item behaviour (Feast item_stats): ctr_24h, cvr_24h, log1p(purchases_24h),     │
+      conversion per click over 7 days: cart_rate_7d, cvr_7d ──────────────────────┤
     user x item (Feast user_context): category affinity, recently engaged, price    │
       level against the user's recent items, brand share ──────────────────────────┘
     x ─ experts E_1..E_k (MLPs) ─ per-task softmax gate over the experts (MMoE) ─ task tower ─ logit
@@ -362,7 +363,8 @@ class Ranker:
         ``score`` = sum of weight[head] * probability (weights: the artifact's defaults, with
         the heads in ``weights`` replaced). Probabilities are position-free: what the shopper
         would do were the item examined. Candidates are dicts with item_id, title, brand,
-        category / category_path, price and the stats ctr_24h, cvr_24h, purchases_24h (missing -> 0);
+        category / category_path, price and the Feast ``item_stats`` fields
+        (``tailbridge.vocab.ITEM_STATS_FIELDS``; missing -> 0);
         ``user_context`` is the Feast ``user_context`` row, None for no user."""
         w = self.weights(weights)
         if not candidates:

@@ -45,6 +45,7 @@ from tailbridge.models.ranking.dataset import RankerData, RankerTrainingError, p
 from tailbridge.models.ranking.evaluation import head_aucs, score_rows
 from tailbridge.models.ranking.features import FEATURES, ITEM_FEATURES, USER_FEATURES, Catalog, item_id_of
 from tailbridge.models.retrieval.model import TextInput
+from tailbridge.vocab import CONVERSION_WINDOW_DAYS
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -380,8 +381,8 @@ Score = {' + '.join(f'{m.weights[t]:g} * p({t})' for t in m.tasks)} (weights ove
 - Feedback log {d['feedback_dir']}: {d['searches']} searches, {d['rows']} rows. Split by time: the first
   {d['train_searches']} searches train ({d['train_rows']} rows, until {d['train_until'][0]}); the last
   {d['test_searches']} ({d['test_rows']} rows, from {d['test_from']}) are the test split.
-- Point-in-time features: item stats over the {cfg.stats_window_hours:g} h before each search (earlier searches only),
-  user context from the shopper's engagements before it.
+- Point-in-time features: item stats over the {cfg.stats_window_hours:g} h (conversion per click: {CONVERSION_WINDOW_DAYS}
+  days) before each search (earlier searches only), user context from the shopper's engagements before it.
 
 ## Training
 - Stage 1 (encoder frozen): {cfg.epochs} epochs, {metrics['steps']['stage1']} steps of {cfg.batch_size} rows.
