@@ -96,6 +96,21 @@ def test_user_item_features():
         0.0, 0.0, pytest.approx(math.log(4)), 0.4, 0.0]
 
 
+def test_price_levels_are_the_same_for_training_and_serving():
+    """A common price many items share is a run of equal quantiles: its level is the middle of
+    the run, the same from the catalog the artifact ships (JSON) and for a price read back as
+    float32 (Milvus); both once moved it a whole run (24.99: 0.7 in training, 0.3 served)."""
+    prices = [24.99] * 8 + [5.0, 7.5, 9.5, 12.0, 14.49, 25.0, 33.3, 49.5, 80.0, 120.0]
+    catalog = ft.Catalog.from_items([{"item_id": f"m{k}", "category": "Mugs", "price": p} for k, p in enumerate(prices)])
+    served = ft.Catalog.from_json(json.loads(json.dumps(catalog.to_json())))
+    tied = catalog.price_level("Mugs", 24.99)
+    assert 0.3 < tied < 0.7  # the middle of the quantiles the eight mugs at 24.99 fill
+    for p in sorted(set(prices)):
+        assert served.price_level("Mugs", p) == catalog.price_level("Mugs", p)
+        assert catalog.price_level("Mugs", float(np.float32(p))) == pytest.approx(catalog.price_level("Mugs", p), abs=1e-5)
+    assert catalog.price_level("Mugs", 24.0) < tied < catalog.price_level("Mugs", 24.995)  # still ordered by price
+
+
 def test_query_item_features():
     items = [{"item_id": "a", "title": "Harlow Beige Sofa", "brand": "Harlow", "category": "Sofas", "price": 280.0,
               "attributes": {"color": "Beige"}},

@@ -48,6 +48,7 @@ USER_FEATURES = ("has_user", "category_affinity", "recently_clicked", "recently_
 FEATURES = QUERY_FEATURES + ITEM_FEATURES + USER_FEATURES
 PRICE_RATIO_CLIP = 3.0
 PRICE_QUANTILES = 21
+PRICE_TIE = 1e-6  # log prices this close are one price (float32 keeps ~7 digits)
 _TERM = re.compile(r"[a-z0-9]+")
 _CAP = re.compile(r"\b(?:under|below|less than|no more than|max|budget|up to)\s+\$?\s*(\d+(?:\.\d+)?)")
 _STOP = frozenset("a an and any the for of to in on with w o i me my need want looking ideas pls please "
@@ -177,20 +178,26 @@ class Catalog:
 
     def price_level(self, leaf: str, price: float) -> float | None:
         """Piecewise-linear position of the log price among the category's quantiles, in 0..1
-        (plain Python: it runs for every candidate of every search)."""
+        (plain Python: it runs for every candidate of every search). A price that several
+        quantiles share (a common price such as 24.99) sits in the middle of them, whatever
+        its last bits: a price read back as float32 (Milvus) must get the level the training
+        rows' float64 price got, not one a run of quantiles away."""
         q = self.quantiles.get(leaf)
         if q is None or price <= 0:
             return None
         x = math.log(price)
+        lo, hi = bisect.bisect_left(q, x - PRICE_TIE), bisect.bisect_right(q, x + PRICE_TIE)
+        if hi > lo:  # x is (within PRICE_TIE of) the quantiles lo..hi-1
+            return (lo + hi - 1) / 2 / (len(q) - 1)
         if x <= q[0]:
             return 0.0
         if x >= q[-1]:
             return 1.0
-        k = bisect.bisect_right(q, x) - 1  # q[k] <= x < q[k + 1], so the span is > 0
+        k = lo - 1  # q[k] < x < q[k + 1]
         return (k + (x - q[k]) / (q[k + 1] - q[k])) / (len(q) - 1)
 
     def to_json(self) -> dict[str, Any]:
-        return {"price_quantiles": {c: [round(x, 6) for x in q] for c, q in self.quantiles.items()},
+        return {"price_quantiles": self.quantiles,  # exact: serving's price levels are training's
                 "items": {i: list(v) for i, v in self.items.items()}, "values": self.values,
                 "value_terms": sorted(self.value_terms)}
 
