@@ -452,6 +452,7 @@ def test_evaluation_report(trained, demo):
     assert report["test"]["searches"] == json.loads((trained / "metrics.json").read_text())["data"]["test_searches"]
     assert set(report["latency_ms"]) == {"50", "100"}
     assert all(lat["new_query"]["p50"] > 0 and lat["candidates"] == int(n) for n, lat in report["latency_ms"].items())
+    assert all(0 < lat["cpu"]["new_query"]["p50"] for lat in report["latency_ms"].values())
     judged = report["judged"]
     assert judged["queries"] == 4 and judged["candidates"] == 10
     assert {"no ranker (retrieval order)", "multi-task alone", "click-only alone",

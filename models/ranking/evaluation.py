@@ -347,7 +347,8 @@ def score_latency(ranker: rk.Ranker, rd: RankerData, test: Sequence[int], calls:
                   candidates: int = 100) -> dict[str, Any]:
     """``Ranker.score`` over ``candidates`` cached catalog products (random stats, a real user
     context) on one thread: p50/p99 over ``calls`` calls, each with a query not seen before (the
-    query encode included) and again with the query cached; and the query encode alone."""
+    query encode included) and again with the query cached; and the query encode alone. Wall
+    clock, and the thread's CPU time under ``cpu``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -360,13 +361,17 @@ def score_latency(ranker: rk.Ranker, rd: RankerData, test: Sequence[int], calls:
         ranker.score(queries[0], pages[0], contexts[0])  # warm-up
         ranker.queries = rk.LRU(ranker.queries.size)
 
-        def timed(fn) -> list[float]:
-            out = []
+        def timed(fn) -> tuple[list[float], list[float]]:
+            """Wall clock and the calling thread's CPU time per call, ms (torch and onnxruntime
+            run on it with one thread): on a shared machine the wall clock includes waiting
+            for a core, the CPU time is what the call costs a core of its own."""
+            wall, cpu = [], []
             for k in range(calls):
-                began = time.perf_counter()
+                began, began_cpu = time.perf_counter(), time.thread_time()
                 fn(k)
-                out.append((time.perf_counter() - began) * 1000)
-            return out
+                wall.append((time.perf_counter() - began) * 1000)
+                cpu.append((time.thread_time() - began_cpu) * 1000)
+            return wall, cpu
 
         cold = timed(lambda k: ranker.score(queries[k], pages[k], contexts[k]))
         warm = timed(lambda k: ranker.score(queries[k], pages[k], contexts[k]))
@@ -376,8 +381,9 @@ def score_latency(ranker: rk.Ranker, rd: RankerData, test: Sequence[int], calls:
         def pct(xs: list[float]) -> dict[str, float]:
             return {"p50": round(float(np.percentile(xs, 50)), 3), "p99": round(float(np.percentile(xs, 99)), 3)}
 
-        return {"candidates": candidates, "calls": calls, "threads": 1, "new_query": pct(cold),
-                "cached_query": pct(warm), "query_encode": pct(encode),
+        return {"candidates": candidates, "calls": calls, "threads": 1, "new_query": pct(cold[0]),
+                "cached_query": pct(warm[0]), "query_encode": pct(encode[0]),
+                "cpu": {"new_query": pct(cold[1]), "cached_query": pct(warm[1]), "query_encode": pct(encode[1])},
                 "query_encoder": "onnxruntime" if ranker.onnx is not None else "torch"}
     finally:
         torch.set_num_threads(threads)
