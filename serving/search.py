@@ -58,16 +58,18 @@ class Candidate:
     bm25: tuple[float, int] | None = None
 
 
-def fuse(routes: list[tuple[str, str, list[dict]]]) -> list[Candidate]:
-    """Reciprocal-rank fusion of (source, kind, hits) lists; kind is 'dense' or 'bm25'.
+def fuse(routes: list[tuple[str, str, list[dict]]], rewrite_weight: float = 1.0) -> list[Candidate]:
+    """Reciprocal-rank fusion of (source, kind, hits) lists; kind is 'dense' or 'bm25'; a
+    rewrite's route counts ``rewrite_weight`` of the query's own (``rewrite_route_weight``).
     A candidate's source is the route where it ranked best (ties: the earlier route)."""
     candidates: dict[str, Candidate] = {}
     for source, kind, hits in routes:
+        weight = rewrite_weight if source.startswith(REWRITE_SOURCE_PREFIX) else 1.0
         for rank, hit in enumerate(hits, start=1):
             fields = hit["entity"]
             item_id = str(fields["item_id"])
             c = candidates.get(item_id) or candidates.setdefault(item_id, Candidate(item_id, dict(fields)))
-            c.fused += 1.0 / (RRF_K + rank)
+            c.fused += weight / (RRF_K + rank)
             c.routes.append(f"{source}/{kind}" if source.startswith(REWRITE_SOURCE_PREFIX) else kind)
             if rank < c.best_rank:
                 c.best_rank, c.source = rank, (source if source.startswith(REWRITE_SOURCE_PREFIX) else kind)
@@ -170,7 +172,7 @@ class SearchService:
                                                                          degraded)
 
         with timer.stage("fuse"):
-            candidates = fuse(routes)[:limit]
+            candidates = fuse(routes, self.settings.rewrite_route_weight)[:limit]
 
         with timer.stage("item_stats"):  # the ranker reads every candidate's; without one, the hits need theirs
             await self._add_item_stats(candidates if self.ranker is not None else candidates[:request.k], degraded)

@@ -8,7 +8,9 @@ written to the rewrite store (``streams.rewrite_store``; live at once when the v
 the serving one). Each poll's generation stops at ``rewrite_deadline_s``: keys it did not reach
 are left for the next time they are searched, and offsets are committed either way, so a slow
 generator delays rewrites, never the stream, and search never waits for any of it. Events
-that do not parse are skipped and counted (the stream worker dead-letters them).
+that do not parse are skipped and counted (the stream worker dead-letters them). Given
+``keep`` (the minimum-relevance rule, ``models.rewriting.intent.keep_on_intent`` over the
+catalog), only the rewrites it keeps are written, as the offline fill writes them.
 """
 
 from __future__ import annotations
@@ -27,14 +29,19 @@ from tailbridge.vocab import normalize_query
 
 POLL_MS = 500
 REPORT_SECONDS = 10.0
+# (queries, their generated rewrites) -> (the rewrites kept, how many were dropped)
+Keep = Callable[[list[str], list[list[str]]], tuple[list[list[str]], int]]
 
 
 class RewriteWorker:
-    def __init__(self, settings: Settings, generator: Any, version: str, writer: RewriteWriter, redis_client: Any = None):
+    def __init__(self, settings: Settings, generator: Any, version: str, writer: RewriteWriter, redis_client: Any = None,
+                 keep: Keep | None = None):
         self.settings, self.generator, self.version, self.writer = settings, generator, version, writer
         self._redis = redis_client if redis_client is not None else writer._redis
         self._seen = f"tb:{settings.feast_project}:rewriter:seen:"
-        self.counts = {"queries": 0, "unparsable": 0, "rare": 0, "generated": 0, "deferred": 0, "no_rewrite": 0}
+        self.keep = keep
+        self.counts = {"queries": 0, "unparsable": 0, "rare": 0, "generated": 0, "deferred": 0, "no_rewrite": 0,
+                       "dropped_by_intent": 0}
 
     @staticmethod
     def group_id(settings: Settings) -> str:
@@ -75,6 +82,9 @@ class RewriteWorker:
                 break
             part = list(keys[start:start + chunk])
             rewrites = self.generator.rewrite(part, n=self.settings.rewrite_count, beams=self.settings.rewrite_worker_beams)
+            if self.keep is not None:
+                rewrites, dropped = self.keep(part, rewrites)
+                self.counts["dropped_by_intent"] += dropped
             for key, texts in zip(part, rewrites):
                 if texts:
                     out[key] = texts

@@ -132,6 +132,14 @@ class Settings(BaseSettings):
     rewrite_deadline_s: float = Field(
         2.0, gt=0, description="Longest the rewrite worker generates per poll; queries it did not reach wait for their next search."
     )
+    rewrite_route_weight: float = Field(
+        0.5, gt=0, le=1, description="Weight of each rewrite's routes in search's reciprocal-rank fusion, the query's own "
+        "routes weighing 1: a rewrite can add items and reorder, but not outvote what the query asked for."
+    )
+    rewrite_min_intent: float = Field(
+        0.8, ge=0, description="A rewrite is stored only when its top 10 are, on average, at least this share as "
+        "similar to the original query (its dense score) as the query's own top 10 (models/rewriting/intent.py)."
+    )
     rewrite_worker_chunk: int = Field(
         1, ge=1, le=256, description="Queries the rewrite worker generates at once (1: a padded batch decodes until its "
         "longest answer ends; chunks of 4 cost 133 ms CPU per query against 96 ms one at a time, bench/rewriter.py)."

@@ -269,6 +269,20 @@ def test_rewriter_smoke(tmp_path):
     assert result["targets"]["serving_p50"]["pass"] in (True, False) and len(result["loadavg_end"]) == 3
 
 
+def test_rewrite_guard_smoke(tmp_path):
+    """The rewrite guards' benchmark, in process (no stack, no model): right and wrong rewrites
+    of a small synthesised catalog's tail, every route weight and threshold."""
+    result, output = SmokeRun.start("rewrite_guard", tmp_path).finish(120)
+    assert result["meta"]["smoke"] is True and result["queries"] > 0 and "tail queries" in output
+    for kind in ("right", "wrong"):
+        rows = result["kinds"][kind]
+        assert len(rows) == 8 and all(0 <= r["kept"] <= 1 for r in rows)
+        assert [r["kept"] for r in rows if r["min_intent"] is None] == [1.0, 1.0]
+    unguarded, guarded = (next(r for r in result["kinds"]["wrong"] if r["route_weight"] == 1.0 and r["min_intent"] == m)
+                          for m in (None, 0.8))
+    assert unguarded["ndcg@10"] < result["none"]["ndcg@10"] <= guarded["ndcg@10"]  # drift hurts; the rule stops it
+
+
 def test_behaviour_refresh_smoke(tmp_path):
     """The behaviour refresh benchmark, in process (no stack): a tiny retriever trained without
     the newest items, one refresh from the later log, recall of the next window before and after."""

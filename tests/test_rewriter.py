@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ from hypothesis import strategies as st
 from tailbridge.models.data.loaders import load_dataset
 from tailbridge.models.rewriting import feedback as stage2
 from tailbridge.models.rewriting.bounds import MAX_QUERY_CHARS, MAX_REWRITE_CHARS, MAX_REWRITE_WORDS, accept_rewrite, clean_query
-from tailbridge.models.rewriting.evaluate import evaluate
+from tailbridge.models.rewriting.evaluate import distinct_share, evaluate
 from tailbridge.models.rewriting.generator import GeneratorError
+from tailbridge.models.rewriting.intent import keep_on_intent
 from tailbridge.models.rewriting.losses.bradley_terry import bradley_terry_loss, sequence_scores
 from tailbridge.models.rewriting.mining import MiningConfig, auxiliary, mine_pairs
 from tailbridge.models.rewriting.search import ExactSearch
@@ -207,3 +209,56 @@ def test_the_demo_shows_results_only_a_rewrite_retrieved():
     assert _only_from_rewrites({"parts": {"routes": ["rewrite:no-pull harness/dense", "rewrite:dog lead/bm25"]}})
     assert not _only_from_rewrites({"parts": {"routes": ["dense", "rewrite:no-pull harness/bm25"]}})
     assert not _only_from_rewrites({"parts": {"routes": []}}) and not _only_from_rewrites({"parts": None})
+
+
+def test_mining_caps_the_pairs_of_each_frequent_query(tiny):
+    """A few broad frequent queries overlap many tail queries; capped, no target dominates SFT."""
+    signals = query_signals(tiny["data"].queries, tiny["data"].split("train"), tiny["data"].strata, {})
+    uncapped = mine_pairs(signals, tiny["search"], MiningConfig(per_target=10_000))
+    capped = mine_pairs(signals, tiny["search"], MiningConfig(per_target=1))
+    assert max(Counter(p.rewrite for p in uncapped).values()) > 1  # the data has targets shared by tail queries
+    assert max(Counter(p.rewrite for p in capped).values()) == 1
+    assert {p.rewrite for p in capped} == {p.rewrite for p in uncapped}  # every target keeps its best pair
+    assert distinct_share([["Sofa"], ["sofa"], ["lamp"], []]) == 0.6667 and distinct_share([[], []]) is None
+
+
+def test_rewrite_routes_weigh_less_than_the_query_offline(tiny):
+    """ExactSearch (what eval and stage 2 judge with) weighs a rewrite's routes as the handler
+    does (``rewrite_route_weight``; ``test_serving_logic`` checks the handler's fusion): at a
+    small weight the query's own order is kept and the rewrite's items come after it."""
+    data = tiny["data"]
+    query, rewrite = "coffee maker", "hdmi cable"
+    light, even = ExactSearch(data.items, rewrite_weight=1e-6), ExactSearch(data.items, rewrite_weight=1.0)
+    [own] = light.ranked([[query]])
+    [fused_light], [fused_even] = light.ranked([[query, rewrite]]), even.ranked([[query, rewrite]])
+    assert fused_light[:len(own)] == own[:len(fused_light)]
+    assert fused_even[:len(own)] != own  # at equal weight the rewrite's items interleave
+
+
+def test_the_intent_rule_drops_a_rewrite_that_drifts_to_another_product(tiny):
+    """``search.intent`` rates a rewrite's top 10 by the query's own scores against the query's
+    top 10; ``keep_on_intent`` keeps what reaches the minimum, in order."""
+    search = tiny["search"]
+    query = "coffee maker"
+    drift = "hdmi cable"  # another product: the query scores its results near zero
+    [[same, other, nothing]] = search.intent([query], [[query, drift, "zzqx vvqj"]])
+    assert same == 1.0 and other < 0.5 and nothing == 0.0
+    kept, dropped = keep_on_intent(search, [query, "", query], [[drift, query], [], []], 0.9)
+    assert kept == [[query], [], []] and dropped == 1
+
+
+def test_the_worker_writes_only_what_the_intent_rule_keeps(tiny):
+    """The stream's worker (``tailbridge rewriter worker --data``) applies the same rule as the
+    fill before anything reaches the store (``generate`` is what ``handle`` writes)."""
+    from tailbridge.settings import Settings
+    from tailbridge.streams.rewrite_worker import RewriteWorker
+
+    class Proposes:
+        def rewrite(self, queries, n=1, beams=1):
+            return [["hdmi cable", query] for query in queries]  # one drifts, one serves the query
+
+    search = tiny["search"]
+    worker = RewriteWorker(Settings(), Proposes(), "v", writer=None, redis_client=object(),
+                           keep=lambda queries, rewrites: keep_on_intent(search, queries, rewrites, 0.9))
+    assert worker.generate(["coffee maker"], deadline=float("inf")) == {"coffee maker": ["coffee maker"]}
+    assert worker.counts["dropped_by_intent"] == 1

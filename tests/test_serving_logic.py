@@ -45,6 +45,14 @@ def test_fusion_sums_reciprocal_ranks_and_keeps_the_best_route():
     assert by_id["c"].source == "rewrite:couch" and by_id["c"].routes == ["bm25", "rewrite:couch/dense"]
 
 
+def test_a_rewrite_route_counts_its_weight_of_a_query_route():
+    routes = [("query", "dense", [hit("a"), hit("b")]), ("rewrite:x", "dense", [hit("c")])]
+    assert [c.item_id for c in fuse(routes, 1.0)] == ["a", "c", "b"]  # the rewrite's first ties the query's first
+    weighted = fuse(routes, 0.5)
+    assert [c.item_id for c in weighted] == ["a", "b", "c"]  # it adds items after the query's own
+    assert weighted[2].fused == pytest.approx(0.5 / (RRF_K + 1))
+
+
 def test_blend_adds_a_reciprocal_rank_prior_to_the_relative_ranker_score():
     heads = [{"score": 0.2}, {"score": 0.4}, {"score": 0.1}]  # in fused order
     blend(heads, 1.0)

@@ -3,11 +3,15 @@
 Systems: ``none`` (the query alone), and each rewriter version given (SFT-only, aligned). A
 version rewrites the queries the serving policy rewrites (``rewrite_strata``, tail by
 default: the store holds rewrites for few-recall queries only), up to ``n`` rewrites each, with
-the beam serving uses. Each query is then searched as the handler searches it
-(``search.ExactSearch``: dense and BM25 routes for the query and every rewrite, reciprocal-rank
-fusion), and judged by nDCG@10 and Recall@100 against the split's judgements, overall and per
-stratum; the rewrites themselves by relevance, increment and hit rate (``feedback.score``).
-The report goes to JSON and a PNG; each system's fused top 100 to a TREC run when asked.
+the beam serving uses, and keeps those the store would keep (``intent.keep_on_intent`` at
+``min_intent``; None: all). Each query is then searched as the handler searches it
+(``search.ExactSearch``: dense and BM25 routes for the query and every rewrite, the rewrites'
+weighted ``rewrite_route_weight``, reciprocal-rank fusion), and judged by nDCG@10 and
+Recall@100 against the split's judgements, overall and per stratum; the rewrites themselves by
+relevance, increment and hit rate (``feedback.score``). A system also reports how many
+rewrites the rule dropped and the distinct share of its first rewrites (a model that
+collapses to a few answers writes the same rewrite for many queries). The report goes to JSON
+and a PNG; each system's fused top 100 to a TREC run when asked.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 from tailbridge.models.data.loaders import STRATA, load_dataset
 from tailbridge.models.metrics import ndcg_at, recall_at
 from tailbridge.models.rewriting import feedback as stage2
+from tailbridge.models.rewriting.intent import keep_on_intent
 from tailbridge.models.rewriting.signals import QuerySignals, query_signals
 
 RETRIEVAL = ("ndcg@10", "recall@100")
@@ -110,10 +115,18 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def distinct_share(rewrites: Sequence[Sequence[str]]) -> float | None:
+    """Distinct first rewrites (normalised) per query that got one; None when none did."""
+    from tailbridge.vocab import normalize_query
+
+    first = [normalize_query(texts[0]) for texts in rewrites if texts]
+    return round(len(set(first)) / len(first), 4) if first else None
+
+
 def evaluate(data_dir: Path, search: Any, rewriters: Mapping[str, Callable[[], Any]], split: str = "test",
              rewrite_strata: Sequence[str] = ("tail",), n: int = 2, beams: int = 4, engaged: Mapping[str, set] | None = None,
              out_dir: Path | None = None, run_dir: Path | None = None, max_queries: int | None = None,
-             say: Callable[[str], None] = print) -> dict[str, Any]:
+             min_intent: float | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     """``rewriters``: system name -> a function loading its generator."""
     data = load_dataset(data_dir)
     signals = query_signals(data.queries, data.split(split), data.strata, engaged or {})
@@ -124,17 +137,24 @@ def evaluate(data_dir: Path, search: Any, rewriters: Mapping[str, Callable[[], A
     strata = [signals[q].stratum for q in qids]
     say(f"{data.name}/{split}: {len(qids)} queries, {len(targets)} rewritten ({', '.join(rewrite_strata)})")
     report: dict[str, Any] = {"data": data.name, "split": split, "queries": len(qids), "rewritten_strata": list(rewrite_strata),
-                              "rewrites_per_query": n, "beams": beams, "systems": {}}
+                              "rewrites_per_query": n, "beams": beams, "min_intent": min_intent,
+                              "rewrite_route_weight": search.rewrite_weight, "systems": {}}
     runs: dict[str, list[list[str]]] = {}
     for system in ("none", *rewriters):
         rewrites: dict[str, list[str]] = {}
         info: dict[str, Any] = {}
         if system != "none":
             generator = rewriters[system]()
-            texts, seconds = generate_rewrites(generator, [signals[q].text for q in targets], n, beams)
-            rewrites = {q: r for q, r in zip(targets, texts) if r}
+            queries = [signals[q].text for q in targets]
+            generated, seconds = generate_rewrites(generator, queries, n, beams)
+            kept, dropped = keep_on_intent(search, queries, generated, min_intent) if min_intent is not None \
+                else (generated, 0)
+            rewrites = {q: r for q, r in zip(targets, kept) if r}
             info = {"generation_s": round(seconds, 2), "per_query_ms": round(1000 * seconds / max(len(targets), 1), 1),
-                    "examples": {signals[q].text: rewrites.get(q, []) for q in targets[:8]}}
+                    "generated": sum(map(len, generated)), "dropped_by_intent": dropped,
+                    "distinct_share": distinct_share(generated),
+                    "examples": {signals[q].text: {"generated": g, "kept": k} for q, g, k in
+                                 list(zip(targets, generated, kept))[:8]}}
         fused, rows = judge(signals, qids, rewrites, search)
         runs[system] = fused
         report["systems"][system] = {"retrieval": summarise(rows, strata)} | info

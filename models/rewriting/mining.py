@@ -6,7 +6,11 @@ items when their relevant sets (``signals.QuerySignals.relevant``: well-graded o
 overlap. For each tail query the frequent queries with the largest overlap (Jaccard) are
 candidate rewrites, and a candidate is kept only if searching it (``search.ExactSearch``, the
 handler's fused search) retrieves at least ``min_recall`` of the tail query's relevant items
-in its top 100: rejection sampling on what the rewrite actually retrieves.
+in its top 100: rejection sampling on what the rewrite actually retrieves. A frequent query
+is the target of at most ``per_target`` pairs (those with the best recall): a few broad
+queries overlap many tail queries, and a short fine-tuning on pairs they dominate learns to
+answer them for every query (the demo's 42-step SFT answered one puzzle query for most tail
+queries).
 
 Auxiliary tasks, on the same queries: ``category`` (the category path most of the query's
 exact items share), ``keywords`` (the title words, brand removed, of its exact items' most
@@ -45,6 +49,7 @@ class MiningConfig:
     min_overlap: float = 0.2
     min_recall: float = 0.3
     per_query: int = 2  # pairs kept per tail query
+    per_target: int = 8  # pairs kept per frequent query (rewrite text)
     aux_ratio: float = 1.0  # auxiliary examples per rewrite pair
     seed: int = 0
 
@@ -85,7 +90,13 @@ def mine_pairs(signals: Mapping[str, QuerySignals], search: Any, cfg: MiningConf
             if recall >= cfg.min_recall:
                 accepted.append(Pair(s.text, text, round(overlap, 4), round(recall, 4)))
         pairs += sorted(accepted, key=lambda p: (-p.recall, p.rewrite))[:cfg.per_query]
-    return pairs
+    uses: Counter[str] = Counter()
+    capped = []
+    for p in sorted(pairs, key=lambda p: (-p.recall, -p.overlap, p.source, p.rewrite)):
+        uses[p.rewrite] += 1
+        if uses[p.rewrite] <= cfg.per_target:
+            capped.append(p)
+    return capped
 
 
 def _typo(text: str, rng: random.Random) -> str:

@@ -261,7 +261,7 @@ def rewriter_step(settings: Settings, data: Path, log: Path, cutoff, slice_, say
     if report.gate["promote"]:
         keys = writer.keys(serving.version)
         say(f"rewriter {version}: rewrites for the {len(keys)} queries {serving.version} has, then the store switches")
-        fill_store(load_version(root, version, int8=settings.rewrite_int8), writer, version, keys, settings)
+        fill_store(load_version(root, version, int8=settings.rewrite_int8), writer, version, keys, settings, search)
         writer.promote(version)
     _decide(registry, "rewriter", version, report)
     return report

@@ -134,6 +134,8 @@ def eval_rewriter(
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Generate with the int8 copies the worker and the fill use "
                                                       "(TAILBRIDGE_REWRITE_INT8), to judge the rewrites as served.")] = False,
+    intent_rule: Annotated[bool, typer.Option(help="Keep only the rewrites the store would keep (the minimum-relevance "
+                                                   "rule at TAILBRIDGE_REWRITE_MIN_INTENT); --no-intent-rule: all.")] = True,
 ) -> None:
     """No rewriting vs SFT-only vs aligned: nDCG@10 and Recall@100 with rewrites fused, and the
     rewrites' relevance, increment and hit rate, overall and per stratum."""
@@ -154,14 +156,15 @@ def eval_rewriter(
                                          for label, v in systems.items()},
                           split, tuple(s.strip() for s in strata.split(",")), rewrites, beams,
                           out_dir=out or root / top["version"], run_dir=run_dir, max_queries=max_queries,
-                          say=console.print)
+                          min_intent=get_settings().rewrite_min_intent if intent_rule else None, say=console.print)
     except _errors() as exc:
         _fail(str(exc))
     console.print(_quality_table(report))
     for system, body in report["systems"].items():
         if "examples" in body:
-            console.print(f"{system}: {body['per_query_ms']} ms per query; e.g. "
-                          + json.dumps(dict(list(body['examples'].items())[:3])))
+            console.print(f"{system}: {body['per_query_ms']} ms per query; {body['generated']} rewrites generated, "
+                          f"{body['dropped_by_intent']} dropped by the intent rule; distinct first rewrites "
+                          f"{body['distinct_share']}; e.g. " + json.dumps(dict(list(body['examples'].items())[:3])))
     console.print(f"wrote {(out or root / top['version']) / f'rewriter-eval-{split}.json'} and .png"
                   + (f"; TREC runs in {run_dir}" if run_dir else ""))
 
@@ -175,7 +178,7 @@ def rewrite_runs(data: Path, split: str, version: str, run_dir: Path) -> dict[st
     root = models_root()
     search = build_search(data)
     return evaluate(data, search, {f"rewrites-{version}": lambda: load_version(root, version)}, split,
-                    out_dir=run_dir, run_dir=run_dir, say=console.print)
+                    out_dir=run_dir, run_dir=run_dir, min_intent=get_settings().rewrite_min_intent, say=console.print)
 
 
 # ------------------------------------------------------------------ store: fill, promote, worker
@@ -225,30 +228,37 @@ def fill(
         record = resolve(models_root(settings), version)
         keys = tail_queries(data, feedback or default_feedback(data), settings.rewrite_rare_max_seen)[:max_queries]
         generator = load_version(models_root(settings), record["version"], int8=settings.rewrite_int8)
+        search = build_search(data)
     except _errors() as exc:
         _fail(str(exc))
     writer = _writer(settings)
-    stats = fill_store(generator, writer, record["version"], keys, settings)
+    stats = fill_store(generator, writer, record["version"], keys, settings, search)
     console.print(f"{record['version']}: {stats['queries']} tail queries, {stats['with_rewrites']} got rewrites in "
-                  f"{stats['seconds']} s ({stats['per_query_ms']} ms per query)")
+                  f"{stats['seconds']} s ({stats['per_query_ms']} ms per query); {stats['dropped_by_intent']} "
+                  f"rewrites dropped by the intent rule")
     if promote:
         moved = writer.promote(record["version"])
         console.print(f"promoted {record['version']}: {moved['live']} live queries ({moved['removed']} stale removed)")
 
 
-def fill_store(generator: Any, writer: Any, version: str, keys: list[str], settings: Settings,
+def fill_store(generator: Any, writer: Any, version: str, keys: list[str], settings: Settings, search: Any,
                chunk: int = 64) -> dict[str, Any]:
+    """Generate, keep what passes the minimum-relevance rule (``intent.keep_on_intent`` on
+    ``search``), write."""
     from tailbridge.cli.training import progress_bar
+    from tailbridge.models.rewriting.intent import keep_on_intent
 
-    started, written = time.perf_counter(), 0
+    started, written, dropped = time.perf_counter(), 0, 0
     with progress_bar(f"generating rewrites ({version})", len(keys)) as advance:
         for start in range(0, len(keys), chunk):
             part = keys[start:start + chunk]
             rewrites = generator.rewrite(part, n=settings.rewrite_count, beams=settings.rewrite_beams)
+            rewrites, lost = keep_on_intent(search, part, rewrites, settings.rewrite_min_intent)
+            dropped += lost
             written += writer.put_many(version, {k: r for k, r in zip(part, rewrites) if r})
             advance(len(part))
     seconds = time.perf_counter() - started
-    return {"queries": len(keys), "with_rewrites": written, "seconds": round(seconds, 1),
+    return {"queries": len(keys), "with_rewrites": written, "dropped_by_intent": dropped, "seconds": round(seconds, 1),
             "per_query_ms": round(1000 * seconds / max(len(keys), 1), 1)}
 
 
@@ -263,9 +273,12 @@ def promote(version: Annotated[str, typer.Argument(help="The version whose rewri
 def worker(
     version: Annotated[Optional[str], typer.Option(help="Rewriter version (default: the serving one, else the newest).")] = None,
     threads: Annotated[int, typer.Option(min=1, help="torch threads of the generator.")] = 1,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset dir whose catalog the minimum-relevance rule searches "
+                                                      "(without it, rewrites are written unchecked).")] = None,
 ) -> None:
     """Consume the queries topic in its own consumer group and write rewrites for new rare
     queries to the store, each batch within a deadline; search never waits for it."""
+    from tailbridge.models.rewriting.intent import keep_on_intent
     from tailbridge.models.rewriting.versions import load_version, resolve
     from tailbridge.streams.rewrite_worker import RewriteWorker
 
@@ -275,12 +288,16 @@ def worker(
     try:
         record = resolve(models_root(settings), version or writer.serving_version())
         generator = load_version(models_root(settings), record["version"], int8=settings.rewrite_int8)
+        search = build_search(data) if data is not None else None
     except _errors() as exc:
         _fail(str(exc))
+    keep = None if search is None else (lambda queries, rewrites: keep_on_intent(search, queries, rewrites,
+                                                                                 settings.rewrite_min_intent))
     console.print(f"rewrite worker: version {record['version']}{' (int8)' if generator.int8 else ''}, beams "
-                  f"{settings.rewrite_worker_beams}, group {RewriteWorker.group_id(settings)}")
+                  f"{settings.rewrite_worker_beams}, group {RewriteWorker.group_id(settings)}, intent rule "
+                  + (f"on ({data})" if search is not None else "OFF (no --data: rewrites are written unchecked)"))
     try:
-        RewriteWorker(settings, generator, record["version"], writer).run(report=console.print)
+        RewriteWorker(settings, generator, record["version"], writer, keep=keep).run(report=console.print)
     except KeyboardInterrupt:
         console.print("rewrite worker stopped")
 
@@ -320,14 +337,15 @@ def demo_rewriter(settings: Settings, data_dir: Path, say: Callable[[str], None]
     if writer is None:
         return None
     root = models_root(settings)
+    search = build_search(data_dir)
     try:
         record = resolve(root, f"{DEMO_REWRITER_NAME}-aligned")
         say(f"rewriter {record['version']!r} already trained: reusing it")
     except VersionError:
         try:
             cfg = RewriterConfig(budget_minutes=DEMO_REWRITER_MINUTES, feedback_queries=16, dev_queries=16)
-            written = train(data_dir, root, lambda: load_base(root), build_search(data_dir),
-                            default_feedback(data_dir), cfg, DEMO_REWRITER_NAME, say=say)
+            written = train(data_dir, root, lambda: load_base(root), search, default_feedback(data_dir), cfg,
+                            DEMO_REWRITER_NAME, say=say)
             record = resolve(root, written[-1])
         except _errors() as exc:
             say(f"[yellow]no rewriter ({exc}); search serves without rewrites[/]")
@@ -336,10 +354,12 @@ def demo_rewriter(settings: Settings, data_dir: Path, say: Callable[[str], None]
     test = dataset.split("test")
     keys = sorted({normalize_query(dataset.queries[q]) for q in test if dataset.strata.get(q) == "tail"})[:DEMO_FILL_QUERIES]
     generator = load_version(root, record["version"], int8=settings.rewrite_int8)
-    stats = fill_store(generator, writer, record["version"], keys, settings.model_copy(update={"rewrite_beams": 1}))
+    stats = fill_store(generator, writer, record["version"], keys, settings.model_copy(update={"rewrite_beams": 1}),
+                       search)
     writer.promote(record["version"])
     say(f"{record['version']}: rewrites for {stats['with_rewrites']} of {stats['queries']} test tail queries in "
-        f"{stats['seconds']} s, promoted; `tailbridge rewriter worker` writes them for new rare queries live")
+        f"{stats['seconds']} s ({stats['dropped_by_intent']} dropped by the intent rule), promoted; "
+        "`tailbridge rewriter worker` writes them for new rare queries live")
     return record["version"]
 
 
