@@ -50,7 +50,9 @@ class OnlineFeatures(Protocol):
 
 
 def _stats_or_priors(row: dict[str, Any] | None) -> dict[str, float]:
-    return {name: row[name] for name in STATS_FIELDS} if row and row[STATS_FIELDS[0]] is not None else dict(NO_STATS)
+    """The row's stats, the prior for each one it lacks: no row, or a row written before a field
+    existed (the 7-day conversion rates) until the worker writes the item again."""
+    return {name: NO_STATS[name] if not row or row.get(name) is None else row[name] for name in STATS_FIELDS}
 
 
 class _Coalesced:

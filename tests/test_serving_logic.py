@@ -107,3 +107,15 @@ def test_timeouts_never_skip_the_dependency():
     outcomes = guarded_outcomes(guard, [_hangs, _hangs, _hangs, _hangs, _answers])
     assert [o.ok for o in outcomes] == [False, False, False, False, True]
     assert outcomes[0].error == "no answer within 10 ms"
+
+
+def test_item_stats_fall_back_to_the_priors_per_field():
+    from tailbridge.serving.context import _stats_or_priors
+    from tailbridge.streams.item_stats import NO_STATS
+
+    assert _stats_or_priors(None) == NO_STATS
+    # a row the worker wrote before the 7-day conversion rates existed
+    old = {"ctr_24h": 0.2, "cvr_24h": 0.1, "purchases_24h": 3, "cart_rate_7d": None, "cvr_7d": None}
+    got = _stats_or_priors(old)
+    assert got == {**old, "cart_rate_7d": NO_STATS["cart_rate_7d"], "cvr_7d": NO_STATS["cvr_7d"]}
+    assert NO_STATS["cart_rate_7d"] > 0
