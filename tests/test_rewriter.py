@@ -194,7 +194,9 @@ def test_stages_write_versions_with_lineage_and_alignment_prefers_the_better_rew
                       out_dir=out, run_dir=out / "runs", say=lambda m: None)
     assert set(report["systems"]) == {"none", "aligned"}
     none_tail = report["systems"]["none"]["retrieval"]["tail"]
-    assert none_tail["rewritten"] == 0 and none_tail["relevance"] is None
+    assert none_tail["rewritten"] == none_tail["served"] == 0 and none_tail["relevance"] is None
+    aligned_tail = report["systems"]["aligned"]["retrieval"]["tail"]
+    assert aligned_tail["served"] == aligned_tail["rewritten"]  # no intent rule asked for: every rewrite served
     assert report["systems"]["aligned"]["retrieval"]["head"] == report["systems"]["none"]["retrieval"]["head"]
     assert json.loads((out / "rewriter-eval-test.json").read_text())["split"] == "test"
     assert (out / "rewriter-eval-test.png").stat().st_size > 0

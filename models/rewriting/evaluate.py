@@ -8,9 +8,10 @@ the beam serving uses, and keeps those the store would keep (``intent.keep_on_in
 (``search.ExactSearch``: dense and BM25 routes for the query and every rewrite, the rewrites'
 weighted ``rewrite_route_weight``, reciprocal-rank fusion), and judged by nDCG@10 and
 Recall@100 against the split's judgements, overall and per stratum; the rewrites themselves by
-relevance, increment and hit rate (``feedback.score``). A system also reports how many
-rewrites the rule dropped and the distinct share of its first rewrites (a model that
-collapses to a few answers writes the same rewrite for many queries). The report goes to JSON
+relevance, increment and hit rate (``feedback.score``), all of them as generated (the model's
+quality, before the rule; ``rewritten`` queries got one, ``served`` kept one). A system also
+reports how many rewrites the rule dropped and the distinct share of its first rewrites (a
+model that collapses to a few answers writes the same rewrite for many queries). The report goes to JSON
 and a PNG; each system's fused top 100 to a TREC run when asked.
 """
 
@@ -42,17 +43,21 @@ def generate_rewrites(generator: Any, texts: Sequence[str], n: int, beams: int) 
 
 
 def judge(signals: Mapping[str, QuerySignals], qids: Sequence[str], rewrites: Mapping[str, list[str]],
-          search: Any) -> tuple[list[list[str]], list[dict[str, float | None]]]:
-    """Fused top 100 per query and per-query metrics (quality is None without rewrites)."""
+          search: Any, generated: Mapping[str, list[str]] | None = None) -> tuple[list[list[str]], list[dict[str, float | None]]]:
+    """Fused top 100 per query (the query and its ``rewrites``: what the store serves) and
+    per-query metrics; the quality scores judge the ``generated`` rewrites (what the model
+    wrote, before the intent rule; default: ``rewrites``) and are None without any."""
+    generated = rewrites if generated is None else generated
     texts = [signals[q].text for q in qids]
     fused = search.ranked([[t, *rewrites.get(q, [])] for q, t in zip(qids, texts)])
     base = search.ranked([[t] for t in texts])
-    own = search.ranked([[r] for q in qids for r in rewrites.get(q, [])])
+    own = search.ranked([[r] for q in qids for r in generated.get(q, [])])
     rows, cursor = [], 0
     for q, top, b in zip(qids, fused, base):
         judged = signals[q].judged
-        row: dict[str, float | None] = {"ndcg@10": ndcg_at(top, judged, 10), "recall@100": recall_at(top, judged, 100)}
-        mine = rewrites.get(q, [])
+        row: dict[str, float | None] = {"ndcg@10": ndcg_at(top, judged, 10), "recall@100": recall_at(top, judged, 100),
+                                        "served": bool(rewrites.get(q))}
+        mine = generated.get(q, [])
         scored = [stage2.score(signals[q], b, own[cursor + k], r) for k, r in enumerate(mine)]
         cursor += len(mine)
         for name in QUALITY:
@@ -72,6 +77,7 @@ def summarise(rows: Sequence[Mapping[str, float | None]], strata: Sequence[str |
             values = [rows[i][m] for i in members if rows[i][m] is not None]
             row[m] = round(float(np.mean(values)), 4) if values else None
         row["rewritten"] = sum(1 for i in members if rows[i]["relevance"] is not None)
+        row["served"] = sum(1 for i in members if rows[i]["served"])
         out[name] = row
     return out
 
@@ -141,7 +147,8 @@ def evaluate(data_dir: Path, search: Any, rewriters: Mapping[str, Callable[[], A
                               "rewrite_route_weight": search.rewrite_weight, "systems": {}}
     runs: dict[str, list[list[str]]] = {}
     for system in ("none", *rewriters):
-        rewrites: dict[str, list[str]] = {}
+        rewrites: dict[str, list[str]] = {}  # kept by the rule: what search is given
+        written: dict[str, list[str]] = {}  # what the model wrote
         info: dict[str, Any] = {}
         if system != "none":
             generator = rewriters[system]()
@@ -150,12 +157,13 @@ def evaluate(data_dir: Path, search: Any, rewriters: Mapping[str, Callable[[], A
             kept, dropped = keep_on_intent(search, queries, generated, min_intent) if min_intent is not None \
                 else (generated, 0)
             rewrites = {q: r for q, r in zip(targets, kept) if r}
+            written = {q: r for q, r in zip(targets, generated) if r}
             info = {"generation_s": round(seconds, 2), "per_query_ms": round(1000 * seconds / max(len(targets), 1), 1),
                     "generated": sum(map(len, generated)), "dropped_by_intent": dropped,
                     "distinct_share": distinct_share(generated),
                     "examples": {signals[q].text: {"generated": g, "kept": k} for q, g, k in
                                  list(zip(targets, generated, kept))[:8]}}
-        fused, rows = judge(signals, qids, rewrites, search)
+        fused, rows = judge(signals, qids, rewrites, search, written)
         runs[system] = fused
         report["systems"][system] = {"retrieval": summarise(rows, strata)} | info
         say(f"{system}: done")

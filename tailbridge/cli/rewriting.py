@@ -110,11 +110,12 @@ def _quality_table(report: dict[str, Any]) -> Table:
 
     table = Table(title=f"{report['data']} / {report['split']}: rewrites fused, exact search "
                         f"({', '.join(report['rewritten_strata'])} queries rewritten)")
-    for column in ("system", "stratum", "queries", "rewritten", *RETRIEVAL, *QUALITY):
+    for column in ("system", "stratum", "queries", "rewritten", "served", *RETRIEVAL, *QUALITY):
         table.add_column(column, justify="right" if column not in ("system", "stratum") else "left", no_wrap=True)
     for system, body in report["systems"].items():
         for stratum, row in body["retrieval"].items():
             table.add_row(system if stratum == "overall" else "", stratum, str(row["queries"]), str(row["rewritten"]),
+                          str(row["served"]),
                           *("-" if row[m] is None else f"{row[m]:.4f}" for m in (*RETRIEVAL, *QUALITY)))
     return table
 
