@@ -77,10 +77,14 @@ def replay_dataset(settings: Settings, dataset, rate: float, events: int, seed: 
     """The demo catalog as upserts (at full speed), then ``events`` simulated behaviour events
     (queries, impressions, clicks, carts, purchases) at ``rate`` per second; with ``drift`` (a
     ``synthetic.drift.DriftSpec``) the stream drifts that way from its time T on."""
-    from tailbridge.synthetic.drift import with_drift
     from tailbridge.synthetic.shoppers import catalog_events, simulate
 
     reports = [publish(settings, catalog_events(dataset), on_sent=on_catalog)] if catalog else []
-    stream = with_drift(dataset, seed, drift) if drift is not None else simulate(dataset, seed=seed)
+    if drift is not None:  # its module loads the monitor's Feast views: only when asked for
+        from tailbridge.synthetic.drift import with_drift
+
+        stream = with_drift(dataset, seed, drift)
+    else:
+        stream = simulate(dataset, seed=seed)
     behaviour = itertools.islice(stream, events)
     return reports + [publish(settings, behaviour, rate=rate, on_sent=on_behaviour)]
