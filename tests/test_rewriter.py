@@ -237,6 +237,20 @@ def test_rewrite_routes_weigh_less_than_the_query_offline(tiny):
     assert fused_even[:len(own)] != own  # at equal weight the rewrite's items interleave
 
 
+def test_exact_search_forgets_routes_past_its_bound_and_answers_the_same(tiny, monkeypatch):
+    """The worker's search lives as long as the worker: it remembers at most REMEMBERED texts."""
+    from tailbridge.models.rewriting import search as search_module
+
+    search = ExactSearch(tiny["data"].items)
+    texts = ["coffee maker", "hdmi cable", "stroller", "smart plug", "power bank"]
+    before = search.ranked([[t] for t in texts])
+    monkeypatch.setattr(search_module, "REMEMBERED", 2)
+    for t in texts:
+        search.ranked([[t, "usb c charger"]])
+        assert len(search._routes) <= 3  # the bound, or the texts of the call in hand
+    assert search.ranked([[t] for t in texts]) == before
+
+
 def test_the_intent_rule_drops_a_rewrite_that_drifts_to_another_product(tiny):
     """``search.intent`` rates a rewrite's top 10 by the query's own scores against the query's
     top 10; ``keep_on_intent`` keeps what reaches the minimum, in order."""

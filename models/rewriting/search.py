@@ -7,7 +7,8 @@ of them, a rewrite's routes weighing ``rewrite_weight`` of the query's (the sett
 (stage 2), to keep mined pairs (rejection sampling), to judge a rewrite's intent before it is
 stored (``intent``) and to evaluate: this is it, exact (no ANN), with each route cut at
 ``depth`` like the handler's per-route candidates. Without a dense encoder (the tests) it is
-BM25 alone. A text's routes are computed once and remembered.
+BM25 alone. A text's routes are computed once and remembered, up to ``REMEMBERED`` texts (the
+rewrite worker's search lives as long as the worker).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from tailbridge.vocab import item_text
 
 RRF_K = 60  # as serving.search
+REMEMBERED = 100_000  # texts whose routes are kept (~1.6 KB each at depth 100); past it, forgotten
 
 
 class ExactSearch:
@@ -59,6 +61,9 @@ class ExactSearch:
         new = [t for t in dict.fromkeys(texts) if t not in self._routes]
         if not new:
             return
+        if len(self._routes) + len(new) > REMEMBERED:
+            wanted = set(texts)
+            self._routes = {t: r for t, r in self._routes.items() if t in wanted}
         vectors = self._encoder.encode_queries(new) @ self._vectors.T if self._encoder is not None else None
         for i, (text, bm25) in enumerate(zip(new, self._lexical_scores(new))):
             routes = [self._top_lexical(bm25)]
