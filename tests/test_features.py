@@ -53,10 +53,12 @@ def test_write_then_read_online(store):
 
 
 def test_item_stats_round_trip(store):
-    row = {f"{a}_{w}": n for n, (a, w) in enumerate(
-        [(a, w) for w in ("1h", "24h") for a in ("impressions", "clicks", "carts", "purchases")], start=1)}
-    store.write_to_online_store("item_stats", pd.DataFrame([dict(item_id="item_9", ctr_24h=0.25, cvr_24h=0.5,
-                                                                  event_timestamp=datetime.now(UTC), **row)]))
+    view = next(v for v in FEATURE_VIEWS if v.name == "item_stats")
+    row = {f.name: n / 100 if f.name.startswith(("ctr", "cvr", "cart_rate")) else n
+           for n, f in enumerate(view.features, start=1)}  # every field of the view, rates in [0, 1]
+    row["ctr_24h"] = 0.25
+    store.write_to_online_store("item_stats", pd.DataFrame([dict(item_id="item_9", event_timestamp=datetime.now(UTC),
+                                                                  **row)]))
     got = store.get_online_features(features=["item_stats:clicks_24h", "item_stats:ctr_24h"],
                                     entity_rows=[{"item_id": "item_9"}]).to_dict()
     assert got["clicks_24h"] == [row["clicks_24h"]] and got["ctr_24h"] == [pytest.approx(0.25)]
