@@ -1,3 +1,6 @@
-"""Long-tail query rewriting (method 1 of the design): the home of the rewriter's training
-(supervised fine-tuning, offline feedback, objective alignment) and of the rewrites it
-produces ahead of time for the query handler's lookup. Not built yet."""
+"""Long-tail query rewriting (method 1 of the design): the generator (`generator.py`), its
+three training stages (multi-instruction SFT in `sft.py` on pairs from `mining.py`, offline
+feedback in `feedback.py`, objective alignment in `align.py`, again on the online partial order
+in `online.py`), the rule that keeps only rewrites on the query's intent (`intent.py`),
+evaluation (`evaluate.py`) and versions (`versions.py`). The rewrites themselves are written
+to the store by `tailbridge rewriter fill` and by the stream worker's rewrite processor."""
