@@ -15,8 +15,17 @@ unified model (the same configuration with no training step, built here beside t
 ``<model>-untrained``) and the trained one; the trained model's nDCG@10 relative to the best
 baseline and to the untrained model, and its training time by phase (from its metrics.json).
 
+Ablations (``--ablate``, no ``--model``): trains each variant of ``ABLATIONS`` (a change to the
+training defaults: a loss, a parameter block, the term table's learning rate, the choice of
+positives, the false-negative mask, graph vectors for unseen queries, the defaults before
+model selection) for ``--epochs S1,S2`` short epochs on ``--data`` and reports dev nDCG@10 and
+Recall@100 by exact search over the catalog before the first step, dev nDCG@10 on the candidate
+pool after every epoch (the model-selection curve) and what ships. The shipped state can be no
+worse than the start; the last epoch's number says what training itself did.
+
 ``--smoke``: 20 queries after a 3-query warm-up, to check the benchmark works (its numbers are
-no measurement). Machines are shared and noisy: compare medians.
+no measurement); with ``--ablate``, two variants of one short epoch each. Machines are shared
+and noisy: compare medians.
 """
 
 from __future__ import annotations
@@ -32,6 +41,27 @@ from rich.table import Table
 from tailbridge.bench.common import console, fmt, pct, run_meta, write_json
 
 BASELINES = ("bm25", "minilm", "hybrid-rrf")
+
+# The training defaults the issue's real-catalog run used (before 8cfd14c); stage 2's hinge ROAR
+# and whole-catalog mining of that trainer are gone, so they are not part of it here.
+BEFORE_SELECTION = {"lr_text": 5e-5, "lr_terms": 5e-3, "lr_heads": 1e-3, "fusion": "train", "fn_margin": 0.0,
+                    "positives": "best"}
+ABLATIONS: dict[str, dict] = {
+    "defaults": {},
+    "defaults before 8cfd14c": BEFORE_SELECTION,
+    "old learning rates (5e-5 / 5e-3 / 1e-3)": {"lr_text": 5e-5, "lr_terms": 5e-3, "lr_heads": 1e-3},
+    "term table lr 5e-3": {"lr_terms": 5e-3},
+    "heads lr 1e-3": {"lr_heads": 1e-3},
+    "MiniLM lr 5e-5": {"lr_text": 5e-5},
+    "positives: best grade only": {"positives": "best"},
+    "mask margin 0 (anything above the positive)": {"fn_margin": 0.0},
+    "no false-negative mask (known positives only)": {"fn_margin": 1e9},
+    "unseen queries: graph vector always dropped": {"query_graph_dropout": 1.0},
+    "unseen queries: graph vector never dropped": {"query_graph_dropout": 0.0},
+    "loss: stage 1 only (contrastive)": {"stage2_epochs": 0},
+    "loss: stage 2 ROAR only": {"stage1_epochs": 0, "multi_grained_weight": 0.0, "stage2_contrastive_weight": 0.0},
+    "loss: stage 2 multi-grained only": {"stage1_epochs": 0, "roar_weight": 0.0, "stage2_contrastive_weight": 0.0},
+}
 
 
 def timed(encode, queries: list[str], warmup: int) -> tuple[np.ndarray, list[float]]:
@@ -143,16 +173,86 @@ def quality(args: argparse.Namespace) -> dict:
     return out
 
 
+def _trained_with(out: Path, cfg) -> bool:
+    """Whether ``out`` is a finished artifact trained with exactly ``cfg``."""
+    if not (out / "metrics.json").is_file():
+        return False
+    return json.loads((out / "config.json").read_text()).get("training") == json.loads(
+        json.dumps(dataclasses.asdict(cfg)))
+
+
+def ablate(args: argparse.Namespace) -> dict:
+    """Each variant of ABLATIONS trained briefly on the same data; dev curves side by side. The
+    JSON (``--json``) is rewritten as each variant finishes."""
+    from tailbridge.models.retrieval.model import RetrieverConfig
+    from tailbridge.models.retrieval.train import TrainConfig, train
+
+    stage1, stage2 = (int(x) for x in args.epochs.split(","))
+    names = [n for n in ABLATIONS if not args.only or any(o in n for o in args.only)]
+    if args.smoke:
+        names, stage1, stage2 = names[:2], 1, 0
+    base = {"stage1_epochs": stage1, "stage2_epochs": stage2, "warmup_steps": args.warmup, "export_onnx": False,
+            "max_minutes": None}
+    rows: dict[str, dict] = {}
+    meta = run_meta(data=str(args.data), smoke=args.smoke)
+    for name in names:
+        began = time.monotonic()
+        cfg = TrainConfig(**{**base, **ABLATIONS[name]})
+        out = args.out / ("ablation-" + "".join(c if c.isalnum() else "-" for c in name)[:60])
+        if not _trained_with(out, cfg):  # a re-run reuses the variants it finished
+            with console.status(f"ablation {name!r}: training {cfg.stage1_epochs} + {cfg.stage2_epochs} epochs"):
+                train(args.data, out.parent, out.name, RetrieverConfig(), cfg, restart=True, say=lambda _: None)
+        metrics = json.loads((out / "metrics.json").read_text())
+        curve = [{"when": h["when"], "steps": h["steps"], "dev_ndcg@10": h.get("dev_ndcg@10"),
+                  "dev_recall@100": h.get("dev_recall@100")} for h in metrics["history"]]
+        trained = curve[1:-1]  # between the untrained row and the shipped (exact search) one
+        sel = metrics["selection"]
+        rows[name] = {
+            "changes": ABLATIONS[name], "curve": curve, "steps": metrics["steps"],
+            "untrained_exact": sel["dev_start_exact"], "shipped_exact": sel["dev_shipped_exact"],
+            "untrained_pool_ndcg@10": curve[0]["dev_ndcg@10"],
+            "last_epoch_pool_ndcg@10": trained[-1]["dev_ndcg@10"] if trained else None,
+            "best_epoch_pool_ndcg@10": max((c["dev_ndcg@10"] for c in trained), default=None),
+            "shipped": sel["shipped"], "fn_mask_share": metrics["fn_mask_share"],
+            "fusion_weights": metrics["fusion_weights"], "seconds": round(time.monotonic() - began, 1)}
+        r = rows[name]
+        write_json(args.json, {"meta": meta, "threads": args.threads, "ablations": {
+            "epochs": [stage1, stage2], "warmup_steps": args.warmup, "variants": rows}})
+        console.print(f"{name}: dev nDCG@10 untrained {fmt(r['untrained_pool_ndcg@10'], 4)} -> last epoch "
+                      f"{fmt(r['last_epoch_pool_ndcg@10'], 4)} (best {fmt(r['best_epoch_pool_ndcg@10'], 4)}); "
+                      f"shipped {sel['shipped']!r} {fmt(r['shipped_exact'].get('dev_ndcg@10'), 4)} exact "
+                      f"({r['seconds']:.0f} s)")
+    table = Table(title=f"ablations on {args.data.name}: dev nDCG@10, {stage1} stage-1 + {stage2} stage-2 epochs, "
+                        f"warm-up {args.warmup} steps" + (" (smoke)" if args.smoke else ""))
+    for column in ("variant", "untrained", "after each epoch (pool)", "last - untrained", "shipped (exact)"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, r in rows.items():
+        last = r["last_epoch_pool_ndcg@10"]
+        table.add_row(name, fmt(r["untrained_pool_ndcg@10"], 4),
+                      " ".join(fmt(c["dev_ndcg@10"], 4) for c in r["curve"][1:-1]),
+                      "-" if last is None else f"{last - r['untrained_pool_ndcg@10']:+.4f}",
+                      fmt(r["shipped_exact"].get("dev_ndcg@10"), 4))
+    console.print(table)
+    return {"epochs": [stage1, stage2], "warmup_steps": args.warmup, "variants": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tailbridge.bench.retriever", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="trained retriever artifact dir")
+    parser.add_argument("--model", type=Path, help="trained retriever artifact dir (not with --ablate)")
     parser.add_argument("--data", type=Path, required=True, help="data set dir with a test split")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quality", action="store_true", help="also compare retrieval quality (see above)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="20 queries, 3 warm-up: checks the benchmark works")
+    parser.add_argument("--ablate", action="store_true", help="train the ABLATIONS variants and compare dev curves")
+    parser.add_argument("--only", nargs="*", help="with --ablate: variants whose name contains one of these")
+    parser.add_argument("--epochs", default="2,1", help="with --ablate: stage-1,stage-2 epochs per variant")
+    parser.add_argument("--warmup", type=int, default=10, help="with --ablate: warm-up steps (short runs)")
+    parser.add_argument("--out", type=Path, help="with --ablate: where the variants' artifacts go")
     args = parser.parse_args(argv)
+    if args.ablate == (args.model is not None):
+        parser.error("pass --model DIR (latency, --quality) or --ablate, not both")
     if args.smoke:
         args.queries = min(args.queries, 20)
 
@@ -160,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     from tailbridge.models.data.loaders import load_dataset
 
     torch.set_num_threads(args.threads)
+    if args.ablate:
+        if args.out is None:
+            parser.error("--ablate needs --out DIR for the variants' artifacts")
+        ablate(args)  # writes --json as each variant finishes
+        return 0
     data = load_dataset(args.data)
     result = {"meta": run_meta(model=str(args.model), data=str(args.data), smoke=args.smoke),
               "threads": args.threads, **latency(args, data)}

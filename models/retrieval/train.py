@@ -93,7 +93,10 @@ class TrainConfig:
     stage2_contrastive_weight: float = 0.5
     lr_text: float = 1e-5
     lr_terms: float = 1e-4
-    lr_heads: float = 1e-4
+    # The heads (block projections, graph and user encoders) hold no pretrained knowledge: at 1e-4
+    # they barely moved on the realistic set, and 1e-3 carried most of the old rates' gain there
+    # (bench/results/retriever-ablations-2026-11-30.json).
+    lr_heads: float = 1e-3
     warmup_steps: int = 50
     fusion: str = "dev"  # block weights: "dev" (fixed in training, fit on dev at the end), "train", "fixed"
     query_graph_dropout: float = 0.5  # training queries have edges, held-out ones do not
