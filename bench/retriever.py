@@ -51,7 +51,7 @@ ABLATIONS: dict[str, dict] = {
     "defaults before 8cfd14c": BEFORE_SELECTION,
     "old learning rates (5e-5 / 5e-3 / 1e-3)": {"lr_text": 5e-5, "lr_terms": 5e-3, "lr_heads": 1e-3},
     "term table lr 5e-3": {"lr_terms": 5e-3},
-    "heads lr 1e-3": {"lr_heads": 1e-3},
+    "heads lr 1e-4 (8cfd14c's)": {"lr_heads": 1e-4},
     "MiniLM lr 5e-5": {"lr_text": 5e-5},
     "positives: best grade only": {"positives": "best"},
     "mask margin 0 (anything above the positive)": {"fn_margin": 0.0},
