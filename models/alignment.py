@@ -141,13 +141,22 @@ def _page(rd, s: int, scores) -> Page:
     return Page(list(scores), [int(rd.position[r]) for r in rows], [max(0, int(rd.level[r]) - 1) for r in rows])
 
 
-def ranker_replay(ranker, rd, searches: list[int]) -> dict[str, Any]:
-    pages = []
+def ranker_scores(ranker, rd, searches: list[int]) -> np.ndarray:
+    """The ranker's score of every row of ``searches``' pages (NaN on other rows), as serving
+    scores them: query text, the page's candidates and the shopper's context."""
+    scores = np.full(rd.rows, np.nan)
     for s in searches:
         start = rd.search_start[s]
         out = ranker.score(rd.query_texts[rd.query[start]], rd.candidates(s), rd.contexts[s])
-        pages.append(_page(rd, s, [o["score"] for o in out]))
-    return replay_ndcg(pages)
+        scores[start:rd.search_start[s + 1]] = [o["score"] for o in out]
+    return scores
+
+
+def ranker_replay(ranker, rd, searches: list[int], scores: np.ndarray | None = None) -> dict[str, Any]:
+    """Each held-out page re-ranked by the ranker (or by ``scores``, ``ranker_scores``'s) and
+    scored on its logged outcomes."""
+    scores = ranker_scores(ranker, rd, searches) if scores is None else scores
+    return replay_ndcg([_page(rd, s, scores[rd.search_start[s]:rd.search_start[s + 1]]) for s in searches])
 
 
 def retriever_replay(encoder, rd, searches: list[int]) -> dict[str, Any]:

@@ -293,3 +293,15 @@ def test_behaviour_refresh_smoke(tmp_path):
     for when in ("before", "after"):
         recall = result["recall@100"][when]
         assert recall["all_pairs"] > 0 and 0 <= recall["all"] <= 1
+
+
+def test_loop_smoke(tmp_path):
+    """The closed-loop benchmark, in process (no stack): a drifted log, a frozen ranker, one
+    ranker step of the loop, held-out nDCG on logged labels and on the simulator's truth."""
+    result, output = SmokeRun.start("loop", tmp_path, "--out", str(tmp_path / "out")).finish(300)
+    assert result["args"]["smoke"] == "True" and "ranker step:" in output
+    assert result["step"]["parent"] == "rk-frozen" and result["step"]["candidate"].startswith("rk-loop-")
+    assert result["log"]["held_out_searches"] > 0 and result["log"]["cutoff"] > result["log"]["before_drift_until"]
+    for system in ("frozen", "re-aligned", "logged order"):
+        scores = result["systems"][system]
+        assert 0 <= scores["logged"]["purchase_ndcg@10"] <= 1 and scores["truth"]["pages"] > 0

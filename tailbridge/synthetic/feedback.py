@@ -9,6 +9,7 @@ context. Deterministic for a seed: the clock is synthetic (one event per simulat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,18 @@ from tailbridge.synthetic.shoppers import simulate
 from tailbridge.vocab import LABEL_LEVEL
 
 
-def simulate_feedback(data_dir: Path, sessions: int, seed: int = 7) -> pd.DataFrame:
+def simulate_feedback(data_dir: Path, sessions: int, seed: int = 7, start: datetime = datetime(2024, 1, 1, tzinfo=UTC),
+                      shoppers: Callable[[catalog.SynthDataset], catalog.SynthDataset] | None = None) -> pd.DataFrame:
     """``sessions`` simulated shopper sessions over the training queries of the demo data in
     ``data_dir``, as feedback-log rows: one per served item, labelled with the best thing the
-    shopper then did (``models.data.feedback.write_feedback`` writes them in the log's layout)."""
+    shopper then did (``models.data.feedback.write_feedback`` writes them in the log's layout).
+    ``start``: the first event's time (a later stretch of log starts after an earlier one);
+    ``shoppers``: changes the dataset's shoppers first (``synthetic.drift.shifted_tastes``)."""
     dataset = catalog.load(Path(data_dir))
+    if shoppers is not None:
+        dataset = shoppers(dataset)
     # The simulator only issues queries that have judgements: keep the training ones.
     dataset.qrels = {q: j for q, j in dataset.qrels.items() if dataset.split.get(q) == "train"}
-    start = datetime(2024, 1, 1, tzinfo=UTC)
     tick = iter(range(1 << 62))
     clock = lambda: start + timedelta(seconds=next(tick))  # noqa: E731 - one event per simulated second
     served: dict[str, dict[str, Any]] = {}
