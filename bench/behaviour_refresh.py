@@ -28,13 +28,12 @@ refresh does where the block carries weight. No Milvus, no Kafka: the refresh's 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from pathlib import Path
 
-from tailbridge.bench.common import console, run_meta, write_json
+from tailbridge.bench.common import console, run_meta, simulation_parser, write_json
 
 
 def without_items(data: Path, out: Path, item_ids: set[str]) -> Path:
@@ -80,20 +79,12 @@ def graph_recall(factors, overlay, items, window, groups, k: int) -> dict[str, f
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=1500)
-    parser.add_argument("--users", type=int, default=60)
-    parser.add_argument("--sessions", type=int, default=6000)
+    parser = simulation_parser(__doc__, items=1500, users=60, sessions=6000, out="data/bench-behaviour")
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget of the retriever")
     parser.add_argument("--new-items", type=float, default=0.1, help="share of the catalog added after training")
     parser.add_argument("--k", type=int, nargs="+", default=[100, 20], help="recall cut-offs")
     parser.add_argument("--fusion-weights", type=str, default=None,
                         help="score with these semantic,lexical,behaviour block weights instead of the artifact's")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path("data/bench-behaviour"))
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmark works, no measurement")
     args = parser.parse_args(argv)
     if args.smoke:
         args.items, args.users, args.sessions, args.minutes = 150, 6, 150, 0.2

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -113,6 +114,21 @@ def run_meta(**extra) -> dict:
 
 def loadavg_text(values: Iterable[float] | None = None) -> str:
     return " ".join(f"{x:.2f}" for x in (values or os.getloadavg()))
+
+
+def simulation_parser(doc: str, items: int, users: int, sessions: int, out: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark on demo data with a simulated log, made in process: its
+    sizes, seed, threads, where it keeps what it builds, the JSON file and ``--smoke``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--items", type=int, default=items)
+    parser.add_argument("--users", type=int, default=users)
+    parser.add_argument("--sessions", type=int, default=sessions)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmark works, no measurement")
+    return parser
 
 
 def exit_on_sigterm() -> None:

@@ -40,13 +40,12 @@ phases, the iteration's wall time and each line the loop printed with the second
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
 
-from tailbridge.bench.common import console, run_meta, write_json
+from tailbridge.bench.common import console, run_meta, simulation_parser, write_json
 
 
 def drifted_log(data: Path, sessions: int, drift_at: float, seed: int):
@@ -65,19 +64,14 @@ def drifted_log(data: Path, sessions: int, drift_at: float, seed: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=5000)
-    parser.add_argument("--users", type=int, default=200)
-    parser.add_argument("--sessions", type=int, default=20000)
+    parser = simulation_parser(__doc__, items=5000, users=200, sessions=20000, out="data/bench-loop")
     parser.add_argument("--drift-at", type=float, default=0.5, help="share of the sessions before the drift")
     parser.add_argument("--frozen-minutes", type=float, default=6.0, help="training budget of the frozen ranker")
+    parser.add_argument("--frozen-epochs", type=int, default=None,
+                        help="train the frozen ranker this many epochs instead, no budget and no stage 2 (a control: "
+                             "the loop's candidate trains within its budget)")
     parser.add_argument("--loop-minutes", type=float, default=4.0,
                         help="the loop's ranker budget (TAILBRIDGE_LOOP_RANKER_MINUTES)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path("data/bench-loop"))
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmark works, no measurement")
     parser.add_argument("--serving", default=None, help="the running app: measure search latency during an iteration")
     parser.add_argument("--data", type=Path, default=None, help="--serving: the demo data dir the app and loop use")
     parser.add_argument("--rate", type=float, default=5.0, help="--serving: searches per second")
@@ -127,15 +121,17 @@ def main(argv: list[str] | None = None) -> dict:
     settings = Settings(data_dir=root, feast_project="bench_loop", loop_ranker_minutes=args.loop_minutes,
                         **({"loop_gate_min_pages": 0} if args.smoke else {}))
     registry = Registry(models_root(root))
-    frozen = models_root(root) / "ranker" / "rk-frozen"
+    frozen = models_root(root) / "ranker" / ("rk-frozen" + (f"-e{args.frozen_epochs}" if args.frozen_epochs else ""))
+    budget = {"max_minutes": args.frozen_minutes} if args.frozen_epochs is None else \
+        {"max_minutes": None, "epochs": args.frozen_epochs, "finetune_steps": 0}
     if not (frozen / rk.CONFIG_FILE).is_file():
         timed("train frozen", lambda: train(
             data, before_log, frozen.parent, frozen.name, cfg=RankerTrainConfig(
-                max_minutes=args.frozen_minutes, comparisons=(), export_onnx=False, test_fraction=0.1),
+                **budget, comparisons=(), export_onnx=False, test_fraction=0.1),
             baseline=False, say=say))
     # Each run measures from the frozen version: the earlier runs' candidates are forgotten.
     for path in (models_root(root) / "ranker").iterdir():
-        if path.name != frozen.name:
+        if not path.name.startswith("rk-frozen"):
             shutil.rmtree(path)
     (models_root(root) / "registry.json").unlink(missing_ok=True)
     registry.register(entry_from_artifact("ranker", frozen))
