@@ -655,10 +655,13 @@ class Trainer:
         self._timed("final catalog encode", began)
         trained = [h for h in self.history if h["when"] not in ("start (untrained)", "shipped (exact search)")]
         self.no_gain = bool(self.dev_judged) and self.best["when"] == "start (untrained)"
-        if self.no_gain:
+        if self.no_gain and not trained:
+            self.say("[bold red]WARNING: no training step ran within the time budget[/] (preparation used it: see the "
+                     "phases); writing the untrained state")
+        elif self.no_gain:
             self.say(f"[bold red]WARNING: no trained state beat the untrained model on dev[/] (dev pool nDCG@10 "
                      f"{self.best['metrics'].get('dev_ndcg@10', 0):.4f} at the start, best trained "
-                     f"{max([h.get('dev_ndcg@10', 0) for h in trained] or [0]):.4f}); writing the untrained state")
+                     f"{max(h.get('dev_ndcg@10', 0) for h in trained):.4f}); writing the untrained state")
         self.say(f"dev nDCG@10 (exact search over the catalog): start {start:.4f} -> shipped "
                  f"{self.final_full.get('dev_ndcg@10', 0):.4f} (best state: {self.best['when']})")
 
