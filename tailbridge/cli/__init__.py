@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -515,6 +516,7 @@ def run_demo(  # not `demo`: that name is the module tailbridge.cli.demo, which 
     from tailbridge.cli import demo as live
 
     settings = get_settings()
+    signal.signal(signal.SIGINT, live.on_sigint)
     try:
         console.rule("1/7 stack")
         stack_up(as_json=False)

@@ -43,6 +43,14 @@ WINDOW_MARGIN = 2.0
 DEMO_WORKER_ENV = {"TAILBRIDGE_FEEDBACK_WINDOW_SECONDS": str(DEMO_FEEDBACK_WINDOW_S),
                    "TAILBRIDGE_WORKER_IDLE_SECONDS": "3"}
 CATCH_UP_TIMEOUT_S = 120
+# Set by the demo's Ctrl-C handler: a KeyboardInterrupt that a library call swallowed (a broad
+# except around a connect or a retry) still ends the live replay at its next check.
+INTERRUPTED = threading.Event()
+
+
+def on_sigint(signum, frame) -> None:
+    INTERRUPTED.set()
+    signal.default_int_handler(signum, frame)
 WATCHED_USERS = 3
 WORKER_STOP_S = 10
 
@@ -111,6 +119,8 @@ def live_replay(settings: Settings, dataset, rate: float, events: int, seed: int
             deadline, progress = None, None
             while True:
                 time.sleep(0.5)
+                if INTERRUPTED.is_set():
+                    raise KeyboardInterrupt
                 live.update(dashboard.render())
                 if worker.poll() is not None:
                     raise SystemExit(f"the worker exited; see {log_file(settings, 'worker')}")
