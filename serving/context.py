@@ -29,7 +29,8 @@ from tailbridge.feature_repo.redis_rows import RedisRows, RowReader
 from tailbridge.models.data.user_context import as_context
 from tailbridge.settings import Settings
 from tailbridge.streams import rewrite_store
-from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
+from tailbridge.streams.item_stats import STATS_FIELDS
+from tailbridge.vocab import NO_ITEM_STATS
 
 # `features`, not `schema`: Feast's apply() adds the entity column (user_id) to the view's schema
 # in place, so a process that applied the repo before importing this module would ask for
@@ -52,7 +53,7 @@ class OnlineFeatures(Protocol):
 def _stats_or_priors(row: dict[str, Any] | None) -> dict[str, float]:
     """The row's stats, the prior for each one it lacks: no row, or a row written before a field
     existed (the 7-day conversion rates) until the worker writes the item again."""
-    return {name: NO_STATS[name] if not row or row.get(name) is None else row[name] for name in STATS_FIELDS}
+    return {name: NO_ITEM_STATS[name] if not row or row.get(name) is None else row[name] for name in STATS_FIELDS}
 
 
 class _Coalesced:
@@ -113,7 +114,7 @@ class RedisOnlineFeatures:
         return as_context(row) if row else None
 
     async def item_stats(self, item_ids: list[str]) -> dict[str, dict[str, float]]:
-        """Each item's ``STATS_FIELDS`` in one round trip; the priors (``NO_STATS``) for an
+        """Each item's ``STATS_FIELDS`` in one round trip; the priors (``NO_ITEM_STATS``) for an
         item without a row (nobody engaged with it in the view's TTL)."""
         if not item_ids:
             return {}

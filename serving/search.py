@@ -35,7 +35,8 @@ from tailbridge.serving.publisher import EventPublisher
 from tailbridge.serving.schemas import ItemStats, ScoreParts, SearchHit, SearchRequest, SearchResponse
 from tailbridge.streams.events import QueryEvent, ServedItem
 from tailbridge.streams.feedback import REWRITE_SOURCE_PREFIX
-from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
+from tailbridge.streams.item_stats import STATS_FIELDS
+from tailbridge.vocab import NO_ITEM_STATS
 from tailbridge.streams.term_index import TermFilters
 from tailbridge.settings import Settings
 from tailbridge.vocab import normalize_query
@@ -278,7 +279,7 @@ class SearchService:
             else:
                 degraded.append("item_stats")
         for c in candidates:
-            c.fields.update(stats.get(c.item_id) or NO_STATS)
+            c.fields.update(stats.get(c.item_id) or NO_ITEM_STATS)
 
     @staticmethod
     def _hit(c: Candidate, position: int, heads: dict[str, float] | None, explain: bool) -> SearchHit:

@@ -65,6 +65,3 @@ def feature_row(item_id: str, counters: Mapping[str, int | str]) -> dict:
     row["cvr_7d"] = smoothed(row["purchases_7d"], row["clicks_7d"], PRIOR_CVR, PRIOR_CVR_WEIGHT)
     return row
 
-
-# An item nobody engaged with (no row, or its row expired): the smoothed rates' priors.
-NO_STATS = {field: feature_row("", {})[field] for field in STATS_FIELDS}

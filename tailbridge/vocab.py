@@ -49,6 +49,10 @@ CONVERSION_WINDOW_DAYS = 7
 # The Feast ``item_stats`` fields search reads for its candidates and the ranker's item
 # features are computed from (``streams.item_stats`` writes them, ``models.ranking`` reads them).
 ITEM_STATS_FIELDS = ("ctr_24h", "cvr_24h", "purchases_24h", "cart_rate_7d", "cvr_7d")
+# An item nobody engaged with (no row, or its row expired): the smoothed rates' priors, in
+# ``ITEM_STATS_FIELDS`` order.
+NO_ITEM_STATS = {"ctr_24h": PRIOR_CTR, "cvr_24h": PRIOR_CVR, "purchases_24h": 0.0, "cart_rate_7d": PRIOR_CART,
+                 "cvr_7d": PRIOR_CVR}
 
 
 def smoothed(count: float, base: float, prior: float, weight: float) -> float:

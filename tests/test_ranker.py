@@ -14,10 +14,10 @@ import torch
 
 from tailbridge.models.ranking import features as ft
 from tailbridge.models.ranking import model as rk
-from tailbridge.models.ranking.dataset import NO_STATS, point_in_time_stats, prepare
+from tailbridge.models.ranking.dataset import point_in_time_stats, prepare
 from tailbridge.models.ranking.evaluation import auc, evaluate, expected_ndcg, expected_purchases
 from tailbridge.models.ranking.training import RankerTrainConfig, cache_texts, fit, train, write_artifact
-from tailbridge.vocab import ITEM_STATS_FIELDS
+from tailbridge.vocab import ITEM_STATS_FIELDS, NO_ITEM_STATS
 from tests.conftest import tiny_demo
 
 torch.set_num_threads(1)
@@ -173,7 +173,7 @@ def test_point_in_time_stats_never_see_their_own_search():
                                                    (1 + 1.5) / (2 + 10), (1 + 0.5) / (2 + 10)])
     # s5: nothing in 24 h; in 7 days s1-s4: 3 clicks, 2 carts, 2 purchases
     assert stats[5].tolist() == pytest.approx([prior_ctr, prior_cvr, 0, (2 + 1.5) / (3 + 10), (2 + 0.5) / (3 + 10)])
-    assert NO_STATS == pytest.approx(stats[0].tolist())
+    assert list(NO_ITEM_STATS.values()) == pytest.approx(stats[0].tolist())
 
 
 def test_funnel_probabilities_and_single_task_gradients(bert):
@@ -327,7 +327,7 @@ def test_split_is_by_time_and_features_point_in_time(demo):
     assert max(rd.search_times[:rd.train_searches]) <= min(rd.search_times[rd.train_searches:])
     assert rd.features.shape == (rd.rows, len(ft.FEATURES))
     assert rd.contexts[0] is None  # the very first search has no history
-    assert (rd.stats[: rd.search_start[1]] == np.float32(NO_STATS)).all()  # nor any item stats: the priors
+    assert (rd.stats[: rd.search_start[1]] == np.float32(list(NO_ITEM_STATS.values()))).all()  # nor any item stats: the priors
     users = [rd.contexts[s] for s in range(n)]
     assert any(c is not None for c in users[rd.train_searches:])  # test searches carry earlier history
 

@@ -26,7 +26,8 @@ from tailbridge.serving.context import RedisRewriteStore
 from tailbridge.streams import item_index
 from tailbridge.streams.behaviour import Keys
 from tailbridge.streams.events import CatalogUpsert, InteractionEvent
-from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
+from tailbridge.streams.item_stats import STATS_FIELDS
+from tailbridge.vocab import NO_ITEM_STATS
 from tailbridge.synthetic.replay import publish
 from tailbridge.streams.topics import TOPICS, make_consumer
 from tests.conftest import stream_namespace, tiny_demo, wait_until
@@ -293,7 +294,7 @@ def test_engagement_changes_an_items_stats_not_its_bm25_score(env, client):
         return (hit["parts"]["bm25_score"], hit["parts"]["bm25_rank"]), hit["stats"]
 
     before, stats = bm25_and_stats("sock-1")
-    assert stats == NO_STATS  # nobody engaged with it yet: the priors
+    assert stats == NO_ITEM_STATS  # nobody engaged with it yet: the priors
     publish(settings, [InteractionEvent(action=action, user_id="u_bm25", session_id="s_bm25", item_id="sock-1",
                                         price=24.0) for action in ("impression", "impression", "click", "purchase")])
     store = feature_store(settings)
@@ -303,7 +304,7 @@ def test_engagement_changes_an_items_stats_not_its_bm25_score(env, client):
     time.sleep(3 * settings.worker_flush_seconds + settings.worker_index_seal_seconds)  # any index write would show
     after, stats = bm25_and_stats("sock-1")
     assert after == before
-    assert stats == {name: pytest.approx(row[name][0]) for name in STATS_FIELDS} and stats != NO_STATS
+    assert stats == {name: pytest.approx(row[name][0]) for name in STATS_FIELDS} and stats != NO_ITEM_STATS
     assert stats["purchases_24h"] == 1
 
 
@@ -341,7 +342,7 @@ def test_search_answers_without_user_context_when_redis_is_down(env, own_redis):
             elapsed = time.perf_counter() - started
             assert elapsed < 0.2, f"attempt {attempt}: {elapsed * 1000:.0f} ms"
             assert {"user_context", "rewrites", "item_stats"} <= set(body["degraded"])
-            assert all(r["stats"] == NO_STATS for r in body["results"])  # the priors
+            assert all(r["stats"] == NO_ITEM_STATS for r in body["results"])  # the priors
             assert [r["item_id"] for r in body["results"]] == [r["item_id"] for r in healthy["results"]]
         ready = client.get("/readyz").json()
         assert ready["ready"] is True and ready["dependencies"]["user_context"] != "ok"

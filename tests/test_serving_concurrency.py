@@ -12,7 +12,8 @@ from tailbridge.feature_repo.online import resolve_online_store
 from tailbridge.serving.app import create_app
 from tailbridge.streams import item_index
 from tailbridge.streams.indexer import Indexer
-from tailbridge.streams.item_stats import NO_STATS, STATS_FIELDS
+from tailbridge.streams.item_stats import STATS_FIELDS
+from tailbridge.vocab import NO_ITEM_STATS
 from tests.conftest import Namespace, stream_namespace
 from tests.test_serving import CATALOG, catalog_events
 
@@ -61,7 +62,7 @@ def test_direct_redis_reads_equal_feasts_own(ns):
     assert got_context["affinity_categories"] == ["Sofas"] and nobody is None
     feast_stats = store.get_online_features(features=ITEM_STATS_FEATURES, entity_rows=[{"item_id": "rug-1"}]).to_dict()
     assert got_stats["rug-1"] == {name: pytest.approx(feast_stats[name][0]) for name in STATS_FIELDS}
-    assert got_stats["mug-1"] == NO_STATS
+    assert got_stats["mug-1"] == NO_ITEM_STATS
 
 
 def test_fifty_concurrent_context_reads_answer_within_the_deadline(ns):

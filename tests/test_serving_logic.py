@@ -111,11 +111,20 @@ def test_timeouts_never_skip_the_dependency():
 
 def test_item_stats_fall_back_to_the_priors_per_field():
     from tailbridge.serving.context import _stats_or_priors
-    from tailbridge.streams.item_stats import NO_STATS
+    from tailbridge.vocab import NO_ITEM_STATS
 
-    assert _stats_or_priors(None) == NO_STATS
+    assert _stats_or_priors(None) == NO_ITEM_STATS
     # a row the worker wrote before the 7-day conversion rates existed
     old = {"ctr_24h": 0.2, "cvr_24h": 0.1, "purchases_24h": 3, "cart_rate_7d": None, "cvr_7d": None}
     got = _stats_or_priors(old)
-    assert got == {**old, "cart_rate_7d": NO_STATS["cart_rate_7d"], "cvr_7d": NO_STATS["cvr_7d"]}
-    assert NO_STATS["cart_rate_7d"] > 0
+    assert got == {**old, "cart_rate_7d": NO_ITEM_STATS["cart_rate_7d"], "cvr_7d": NO_ITEM_STATS["cvr_7d"]}
+    assert NO_ITEM_STATS["cart_rate_7d"] > 0
+
+
+def test_the_priors_are_what_the_worker_writes_for_an_item_without_events():
+    from tailbridge.streams.item_stats import feature_row
+    from tailbridge.vocab import ITEM_STATS_FIELDS, NO_ITEM_STATS
+
+    assert tuple(NO_ITEM_STATS) == ITEM_STATS_FIELDS
+    row = feature_row("", {})
+    assert {field: row[field] for field in ITEM_STATS_FIELDS} == NO_ITEM_STATS

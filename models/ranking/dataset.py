@@ -44,8 +44,8 @@ import pandas as pd
 from tailbridge.models.data.feedback import read_feedback, searches_with_context
 from tailbridge.models.data.loaders import load_dataset
 from tailbridge.models.ranking import features as ft
-from tailbridge.vocab import (CONVERSION_WINDOW_DAYS, ITEM_STATS_FIELDS, LABEL_LEVEL, PRIOR_CART, PRIOR_CART_WEIGHT,
-                              PRIOR_CTR, PRIOR_CTR_WEIGHT, PRIOR_CVR, PRIOR_CVR_WEIGHT, smoothed)
+from tailbridge.vocab import (CONVERSION_WINDOW_DAYS, ITEM_STATS_FIELDS, LABEL_LEVEL, NO_ITEM_STATS, PRIOR_CART,
+                              PRIOR_CART_WEIGHT, PRIOR_CTR, PRIOR_CTR_WEIGHT, PRIOR_CVR, PRIOR_CVR_WEIGHT, smoothed)
 
 
 class RankerTrainingError(ValueError):
@@ -100,9 +100,6 @@ def point_in_time_stats(frame: pd.DataFrame, window_hours: float = 24.0,
                      smoothed(carts_w, clicks_w, PRIOR_CART, PRIOR_CART_WEIGHT),
                      smoothed(purchases_w, clicks_w, PRIOR_CVR, PRIOR_CVR_WEIGHT)], axis=1).astype(np.float32)
 
-
-# An item nobody engaged with: the smoothing priors, in ``ITEM_STATS_FIELDS`` order.
-NO_STATS = (PRIOR_CTR, PRIOR_CVR, 0.0, PRIOR_CART, PRIOR_CVR)
 
 
 def candidate(item: Mapping[str, Any], stats: Sequence[float]) -> dict[str, Any]:
@@ -209,7 +206,7 @@ def prepare(data_dir: Path, feedback_dir: Path, test_fraction: float = 0.2, wind
                 negative_item.append(pool[k])
     negative_search, negative_item = np.array(negative_search, int), np.array(negative_item, int)
     negative_query = query_col[search_start[negative_search]]
-    negative_feats = np.array([ft.features(asked[q], candidate(data.items[item_ids[i]], NO_STATS), views[s], catalog)
+    negative_feats = np.array([ft.features(asked[q], candidate(data.items[item_ids[i]], NO_ITEM_STATS.values()), views[s], catalog)
                                for q, s, i in zip(negative_query, negative_search, negative_item)], dtype=np.float32)
     return RankerData(
         random_query=negative_query, random_item=negative_item, routes=routes, route=route_col,

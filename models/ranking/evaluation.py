@@ -40,7 +40,8 @@ import torch
 
 from tailbridge.models.metrics import ndcg_at
 from tailbridge.models.ranking import model as rk
-from tailbridge.models.ranking.dataset import NO_STATS, RankerData, RankerTrainingError, candidate, prepare
+from tailbridge.models.ranking.dataset import RankerData, RankerTrainingError, candidate, prepare
+from tailbridge.vocab import NO_ITEM_STATS
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -324,7 +325,7 @@ def judged_relevance(data_dir: Path, models: Mapping[str, rk.Ranker], blend: Cal
     ndcg: dict[str, list[float]] = {"no ranker (retrieval order)": []}
     first = next(iter(models))
     for row, qid in enumerate(qids):
-        cands = [candidate({**data.items[item_ids[j]], "item_id": item_ids[j]}, NO_STATS)
+        cands = [candidate({**data.items[item_ids[j]], "item_id": item_ids[j]}, NO_ITEM_STATS.values())
                  for j in top[row]]
         ids = [c["item_id"] for c in cands]
         ndcg["no ranker (retrieval order)"].append(ndcg_at(ids, judged[qid]))
