@@ -3,7 +3,8 @@
 import sqlite3
 import threading
 
-from tailbridge.streams.term_index import TermFilters, TermIndex, match_query
+from tailbridge.streams import term_index
+from tailbridge.streams.term_index import FIELDS, TermFilters, TermIndex, match_query
 
 CATALOG = [
     ("a1", "Sony WH-1000XM4 wireless headphones", "Sony", "Headphones", 349.0),
@@ -111,3 +112,52 @@ def test_long_queries_keep_their_rarest_terms(tmp_path):
     assert ids(hits) == ["z1"]
     assert terms._common("the shelf") == frozenset()  # all common: the query is left whole
     assert len(terms.search(["the shelf"], 50)[0]) == 41
+
+
+def full_sort(terms: TermIndex, text: str, limit: int, filters: TermFilters = TermFilters()) -> list[dict]:
+    """Every match joined to its fields and sorted: what search returned before it cut the
+    matches at the limit-th score first, the reference its answers must equal."""
+    where, params = filters.sql()
+    query = match_query(text, terms._common(text))
+    rows = terms._conn().execute(
+        f"SELECT {', '.join('i.' + f for f in FIELDS)}, -bm25(terms) AS score FROM terms JOIN items i "
+        f"ON i.rid = terms.rowid WHERE terms MATCH ?{where} ORDER BY score DESC, i.item_id LIMIT ?",
+        [query, *params, limit]).fetchall()
+    return [{"id": row[0], "distance": row[-1], "entity": dict(zip(FIELDS, row[:-1]))} for row in rows]
+
+
+def test_cutting_at_the_limit_keeps_the_rows_and_order_of_a_full_sort(tmp_path):
+    terms = TermIndex(tmp_path / "terms.sqlite")
+    # Ties at every cut: 30 identical texts (item ids decide), among texts that score apart.
+    catalog = [row(f"t{i:02d}", "walnut side table", "Nook", "Tables", 40.0 + i) for i in range(30)]
+    catalog += [row(f"v{i:02d}", f"walnut {'round ' * (i % 4)}side table {i}", "Oak & Co", "Tables" if i % 2 else "Desks",
+                    20.0 + 3 * i) for i in range(30)]
+    terms.upsert([*catalog, *(row(*item) for item in CATALOG)])
+    terms.delete(["t03", "v07"], version=2)
+    queries = ["walnut table", "side table 5", "round walnut", "wireless headphones", "walnut", "nothing here"]
+    filters = [TermFilters(), TermFilters(category="Tables"), TermFilters(brand="Nook", price_max=55.0),
+               TermFilters(price_min=30.0)]
+    checked = 0
+    for text in queries:
+        for f in filters:
+            for limit in (1, 5, 10, 29, 100):
+                [hits] = terms.search([text], limit, f)
+                assert hits == full_sort(terms, text, limit, f), (text, f, limit)
+                checked += bool(hits)
+    assert checked > 50
+    [hits] = terms.search(["walnut side table"], 10)
+    assert not {"t03", "v07"} & set(ids(hits))
+
+
+def test_term_counts_are_kept_for_the_document_count_ttl(tmp_path, monkeypatch):
+    terms = TermIndex(tmp_path / "terms.sqlite")
+    terms.upsert([row(f"f{i}", f"pine shelf {i}", "Nook", "Shelves", 50.0) for i in range(40)]
+                 + [row("z1", "zebra lamp", "Zed", "Lamps", 30.0)])
+    now = [1000.0]
+    monkeypatch.setattr(term_index.time, "monotonic", lambda: now[0])
+    assert terms._common("zebra shelf") == {"shelf"}
+    # 800 more documents: "shelf" (40) falls under COMMON_SHARE of them, so it is no longer left out...
+    terms.upsert([row(f"r{i}", f"oak rug {i}", "Zed", "Rugs", 30.0) for i in range(800)])
+    assert terms._common("zebra shelf") == {"shelf"}  # ...once counted again: the counts are 0 s old, kept
+    now[0] += term_index.DOC_COUNT_TTL_S + 0.1
+    assert terms._common("zebra shelf") == frozenset()
