@@ -74,6 +74,10 @@ class RedisRows:
         return out
 
 
+_PLAIN = frozenset(f"{kind}_val" for kind in ("double", "float", "int32", "int64", "bool", "string", "bytes"))
+_PLAIN_LISTS = frozenset(f"{kind}_list_val" for kind in ("double", "float", "int32", "int64", "bool", "string", "bytes"))
+
+
 class RowReader:
     """Reading some features of a view's rows back: the fields of one HMGET (the row's timestamp
     first) and their decoding, as ``get_online_features`` decodes them. Search reads its rows
@@ -93,8 +97,16 @@ class RowReader:
     @staticmethod
     def value(raw: bytes) -> Any:
         """One field's Python value (None for a value Feast wrote empty); raises on bytes that are
-        not a ``Value`` proto."""
-        return feast_value_type_to_python_type(Value.FromString(raw))
+        not a ``Value`` proto. Plain numbers, strings and their lists are read straight off the
+        proto, which is what Feast's conversion returns for them at a third of its CPU (search
+        decodes 250 of them per request); every other kind goes through Feast's."""
+        proto = Value.FromString(raw)
+        kind = proto.WhichOneof("val")
+        if kind in _PLAIN:
+            return getattr(proto, kind)
+        if kind in _PLAIN_LISTS:
+            return list(getattr(proto, kind).val)
+        return feast_value_type_to_python_type(proto)
 
     @staticmethod
     def timestamp_ms(raw: bytes) -> int:

@@ -10,25 +10,32 @@ ranker is ``TAILBRIDGE_RANKER_VERSION``.
 An encoder is not safe to call from two threads at once (the Hugging Face fast tokenizer
 raises "Already borrowed" when two calls set its padding at the same time), so the handler
 keeps ``EncoderPool``: one instance (tokenizer and ONNX session) per encoding thread, each
-leased by one search at a time.
+leased by one search at a time. The pool also remembers the vectors of recent inputs (an LRU of
+``QUERY_CACHE_SIZE``): a repeated head query skips the tower. The key is every input of the
+call, texts and user contexts together (the trained retriever personalises the query vector,
+and int8 activations are quantised per batch), so a hit returns exactly what encoding would;
+a pool is one encoder version (and behaviour overlay), so a version switch starts afresh.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from tailbridge.models.registry import Registry, models_root
 from tailbridge.models.retrieval.encoders import MINILM_VERSION, Encoder, UnifiedEncoder, retriever_dir
 from tailbridge.serving.ranker_reload import ReloadingRanker
 from tailbridge.settings import Settings
 
+QUERY_CACHE_SIZE = 10_000  # query vectors kept per encoder version: ~15 MB at 384 dims
 
 def artifact_item_vectors(model_dir: Path):
     """The item vectors a retriever artifact ships (its training catalog), as a lookup for the
@@ -87,14 +94,17 @@ def load_ranker(settings: Settings) -> Any | None:
 
 class EncoderPool:
     """``size`` instances of one encoder version and a thread for each: ``encode`` leases a
-    free instance and runs it on the pool's threads, never on the event loop."""
+    free instance and runs it on the pool's threads, never on the event loop, unless the same
+    inputs were encoded lately (``cache_size`` of them are kept)."""
 
-    def __init__(self, version: str, encoders: list[Encoder]):
+    def __init__(self, version: str, encoders: list[Encoder], cache_size: int = QUERY_CACHE_SIZE):
         self.version = version
         self._free: asyncio.Queue[Encoder] = asyncio.Queue()
         for encoder in encoders:
             self._free.put_nowait(encoder)
         self._threads = ThreadPoolExecutor(max_workers=len(encoders), thread_name_prefix=f"encode-{version}")
+        self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()  # touched on the event loop only
+        self._cache_size = cache_size
 
     @classmethod
     async def load(cls, version: str, load: Callable[[str], Encoder], size: int) -> EncoderPool:
@@ -105,12 +115,24 @@ class EncoderPool:
         return cls(version, [first, *rest])
 
     async def encode(self, texts: Sequence[str], contexts: Sequence[Mapping[str, Any] | None]) -> np.ndarray:
+        """The vectors of ``texts`` with their user contexts, one row each; read-only (shared
+        with later calls of the same inputs)."""
+        key = (tuple(texts), orjson.dumps(list(contexts), option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY))
+        vectors = self._cache.get(key)
+        if vectors is not None:
+            self._cache.move_to_end(key)
+            return vectors
         encoder = await self._free.get()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._threads, encoder.encode_queries,
-                                                                    list(texts), list(contexts))
+            vectors = await asyncio.get_running_loop().run_in_executor(self._threads, encoder.encode_queries,
+                                                                       list(texts), list(contexts))
         finally:
             self._free.put_nowait(encoder)
+        vectors.flags.writeable = False
+        self._cache[key] = vectors
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return vectors
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)

@@ -119,14 +119,19 @@ def query_view(query: str, catalog: Catalog) -> QueryView:
 def query_item_features(query: QueryView, candidate: Mapping[str, Any], catalog: Catalog) -> list[float]:
     """How the product answers the query's words, asked-for values and price cap (see the module
     docstring); 0 for what the query does not say."""
-    values = attribute_values(candidate) or catalog.values.get(item_id_of(candidate), [])
-    leaf, brand, item_terms = _item_terms(str(candidate.get("title") or ""), leaf_category(candidate),
+    return _query_item(query, candidate, item_id_of(candidate), leaf_category(candidate),
+                       _number(candidate.get("price")), catalog)
+
+
+def _query_item(query: QueryView, candidate: Mapping[str, Any], item_id: str, leaf_name: str, price: float,
+                catalog: Catalog) -> list[float]:
+    values = attribute_values(candidate) or catalog.values.get(item_id, [])
+    leaf, brand, item_terms = _item_terms(str(candidate.get("title") or ""), leaf_name,
                                           str(candidate.get("brand") or ""), tuple(values))
     q = query.terms
     share = len(q & item_terms) / len(q) if q else 0.0
     matched = len(query.asked & item_terms) / len(query.asked) if query.asked else 0.0
     missing = float(bool(query.asked - item_terms))
-    price = _number(candidate.get("price"))
     cap = query.cap
     over = ratio = 0.0
     if cap is not None and price > 0:
@@ -244,10 +249,15 @@ def user_item_features(candidate: Mapping[str, Any], view: UserView | None, cata
     clicked / carted / bought it, its price against their recent items' (log ratio to the median
     price, and the gap between price levels within categories), and the share of their recent
     items of its brand. All 0 without a user; a feature without the data for it is 0."""
+    return _user_item(candidate, item_id_of(candidate), leaf_category(candidate), _number(candidate.get("price")),
+                      view, catalog)
+
+
+def _user_item(candidate: Mapping[str, Any], item_id: str, leaf: str, price: float, view: UserView | None,
+               catalog: Catalog) -> list[float]:
     if view is None:
         return [0.0] * len(USER_FEATURES)
-    level = view.level.get(item_id_of(candidate), 0)
-    price, leaf = _number(candidate.get("price")), leaf_category(candidate)
+    level = view.level.get(item_id, 0)
     ratio = 0.0
     if price > 0 and view.median_price > 0:
         ratio = max(-PRICE_RATIO_CLIP, min(PRICE_RATIO_CLIP, math.log(price / view.median_price)))
@@ -258,6 +268,8 @@ def user_item_features(candidate: Mapping[str, Any], view: UserView | None, cata
 
 
 def features(query: QueryView, candidate: Mapping[str, Any], view: UserView | None, catalog: Catalog) -> list[float]:
-    """The model's dense input for one candidate: ``FEATURES``, in that order."""
-    return (query_item_features(query, candidate, catalog) + item_features(candidate)
-            + user_item_features(candidate, view, catalog))
+    """The model's dense input for one candidate: ``FEATURES``, in that order (the id, leaf
+    category and price read once: this runs for every candidate of every search)."""
+    item_id, leaf, price = item_id_of(candidate), leaf_category(candidate), _number(candidate.get("price"))
+    return (_query_item(query, candidate, item_id, leaf, price, catalog) + item_features(candidate)
+            + _user_item(candidate, item_id, leaf, price, view, catalog))

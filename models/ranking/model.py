@@ -268,11 +268,16 @@ class LRU:
         self.lock = threading.Lock()
 
     def get(self, key):
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence) -> list:
+        """The values of ``keys`` (None where absent), under one acquisition of the lock."""
         with self.lock:
-            value = self.data.get(key)
-            if value is not None:
-                self.data.move_to_end(key)
-            return value
+            values = [self.data.get(key) for key in keys]
+            for key, value in zip(keys, values):
+                if value is not None:
+                    self.data.move_to_end(key)
+            return values
 
     def put(self, key, value) -> None:
         with self.lock:
@@ -327,7 +332,7 @@ class Ranker:
             text = product_text(c)
             keys.append((item_id_of(c), text_hash(text)))
             texts.append(text)
-        found = [self.items.get(k) for k in keys]
+        found = self.items.get_many(keys)
         missing = [i for i, v in enumerate(found) if v is None]
         if missing:  # one batch for everything not cached (each distinct text once)
             unseen = list(dict.fromkeys(texts[i] for i in missing))
@@ -372,7 +377,8 @@ class Ranker:
         for c in candidates:  # later users may name these among their recent items
             self.catalog.add(c)
         view, asked = user_view(user_context, self.catalog), query_view(query, self.catalog)
-        feats = torch.tensor([features(asked, c, view, self.catalog) for c in candidates], dtype=torch.float32)
+        # Through numpy: torch.tensor reads nested lists element by element (5x slower), same float32 values.
+        feats = torch.from_numpy(np.array([features(asked, c, view, self.catalog) for c in candidates], dtype=np.float32))
         with torch.inference_mode():
             p = self.item_vectors(candidates)
             q = self.query_vector(query).expand_as(p)
