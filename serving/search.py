@@ -4,7 +4,7 @@
     user context (Feast rows, own deadline) | rewrites (store, own deadline)     |
       -> query + rewrites embedded (encoder pool thread)                          |
       -> dense search of all of them | lexical search of the rewrites ----------+-> reciprocal-rank fusion
-    -> the candidates' behaviour stats (one pipelined read, the user context's deadline)
+    -> the candidates' behaviour stats (one round trip, the user context's deadline)
     -> multi-task ranker (its own thread) -> top k -> query event published (non-blocking)
 
 Routes on one line run concurrently. The index (``serving.index``) pins the serving collection
