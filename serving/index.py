@@ -173,7 +173,8 @@ class ServingIndex:
             pool = self._pools.get(key)
             if pool is None:
                 try:
-                    pool = await EncoderPool.load(version, self._load, self._encoder_threads)
+                    pool = await EncoderPool.load(version, self._load, self._encoder_threads,
+                                                  self.settings.serve_query_cache_size)
                 except (OSError, ValueError) as exc:
                     raise SearchUnavailable(f"cannot load the query encoder of the serving version {version!r}: "
                                             f"{exc}") from None

@@ -11,7 +11,7 @@ An encoder is not safe to call from two threads at once (the Hugging Face fast t
 raises "Already borrowed" when two calls set its padding at the same time), so the handler
 keeps ``EncoderPool``: one instance (tokenizer and ONNX session) per encoding thread, each
 leased by one search at a time. The pool also remembers the vectors of recent inputs (an LRU of
-``QUERY_CACHE_SIZE``): a repeated head query skips the tower. The key is every input of the
+``serve_query_cache_size``): a repeated head query skips the tower. The key is every input of the
 call, texts and user contexts together (the trained retriever personalises the query vector,
 and int8 activations are quantised per batch), so a hit returns exactly what encoding would;
 a pool is one encoder version (and behaviour overlay), so a version switch starts afresh.
@@ -35,7 +35,6 @@ from tailbridge.models.retrieval.encoders import MINILM_VERSION, Encoder, Unifie
 from tailbridge.serving.ranker_reload import ReloadingRanker
 from tailbridge.settings import Settings
 
-QUERY_CACHE_SIZE = 10_000  # query vectors kept per encoder version: ~15 MB at 384 dims
 
 def artifact_item_vectors(model_dir: Path):
     """The item vectors a retriever artifact ships (its training catalog), as a lookup for the
@@ -97,7 +96,7 @@ class EncoderPool:
     free instance and runs it on the pool's threads, never on the event loop, unless the same
     inputs were encoded lately (``cache_size`` of them are kept)."""
 
-    def __init__(self, version: str, encoders: list[Encoder], cache_size: int = QUERY_CACHE_SIZE):
+    def __init__(self, version: str, encoders: list[Encoder], cache_size: int):
         self.version = version
         self._free: asyncio.Queue[Encoder] = asyncio.Queue()
         for encoder in encoders:
@@ -107,12 +106,12 @@ class EncoderPool:
         self._cache_size = cache_size
 
     @classmethod
-    async def load(cls, version: str, load: Callable[[str], Encoder], size: int) -> EncoderPool:
+    async def load(cls, version: str, load: Callable[[str], Encoder], size: int, cache_size: int) -> EncoderPool:
         """Load the instances on threads (seconds for a trained retriever): searches go on meanwhile."""
         loop = asyncio.get_running_loop()
         first = await loop.run_in_executor(None, load, version)  # alone: it may export MiniLM on first use
         rest = await asyncio.gather(*(loop.run_in_executor(None, load, version) for _ in range(size - 1)))
-        return cls(version, [first, *rest])
+        return cls(version, [first, *rest], cache_size)
 
     async def encode(self, texts: Sequence[str], contexts: Sequence[Mapping[str, Any] | None]) -> np.ndarray:
         """The vectors of ``texts`` with their user contexts, one row each; read-only (shared
@@ -129,9 +128,10 @@ class EncoderPool:
         finally:
             self._free.put_nowait(encoder)
         vectors.flags.writeable = False
-        self._cache[key] = vectors
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        if self._cache_size:
+            self._cache[key] = vectors
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return vectors
 
     def close(self) -> None:

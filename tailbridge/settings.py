@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     )
     serve_milvus_timeout_s: float = Field(2.0, gt=0, description="Deadline of each Milvus call made by search.")
     serve_candidates: int = Field(50, ge=1, le=1000, description="Candidates per retrieval route that reach the ranker.")
+    serve_query_cache_size: int = Field(
+        10_000, ge=0, description="Query vectors the handler keeps per encoder version, keyed by the texts and the user "
+        "contexts (a hit is exactly what the query tower would return); 0 turns the cache off."
+    )
     serve_max_body_bytes: int = Field(
         1_048_576, ge=1, description="Largest request body accepted; a larger one is answered 413 before it is read whole."
     )

@@ -50,6 +50,12 @@ def test_the_pool_returns_cached_vectors_only_for_the_same_texts_and_contexts():
         assert encoder.calls == 6 and both.shape == (2, 4)
         np.testing.assert_array_equal(first, encoder.encode_queries(["oak lamp"], [shopper]))
         pool.close()
+        off = EncoderPool("counting", [encoder], cache_size=0)  # serve_query_cache_size=0: every call encodes
+        calls = encoder.calls
+        await off.encode(["oak lamp"], [shopper])
+        await off.encode(["oak lamp"], [shopper])
+        assert encoder.calls == calls + 2
+        off.close()
 
     asyncio.run(run())
 
