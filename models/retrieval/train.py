@@ -375,11 +375,12 @@ class Trainer:
                  f"({len(self.pool.dev_rows)} ranked for dev)")
         self._timed("pool", began)
 
-    def evaluate_pool(self, when: str, stage: int, epoch: int) -> dict[str, float]:
-        """Encode the pool, re-mine hard negatives from it, rank dev over it; keep the best state."""
+    def evaluate_pool(self, when: str, stage: int, epoch: int, encoded: bool = False) -> dict[str, float]:
+        """Encode the pool (unless ``encoded``: the catalog vectors are the current model's),
+        re-mine hard negatives from it, rank dev over it; keep the best state."""
         began = time.monotonic()
-        rows = self.pool.rows
-        self.encode_rows(rows, f"{when}: encoding the candidate pool")
+        if not encoded:
+            self.encode_rows(self.pool.rows, f"{when}: encoding the candidate pool")
         self.mine()
         metrics = dev_metrics(self.dev_query_vectors(), self.catalog[self.pool.dev_rows], self.pool.dev_rows,
                               self.item_ids, self.dev_judged) if self.dev_judged else {}
@@ -550,7 +551,7 @@ class Trainer:
         if self.pool is None:  # not resumed: the pool and the starting point's dev numbers
             self.build_pool()
             self.start_full = self.full_dev_metrics()
-            self.evaluate_pool("start (untrained)", 0, 0)
+            self.evaluate_pool("start (untrained)", 0, 0, encoded=True)  # build_pool encoded every row
         plan = [(1, cfg.stage1_epochs), (2, cfg.stage2_epochs)]
         planned = sum(e for _, e in plan)
         done_epochs = 0
@@ -628,7 +629,6 @@ class Trainer:
         self.model.load_state_dict(self.best["state"], strict=False)
         if self.cfg.fusion == "dev" and self.dev_judged:
             rows = self.pool.dev_rows
-            self.encode_rows(rows, "fusion: encoding the dev pool")
             with torch.no_grad():
                 items = [b.cpu().numpy() for b in self._item_blocks(rows)]
             queries = self._queries(self.dev_text, self.dev_terms, self.dev_graph, blocks=True)
