@@ -27,7 +27,7 @@ TRAIN = TrainConfig(stage1_epochs=2, stage2_epochs=1, batch_size=16, group_size=
                     encode_batch=64, warmup_steps=2, export_onnx=False)  # export: tests/test_models_onnx.py
 EVERY_STEP = dataclasses.replace(TRAIN, checkpoint_minutes=0.0)  # a checkpoint after each step
 ARTIFACT_FILES = {"config.json", "model.safetensors", "graph_index.json", "graph_factors.npz", "item_vectors.npy",
-                  "item_vectors_ids.json", "metrics.json", "MODEL_CARD.md", "text", "tokenizer"}
+                  "item_vectors_ids.json", "item_vectors_catalog.txt", "metrics.json", "MODEL_CARD.md", "text", "tokenizer"}
 
 
 class Interrupted(Exception):
@@ -94,6 +94,27 @@ def test_artifact_has_everything_and_loads(trained, demo):
     table = load_retriever(trained)[0].item_tower.graph.table[:len(factors.items)].numpy()
     np.testing.assert_allclose(table, factors.item_rows(), atol=1e-6)
     assert factors.log_until is not None
+
+
+def test_shipped_catalog_vectors_are_reused_only_for_that_catalog(demo, trained):
+    from tailbridge.models.data.loaders import load_dataset
+
+    items = list(load_dataset(demo).items.values())[::-1]  # any order: matched by id
+    encoder = load_encoder(str(trained))
+    reused = encoder.catalog_vectors(items)
+    fresh = encoder.encode_items(items)
+    # Training's vectors: the frozen prefix was cached in fp16, so within 1e-3, not bit-equal.
+    assert not np.array_equal(reused, fresh) and np.abs(reused - fresh).max() < 1e-3
+    # One item's text changed: not the shipped catalog any more, everything is encoded.
+    changed = [{**items[0], "title": items[0]["title"] + " XL"}, *items[1:]]
+    np.testing.assert_array_equal(encoder.catalog_vectors(changed)[1:], fresh[1:])
+    assert np.abs(encoder.catalog_vectors(changed)[0] - reused[0]).max() > 1e-2
+    # Items whose graph row an overlay changed are encoded again, the rest come from the artifact.
+    encoder._overlay_items.add(str(items[1]["item_id"]))
+    encoder._model.item_tower.graph.table[:] = 0  # what a refresh that moved every row would do
+    after = encoder.catalog_vectors(items)
+    np.testing.assert_allclose(after[1], encoder.encode_items(items[1:2])[0], atol=1e-6)
+    np.testing.assert_allclose(after[2:], reused[2:], atol=1e-6)
 
 
 def test_interrupted_training_resumes_to_the_same_model(demo, trained, tmp_path):

@@ -40,6 +40,7 @@ import numpy as np
 
 from tailbridge.models.data.loaders import STRATA, RetrievalData, load_dataset
 from tailbridge.models.retrieval.lexical import bm25_scorer, top_k
+from tailbridge.models.retrieval.model import catalog_fingerprint
 from tailbridge.models.metrics import grade_order_accuracy, mrr_at, ndcg_at, recall_at
 
 TOP_K = 100
@@ -102,16 +103,6 @@ def fuse_rrf(runs: Sequence[SystemRun], item_ids: Sequence[str], judged: Sequenc
 
 def dense_scorer(item_vectors: np.ndarray, query_vectors: np.ndarray) -> Callable[[int, int], np.ndarray]:
     return lambda start, end: query_vectors[start:end] @ item_vectors.T
-
-
-def catalog_fingerprint(items: Sequence[Mapping[str, Any]]) -> str:
-    """Changes when any item (id, text, fields) or their order changes."""
-    import orjson
-
-    digest = hashlib.blake2b(digest_size=8)
-    for item in items:
-        digest.update(orjson.dumps(item, option=orjson.OPT_SORT_KEYS))
-    return digest.hexdigest()
 
 
 def encode_catalog(encoder: Any, items: Sequence[Mapping[str, Any]], cache_dir: Path | None,

@@ -502,6 +502,20 @@ class Featurizer:
 CONFIG_FILE, WEIGHTS_FILE, GRAPH_FILE = "config.json", "model.safetensors", "graph_index.json"
 ITEM_VECTORS_FILE, ITEM_IDS_FILE = "item_vectors.npy", "item_vectors_ids.json"
 GRAPH_FACTORS_FILE = "graph_factors.npz"  # the graph's SVD (``graph.GraphFactors``): what a behaviour refresh folds in against
+# ``catalog_fingerprint`` of the items (sorted by id) whose vectors ITEM_VECTORS_FILE holds.
+ITEM_VECTORS_CATALOG_FILE = "item_vectors_catalog.txt"
+
+
+def catalog_fingerprint(items: Sequence[Mapping[str, Any]]) -> str:
+    """Changes when any item (id, text, fields) or their order changes."""
+    import hashlib
+
+    import orjson
+
+    digest = hashlib.blake2b(digest_size=8)
+    for item in items:
+        digest.update(orjson.dumps(item, option=orjson.OPT_SORT_KEYS))
+    return digest.hexdigest()
 
 
 def build(cfg: RetrieverConfig, graph_queries: Mapping[str, int] | None = None,

@@ -787,6 +787,8 @@ def write_artifact(trainer: Trainer, out_dir: Path, data_dir: Path, feedback_dir
     np.save(out_dir / unified.ITEM_VECTORS_FILE, trainer.catalog)
     trainer.graph_factors.save(out_dir / unified.GRAPH_FACTORS_FILE)
     (out_dir / unified.ITEM_IDS_FILE).write_text(json.dumps(trainer.item_ids))
+    by_id = sorted(trainer.items, key=lambda it: str(it["item_id"]))
+    (out_dir / unified.ITEM_VECTORS_CATALOG_FILE).write_text(unified.catalog_fingerprint(by_id))
     ts = trainer.ts
     steps = {k: len(v) for k, v in trainer.losses.items() if k.endswith("_loss")}
     metrics = {
