@@ -357,6 +357,7 @@ def loop_command(
     console = Console()
     settings = get_settings()
     torch.set_num_threads(threads)
+    os.nice(settings.loop_nice)
     chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
     unknown = [k for k in chosen if k not in STEPS]
     if unknown:
