@@ -159,7 +159,7 @@ class Settings(BaseSettings):
     loop_poll_seconds: float = Field(60.0, gt=0, description="How often the long-running loop checks the thresholds.")
     loop_ranker_minutes: float = Field(3.0, gt=0, description="Time budget of the ranker's retraining per iteration.")
     loop_retriever_minutes: float = Field(
-        6.0, gt=0, description="Time budget of the retriever's fine-tuning per iteration, its preparation included (at "
+        5.0, gt=0, description="Time budget of the retriever's fine-tuning per iteration, its preparation included (at "
         "5,000 items about 3 minutes of it: the frozen-prefix cache, the candidate pool, the artifact's reserve)."
     )
     loop_nice: int = Field(
