@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     loop_ranker_minutes: float = Field(3.0, gt=0, description="Time budget of the ranker's retraining per iteration.")
     loop_retriever_minutes: float = Field(
         5.0, gt=0, description="Time budget of the retriever's fine-tuning per iteration, its preparation included (at "
-        "5,000 items about 3 minutes of it: the frozen-prefix cache, the candidate pool, the artifact's reserve)."
+        "5,000 items about 2 minutes of it: the frozen-prefix cache, the candidate pool, writing the artifact)."
     )
     loop_nice: int = Field(
         10, ge=0, le=19, description="How much the loop lowers its own CPU priority (os.nice): its training shares the "
