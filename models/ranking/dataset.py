@@ -101,7 +101,6 @@ def point_in_time_stats(frame: pd.DataFrame, window_hours: float = 24.0,
                      smoothed(purchases_w, clicks_w, PRIOR_CVR, PRIOR_CVR_WEIGHT)], axis=1).astype(np.float32)
 
 
-
 def candidate(item: Mapping[str, Any], stats: Sequence[float]) -> dict[str, Any]:
     """A catalog item shaped like a search hit: its fields plus the behaviour stats
     (``ITEM_STATS_FIELDS`` order)."""
@@ -206,7 +205,8 @@ def prepare(data_dir: Path, feedback_dir: Path, test_fraction: float = 0.2, wind
                 negative_item.append(pool[k])
     negative_search, negative_item = np.array(negative_search, int), np.array(negative_item, int)
     negative_query = query_col[search_start[negative_search]]
-    negative_feats = np.array([ft.features(asked[q], candidate(data.items[item_ids[i]], NO_ITEM_STATS.values()), views[s], catalog)
+    unengaged = tuple(NO_ITEM_STATS.values())
+    negative_feats = np.array([ft.features(asked[q], candidate(data.items[item_ids[i]], unengaged), views[s], catalog)
                                for q, s, i in zip(negative_query, negative_search, negative_item)], dtype=np.float32)
     return RankerData(
         random_query=negative_query, random_item=negative_item, routes=routes, route=route_col,

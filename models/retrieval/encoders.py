@@ -138,7 +138,8 @@ class UnifiedEncoder:
         shipped = [self.model_dir / name for name in (unified.ITEM_VECTORS_CATALOG_FILE, unified.ITEM_IDS_FILE,
                                                       unified.ITEM_VECTORS_FILE)]
         by_id = sorted(items, key=lambda it: str(it["item_id"]))
-        if not all(f.is_file() for f in shipped) or unified.catalog_fingerprint(by_id) != shipped[0].read_text().strip():
+        if not all(f.is_file() for f in shipped) or \
+                unified.catalog_fingerprint(by_id) != shipped[0].read_text().strip():
             return self.encode_items(items)
         row = {item_id: r for r, item_id in enumerate(json.loads(shipped[1].read_text()))}
         ids = [str(it["item_id"]) for it in items]
