@@ -267,7 +267,8 @@ def train(data_dir: Path, feedback_dir: Path, out_root: Path, version: str | Non
         results[where] = write_artifact(rd, model, tokenizer, where, cfg, history, minutes, Path(data_dir),
                                         Path(feedback_dir), bar)
         aucs = results[where]["test_auc"]
-        say(f"{where.name}: test AUC " + ", ".join(f"{t} {v:.4f}" for t, v in aucs.items() if v is not None))
+        scored = ", ".join(f"{t} {v:.4f}" for t, v in aucs.items() if v is not None)
+        say(f"{where.name}: test AUC {scored or 'none (no task has both outcomes in the test split)'}")
     say(f"wrote {out_dir} in {(time.monotonic() - started) / 60:.1f} min")
     return out_dir
 
