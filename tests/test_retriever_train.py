@@ -24,7 +24,8 @@ torch.set_num_threads(1)
 MODEL = RetrieverConfig(semantic_dim=32, lexical_dim=16, behaviour_dim=8, term_buckets=4096, graph_rank=4,
                         user_items=4, category_buckets=64, max_length=24, train_layers=1)
 TRAIN = TrainConfig(stage1_epochs=2, stage2_epochs=1, batch_size=16, group_size=4, random_items=8, mine_depth=10,
-                    encode_batch=64, warmup_steps=2, export_onnx=False)  # export: tests/test_models_onnx.py
+                    encode_batch=64, warmup_steps=2, export_onnx=False,  # export: tests/test_models_onnx.py
+                    fusion_holdout=0.3, fusion_min_queries=2)  # a tiny log: fit the graph-row weights anyway
 EVERY_STEP = dataclasses.replace(TRAIN, checkpoint_minutes=0.0)  # a checkpoint after each step
 ARTIFACT_FILES = {"config.json", "model.safetensors", "graph_index.json", "graph_factors.npz", "item_vectors.npy",
                   "item_vectors_ids.json", "item_vectors_catalog.txt", "metrics.json", "MODEL_CARD.md", "text", "tokenizer"}
@@ -94,6 +95,24 @@ def test_artifact_has_everything_and_loads(trained, demo):
     table = load_retriever(trained)[0].item_tower.graph.table[:len(factors.items)].numpy()
     np.testing.assert_allclose(table, factors.item_rows(), atol=1e-6)
     assert factors.log_until is not None
+
+
+def test_the_latest_searches_stay_out_of_the_graph_and_fit_the_weights_of_queries_with_a_row(trained, demo):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    frame = read_feedback(demo / "feedback")
+    searches = frame["query_id"].nunique()
+    # The graph (and training) saw the searches up to log_until; the rest fit the weights.
+    factors = GraphFactors.load(trained / "graph_factors.npz")
+    until_time, until_search = factors.log_until
+    later = frame[frame["event_time"].map(lambda t: t.isoformat()) > until_time]["query_id"].nunique()
+    assert 0 < later < searches and metrics["data"]["logged_searches"] <= searches - later
+    fit = metrics["selection"]["fusion_fit_on_dev"]["queries_with_graph_row"]
+    assert fit is not None and fit["queries"] >= 2 and fit["ndcg@10"] >= fit["ndcg@10_with_dev_weights"]
+    model = load_retriever(trained)[0]
+    np.testing.assert_allclose(model.known_fusion_weights().detach().numpy(),
+                               np.maximum(fit["after"], 1e-4) / np.maximum(fit["after"], 1e-4).sum(), atol=1e-3)
+    assert metrics["known_fusion_weights"] == pytest.approx(model.known_fusion_weights().tolist(), abs=1e-4)
+    assert "Queries with a graph row weigh the blocks" in (trained / "MODEL_CARD.md").read_text()
 
 
 def test_shipped_catalog_vectors_are_reused_only_for_that_catalog(demo, trained):

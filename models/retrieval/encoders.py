@@ -78,6 +78,10 @@ class MiniLMEncoder:
     def encode_items(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
         return self._encode([item_text(item) for item in items])
 
+    def catalog_vectors(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """The whole catalog's vectors (no artifact ships any for MiniLM: ``encode_items``)."""
+        return self.encode_items(items)
+
     def encode_queries(self, queries: Sequence[str],
                        user_contexts: Sequence[Mapping[str, Any] | None] | None = None) -> np.ndarray:
         return self._encode(queries)  # not personalised: the context is ignored
