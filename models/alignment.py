@@ -188,7 +188,7 @@ def retriever_judged(encoder, data_dir: Path, max_queries: int, split: str = "te
         return None
     item_ids = sorted(data.items)
     catalog = [data.items[i] for i in item_ids]
-    items = encoder.catalog_vectors(catalog)
+    items = encoder.encode_items(catalog)
     queries = encoder.encode_queries([data.queries[q] for q in qids])
     top = np.argsort(-(queries @ items.T), axis=1)[:, :10]
     return float(np.mean([ndcg_at([item_ids[j] for j in row], judged[q], 10) for q, row in zip(qids, top)]))

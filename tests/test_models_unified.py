@@ -57,26 +57,6 @@ def test_vectors_are_unit_and_the_dot_product_is_the_fused_similarity(built):
     assert (q[0] @ items.T).argmax().item() == 0  # an untrained model already finds the drill
 
 
-def test_a_query_with_a_graph_row_weighs_the_blocks_by_its_own_weights():
-    torch.manual_seed(0)
-    model, fz = unified.build(CFG, graph_queries={"sofa": 0}, graph_items={"a": 0, "b": 1})
-    model.query_tower.graph.table.copy_(torch.randn_like(model.query_tower.graph.table))
-    model.item_tower.graph.table.copy_(torch.randn_like(model.item_tower.graph.table))
-    model.eval().set_fusion_weights([0.7, 0.3, 0.0], known=[0.2, 0.2, 0.6])
-    with torch.no_grad():
-        batch = fz.queries(["sofa", "cordless drill"])
-        q, q_blocks = model.encode_queries(batch), model.query_blocks(batch)
-        items, i_blocks = model.encode_items(fz.items(ITEMS)), model.item_blocks(fz.items(ITEMS))
-    assert batch.graph_rows.tolist() == [0, -1]
-    for row, weights in ((0, model.known_fusion_weights()), (1, model.fusion_weights())):
-        fused = sum(w * (q_blocks[k][row] @ i_blocks[k].T) for k, w in enumerate(weights))
-        # Proportional to sum_k w_k cos_k over every item: the same ranking (the norm differs per query).
-        ratio = (q[row] @ items.T) / fused
-        assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4), (row, ratio)
-    assert model.known_fusion_weights()[2] > 0.5 > model.fusion_weights()[2]
-    assert torch.allclose(q.norm(dim=1), torch.ones(2), atol=1e-5)
-
-
 def test_lexical_block_keeps_exact_model_numbers():
     # Random term vectors are a random projection of TF-IDF: wide enough, exact matches stand out.
     torch.manual_seed(0)

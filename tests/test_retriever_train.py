@@ -24,11 +24,10 @@ torch.set_num_threads(1)
 MODEL = RetrieverConfig(semantic_dim=32, lexical_dim=16, behaviour_dim=8, term_buckets=4096, graph_rank=4,
                         user_items=4, category_buckets=64, max_length=24, train_layers=1)
 TRAIN = TrainConfig(stage1_epochs=2, stage2_epochs=1, batch_size=16, group_size=4, random_items=8, mine_depth=10,
-                    encode_batch=64, warmup_steps=2, export_onnx=False,  # export: tests/test_models_onnx.py
-                    fusion_holdout=0.3, fusion_min_queries=2)  # a tiny log: fit the graph-row weights anyway
+                    encode_batch=64, warmup_steps=2, export_onnx=False)  # export: tests/test_models_onnx.py
 EVERY_STEP = dataclasses.replace(TRAIN, checkpoint_minutes=0.0)  # a checkpoint after each step
 ARTIFACT_FILES = {"config.json", "model.safetensors", "graph_index.json", "graph_factors.npz", "item_vectors.npy",
-                  "item_vectors_ids.json", "item_vectors_catalog.txt", "metrics.json", "MODEL_CARD.md", "text", "tokenizer"}
+                  "item_vectors_ids.json", "item_vectors_keys.json", "metrics.json", "MODEL_CARD.md", "text", "tokenizer"}
 
 
 class Interrupted(Exception):
@@ -97,43 +96,34 @@ def test_artifact_has_everything_and_loads(trained, demo):
     assert factors.log_until is not None
 
 
-def test_the_latest_searches_stay_out_of_the_graph_and_fit_the_weights_of_queries_with_a_row(trained, demo):
-    metrics = json.loads((trained / "metrics.json").read_text())
-    frame = read_feedback(demo / "feedback")
-    searches = frame["query_id"].nunique()
-    # The graph (and training) saw the searches up to log_until; the rest fit the weights.
-    factors = GraphFactors.load(trained / "graph_factors.npz")
-    until_time, until_search = factors.log_until
-    later = frame[frame["event_time"].map(lambda t: t.isoformat()) > until_time]["query_id"].nunique()
-    assert 0 < later < searches and metrics["data"]["logged_searches"] <= searches - later
-    fit = metrics["selection"]["fusion_fit_on_dev"]["queries_with_graph_row"]
-    assert fit is not None and fit["queries"] >= 2 and fit["ndcg@10"] >= fit["ndcg@10_with_dev_weights"]
-    model = load_retriever(trained)[0]
-    np.testing.assert_allclose(model.known_fusion_weights().detach().numpy(),
-                               np.maximum(fit["after"], 1e-4) / np.maximum(fit["after"], 1e-4).sum(), atol=1e-3)
-    assert metrics["known_fusion_weights"] == pytest.approx(model.known_fusion_weights().tolist(), abs=1e-4)
-    assert "Queries with a graph row weigh the blocks" in (trained / "MODEL_CARD.md").read_text()
-
-
-def test_shipped_catalog_vectors_are_reused_only_for_that_catalog(demo, trained):
+def test_shipped_item_vectors_are_reused_only_for_unchanged_items(demo, trained):
     from tailbridge.models.data.loaders import load_dataset
 
     items = list(load_dataset(demo).items.values())[::-1]  # any order: matched by id
     encoder = load_encoder(str(trained))
-    reused = encoder.catalog_vectors(items)
-    fresh = encoder.encode_items(items)
+    reused = encoder.encode_items(items)
+    model, fz = load_retriever(trained)
+    with torch.no_grad():
+        fresh = model.encode_items(fz.items(items)).numpy()
     # Training's vectors: the frozen prefix was cached in fp16, so within 1e-3, not bit-equal.
+    shipped = dict(zip(json.loads((trained / "item_vectors_ids.json").read_text()), np.load(trained / "item_vectors.npy")))
+    np.testing.assert_array_equal(reused, np.stack([shipped[str(it["item_id"])] for it in items]))
     assert not np.array_equal(reused, fresh) and np.abs(reused - fresh).max() < 1e-3
-    # One item's text changed: not the shipped catalog any more, everything is encoded.
+    # One item's title changed: that item is encoded (and stays so), the others still come from the artifact.
     changed = [{**items[0], "title": items[0]["title"] + " XL"}, *items[1:]]
-    np.testing.assert_array_equal(encoder.catalog_vectors(changed)[1:], fresh[1:])
-    assert np.abs(encoder.catalog_vectors(changed)[0] - reused[0]).max() > 1e-2
+    once = encoder.encode_items(changed)
+    np.testing.assert_array_equal(once[1:], reused[1:])
+    assert np.abs(once[0] - reused[0]).max() > 1e-2
+    np.testing.assert_allclose(encoder.encode_items(items[:1])[0], fresh[0], atol=1e-5)  # back to the old title: encoded
+    # A field the item tower does not read changed: still the shipped vector.
+    np.testing.assert_array_equal(encoder.encode_items([{**items[1], "price": 1.0}])[0], reused[1])
     # Items whose graph row an overlay changed are encoded again, the rest come from the artifact.
     encoder._overlay_items.add(str(items[1]["item_id"]))
     encoder._model.item_tower.graph.table[:] = 0  # what a refresh that moved every row would do
-    after = encoder.catalog_vectors(items)
-    np.testing.assert_allclose(after[1], encoder.encode_items(items[1:2])[0], atol=1e-6)
-    np.testing.assert_allclose(after[2:], reused[2:], atol=1e-6)
+    after = encoder.encode_items(items)
+    with torch.no_grad():
+        np.testing.assert_allclose(after[1], encoder._model.encode_items(fz.items(items[1:2])).numpy()[0], atol=1e-6)
+    np.testing.assert_array_equal(after[2:], reused[2:])
 
 
 def test_interrupted_training_resumes_to_the_same_model(demo, trained, tmp_path):

@@ -78,10 +78,6 @@ class MiniLMEncoder:
     def encode_items(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
         return self._encode([item_text(item) for item in items])
 
-    def catalog_vectors(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """The whole catalog's vectors (no artifact ships any for MiniLM: ``encode_items``)."""
-        return self.encode_items(items)
-
     def encode_queries(self, queries: Sequence[str],
                        user_contexts: Sequence[Mapping[str, Any] | None] | None = None) -> np.ndarray:
         return self._encode(queries)  # not personalised: the context is ignored
@@ -120,9 +116,16 @@ class UnifiedEncoder:
         self.dim = self._model.cfg.dim
         self._rows: dict[str, int] = {}
         self._vectors = np.zeros((0, self.dim), dtype=np.float32)
+        # Training shipped every catalog item's vector: an item whose inputs are unchanged
+        # (``item_input_key``) is not encoded again (a whole catalog is minutes on a CPU).
+        self._shipped: dict[str, str] = {}  # item id -> input key, while its remembered vector is the shipped one
         vectors, ids = self.model_dir / unified.ITEM_VECTORS_FILE, self.model_dir / unified.ITEM_IDS_FILE
         if vectors.is_file() and ids.is_file():
-            self.remember_items(json.loads(ids.read_text()), np.load(vectors))
+            item_ids = json.loads(ids.read_text())
+            self.remember_items(item_ids, np.load(vectors))
+            keys = self.model_dir / unified.ITEM_VECTORS_KEYS_FILE
+            if keys.is_file():
+                self._shipped = dict(zip(item_ids, json.loads(keys.read_text())))
 
     def apply_overlay(self, overlay) -> None:
         """Give the model a behaviour overlay's graph rows (``behaviour.Overlay``; None: nothing)."""
@@ -132,27 +135,6 @@ class UnifiedEncoder:
         if overlay is not None:
             self._overlay_items.update(overlay.item_rows)
 
-    def catalog_vectors(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """``encode_items(items)``, but when ``items`` are exactly the catalog the artifact shipped
-        vectors of (same ids, texts and fields), those vectors, with only the items whose graph row
-        an overlay changed encoded again: a whole-catalog encode is minutes on a CPU. Training cached
-        the frozen text prefix in fp16, so shipped vectors are within 1e-3 of a fresh encode."""
-        from tailbridge.models.retrieval import model as unified
-
-        shipped = [self.model_dir / name for name in (unified.ITEM_VECTORS_CATALOG_FILE, unified.ITEM_IDS_FILE,
-                                                      unified.ITEM_VECTORS_FILE)]
-        by_id = sorted(items, key=lambda it: str(it["item_id"]))
-        if not all(f.is_file() for f in shipped) or \
-                unified.catalog_fingerprint(by_id) != shipped[0].read_text().strip():
-            return self.encode_items(items)
-        row = {item_id: r for r, item_id in enumerate(json.loads(shipped[1].read_text()))}
-        ids = [str(it["item_id"]) for it in items]
-        out = np.load(shipped[2])[[row[i] for i in ids]]
-        changed = [k for k, i in enumerate(ids) if i in self._overlay_items]
-        if changed:
-            out[changed] = self.encode_items([items[k] for k in changed])
-        return out
-
     def outdated(self) -> bool:
         """Whether a behaviour refresh replaced the overlay this encoder loaded (load it again)."""
         from tailbridge.models.retrieval.behaviour import overlay_stamp
@@ -161,6 +143,8 @@ class UnifiedEncoder:
 
     def remember_items(self, item_ids: Sequence[str], vectors: np.ndarray) -> None:
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(item_ids), self.dim)
+        for item_id in item_ids:
+            self._shipped.pop(item_id, None)  # its remembered vector is no longer the shipped one
         new = [i for i in dict.fromkeys(item_ids) if i not in self._rows]
         for item_id in new:
             self._rows[item_id] = len(self._rows)
@@ -171,13 +155,23 @@ class UnifiedEncoder:
         return {i: self._vectors[self._rows[i]] for i in item_ids if i in self._rows}
 
     def encode_items(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """Batched item encoding (the stream indexer's call): one unit vector per item."""
+        """Batched item encoding (the stream indexer's call): one unit vector per item. Items the
+        artifact shipped a vector of, with the same inputs and no graph row moved by an overlay,
+        get that vector (training cached the frozen text prefix in fp16: within 1e-3 of a fresh
+        encode)."""
+        from tailbridge.models.retrieval.model import item_input_key
+
+        ids = [str(it["item_id"]) for it in items]
+        reuse = [k for k, (item_id, it) in enumerate(zip(ids, items)) if item_id not in self._overlay_items
+                 and self._shipped.get(item_id) == item_input_key(it)]
         out = np.empty((len(items), self.dim), dtype=np.float32)
+        out[reuse] = self._vectors[[self._rows[ids[k]] for k in reuse]]
+        todo = sorted(set(range(len(items))) - set(reuse))
         with self._torch.inference_mode():
-            for start in range(0, len(items), self.batch_size):
-                chunk = items[start:start + self.batch_size]
-                out[start:start + len(chunk)] = self._model.encode_items(self._featurizer.items(chunk)).numpy()
-        self.remember_items([str(it["item_id"]) for it in items], out)
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start:start + self.batch_size]
+                out[chunk] = self._model.encode_items(self._featurizer.items([items[k] for k in chunk])).numpy()
+        self.remember_items([ids[k] for k in todo], out[todo])
         return out
 
     def encode_queries(self, queries: Sequence[str],

@@ -40,7 +40,7 @@ import numpy as np
 
 from tailbridge.models.data.loaders import STRATA, RetrievalData, load_dataset
 from tailbridge.models.retrieval.lexical import bm25_scorer, top_k
-from tailbridge.models.retrieval.model import catalog_fingerprint
+from tailbridge.models.retrieval.model import item_input_key
 from tailbridge.models.metrics import grade_order_accuracy, mrr_at, ndcg_at, recall_at
 
 TOP_K = 100
@@ -113,10 +113,11 @@ def encode_catalog(encoder: Any, items: Sequence[Mapping[str, Any]], cache_dir: 
         return encoder.encode_items(items)
     stamp = encoder.version
     model_dir = getattr(encoder, "model_dir", None)
-    if model_dir is not None:  # a version name can be retrained in place: key on the weights too
+    if model_dir is not None:  # a version name can be retrained in place (and refreshed): key on those too
         weights = Path(model_dir) / "model.safetensors"
-        stamp += f"-{weights.stat().st_size}-{weights.stat().st_mtime_ns}"
-    name = hashlib.blake2b(f"{stamp}|{catalog_fingerprint(items)}".encode(), digest_size=8).hexdigest()
+        stamp += f"-{weights.stat().st_size}-{weights.stat().st_mtime_ns}-{getattr(encoder, 'overlay_stamp', None)}"
+    catalog = "".join(item_input_key(it) for it in items)
+    name = hashlib.blake2b(f"{stamp}|{catalog}".encode(), digest_size=8).hexdigest()
     path = Path(cache_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', encoder.version)}-{name}.npy"
     if path.is_file():
         vectors = np.load(path)

@@ -9,9 +9,7 @@
 Each block is L2-normalised and scaled by sqrt(w_k), where w = softmax(fusion logits) is shared
 by both sides, and the blocks are concatenated. So a query vector dotted with an item vector is
 ``sum_k w_k cos_k`` -- a post-fusion of the semantic, lexical and behavioural similarities --
-and still one unit vector per side for the ANN index. A query with a graph row has weights of its
-own (``known_fusion_logits``): its behaviour block carries its own engagements, an unseen query's
-only the learned "unknown" vector, so the two deserve different weights.
+and still one unit vector per side for the ANN index.
 
 Design choices, briefly:
 * One MiniLM is shared by the two sides (siamese); each side has its own projections. Only the
@@ -342,35 +340,19 @@ class UnifiedRetriever(nn.Module):
         self.item_tower.semantic.load_state_dict(self.query_tower.semantic.state_dict())
         w = torch.tensor(cfg.fusion_init, dtype=torch.float32)
         self.fusion_logits = nn.Parameter(torch.log(w / w.sum()))
-        self.known_fusion_logits = nn.Parameter(self.fusion_logits.detach().clone())
 
     def fusion_weights(self) -> torch.Tensor:
-        """The block weights of items, and of queries without a graph row."""
         return torch.softmax(self.fusion_logits, dim=0)
 
-    def known_fusion_weights(self) -> torch.Tensor:
-        """The block weights of queries with a graph row: only their behaviour block carries the
-        query's own engagements, so it can deserve a weight that unseen queries' cannot."""
-        return torch.softmax(self.known_fusion_logits, dim=0)
-
-    def set_fusion_weights(self, weights: Sequence[float], known: Sequence[float] | None = None) -> None:
-        """Fix the block weights (e.g. fitted on dev), and those of queries with a graph row
-        (default: the same); a zero weight becomes a tiny one."""
+    def set_fusion_weights(self, weights: Sequence[float]) -> None:
+        """Fix the block weights (e.g. fitted on dev); a zero weight becomes a tiny one."""
+        w = torch.tensor([max(float(x), 1e-4) for x in weights], dtype=torch.float32)
         with torch.no_grad():
-            for logits, values in ((self.fusion_logits, weights), (self.known_fusion_logits, known or weights)):
-                w = torch.tensor([max(float(x), 1e-4) for x in values], dtype=torch.float32)
-                logits.copy_(torch.log(w / w.sum()))
+            self.fusion_logits.copy_(torch.log(w / w.sum()))
 
-    def _fuse(self, blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-              known: torch.Tensor | None = None) -> torch.Tensor:
-        """Concatenate the unit blocks scaled so that query . item = sum_k w_k cos_k. Items are
-        scaled by sqrt(w_k); a query with a graph row (``known``) by w'_k / sqrt(w_k), which makes
-        its dot products weigh the blocks by its own w'_k (its norm does not change its ranking)."""
-        w = self.fusion_weights()
-        scale = w.sqrt().expand(len(blocks[0]), -1)
-        if known is not None:
-            scale = torch.where(known.unsqueeze(-1), self.known_fusion_weights() / w.sqrt(), scale)
-        return F.normalize(torch.cat([scale[:, k:k + 1] * b for k, b in enumerate(blocks)], dim=-1), dim=-1)
+    def _fuse(self, blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        w = self.fusion_weights().sqrt()
+        return F.normalize(torch.cat([w[k] * b for k, b in enumerate(blocks)], dim=-1), dim=-1)
 
     def _blocks(self, tower: Tower, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         semantic = tower.semantic(self.text(batch.text))
@@ -391,7 +373,7 @@ class UnifiedRetriever(nn.Module):
         return tuple(F.normalize(b, dim=-1) for b in self._blocks(self.item_tower, batch))  # type: ignore[return-value]
 
     def encode_queries(self, batch: Batch) -> torch.Tensor:
-        return self._fuse(self.query_blocks(batch), known=batch.graph_rows >= 0)
+        return self._fuse(self.query_blocks(batch))
 
     def encode_items(self, batch: Batch) -> torch.Tensor:
         return self._fuse(self.item_blocks(batch))
@@ -520,20 +502,19 @@ class Featurizer:
 CONFIG_FILE, WEIGHTS_FILE, GRAPH_FILE = "config.json", "model.safetensors", "graph_index.json"
 ITEM_VECTORS_FILE, ITEM_IDS_FILE = "item_vectors.npy", "item_vectors_ids.json"
 GRAPH_FACTORS_FILE = "graph_factors.npz"  # the graph's SVD (``graph.GraphFactors``): what a behaviour refresh folds in against
-# ``catalog_fingerprint`` of the items (sorted by id) whose vectors ITEM_VECTORS_FILE holds.
-ITEM_VECTORS_CATALOG_FILE = "item_vectors_catalog.txt"
+# ``item_input_key`` of each item whose vector ITEM_VECTORS_FILE holds, in ITEM_IDS_FILE's order.
+ITEM_VECTORS_KEYS_FILE = "item_vectors_keys.json"
 
 
-def catalog_fingerprint(items: Sequence[Mapping[str, Any]]) -> str:
-    """Changes when any item (id, text, fields) or their order changes."""
+def item_input_key(item: Mapping[str, Any]) -> str:
+    """Changes when anything the item tower reads of ``item`` changes (its id, which picks its
+    graph row, its text and its term text), and only then."""
     import hashlib
 
     import orjson
 
-    digest = hashlib.blake2b(digest_size=8)
-    for item in items:
-        digest.update(orjson.dumps(item, option=orjson.OPT_SORT_KEYS))
-    return digest.hexdigest()
+    inputs = orjson.dumps([str(item["item_id"]), item_text(item), item_term_text(item)])
+    return hashlib.blake2b(inputs, digest_size=8).hexdigest()
 
 
 def build(cfg: RetrieverConfig, graph_queries: Mapping[str, int] | None = None,
@@ -580,9 +561,6 @@ def load(model_dir: Path) -> tuple[UnifiedRetriever, Featurizer]:
     cfg, graph = read_config(model_dir)
     gq, gi = graph["queries"], graph["items"]
     model = UnifiedRetriever(cfg, load_bert(model_dir / "text", config_only=True), len(gq), len(gi))
-    state = load_file(str(model_dir / WEIGHTS_FILE))
-    # Artifacts from before per-kind block weights: queries with a graph row weigh like the rest.
-    state.setdefault("known_fusion_logits", state["fusion_logits"])
-    model.load_state_dict(state)
+    model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"), local_files_only=True)
     return model.eval(), Featurizer(cfg, tokenizer, gq, gi)

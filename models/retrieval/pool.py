@@ -66,16 +66,6 @@ def dev_metrics(query_vectors: np.ndarray, item_vectors: np.ndarray, rows: np.nd
     return {"dev_ndcg@10": float(np.mean(ndcg)), "dev_recall@100": float(np.mean(recall))}
 
 
-def fused_ndcg(cosines: Sequence[np.ndarray], weights: Sequence[float], rows: np.ndarray, item_ids: Sequence[str],
-               judgements: Sequence[Mapping[str, int]]) -> float:
-    """Mean nDCG@10 of ranking ``rows`` by ``sum_k w_k cos_k`` (``cosines[k]``: [queries, rows])."""
-    scores = sum(wk * c for wk, c in zip(weights, cosines))
-    k = min(10, scores.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    return float(np.mean([ndcg_at([item_ids[rows[c]] for c in cols[np.argsort(-scores[q, cols], kind="stable")]],
-                                  judgements[q]) for q, cols in enumerate(top)]))
-
-
 def fit_fusion(query_blocks: Sequence[np.ndarray], item_blocks: Sequence[np.ndarray], rows: np.ndarray,
                item_ids: Sequence[str], judgements: Sequence[Mapping[str, int]], step: float = 0.05
                ) -> tuple[np.ndarray, float]:
@@ -89,7 +79,11 @@ def fit_fusion(query_blocks: Sequence[np.ndarray], item_blocks: Sequence[np.ndar
         if last < -1e-9:
             continue
         weights = np.array([*w, max(0.0, last)])
-        value = fused_ndcg(cosines, weights, rows, item_ids, judgements)
+        scores = sum(wk * c for wk, c in zip(weights, cosines))
+        k = min(10, scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        value = float(np.mean([ndcg_at([item_ids[rows[c]] for c in cols[np.argsort(-scores[q, cols], kind="stable")]],
+                                       judgements[q]) for q, cols in enumerate(top)]))
         if value > best + 1e-9:
             best_w, best = weights, value
     return best_w, best

@@ -64,11 +64,10 @@ from tailbridge.models.retrieval.pool import (
     candidate_lists,
     dev_metrics,
     fit_fusion,
-    fused_ndcg,
 )
 from tailbridge.models.retrieval.prefix_cache import TextSource
 
-from tailbridge.vocab import ENGAGEMENT, LABEL_LEVEL, normalize_query
+from tailbridge.vocab import LABEL_LEVEL, normalize_query
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -103,10 +102,6 @@ class TrainConfig:
     lr_heads: float = 1e-3
     warmup_steps: int = 50
     fusion: str = "dev"  # block weights: "dev" (fixed in training, fit on dev at the end), "train", "fixed"
-    # The latest share of logged searches: kept out of the graph and of training, their
-    # engagements fit the block weights of queries with a graph row (dev queries have none).
-    fusion_holdout: float = 0.1
-    fusion_min_queries: int = 20  # fewer engaged queries with a row: they keep the dev weights
     query_graph_dropout: float = 0.5  # training queries have edges, held-out ones do not
     item_graph_dropout: float = 0.1  # new items have none either
     behaviour_prob: float = 0.5  # chance an example uses one of its logged searches
@@ -150,7 +145,6 @@ class TrainingSet:
     searches: dict[str, dict[str, Any]]  # logged search id -> {query, items: {id: label}, context}
     judgements: dict[str, dict[str, int]]  # the training judgements the graph is built from
     log_until: tuple[str, str] | None = None  # (ISO time, search id) of the last logged search used
-    recent: dict[str, dict[str, Any]] = field(default_factory=dict)  # the latest searches (``fusion_holdout``)
 
 
 def _in_dev(qid: str, fraction: float) -> bool:
@@ -171,7 +165,6 @@ def prepare(data: RetrievalData, cfg: TrainConfig, feedback_dir: Path | None, sa
                 if q in data.queries} | {normalize_query(data.queries[q]) for q in dev}
 
     searches: dict[str, dict[str, Any]] = {}
-    recent: dict[str, dict[str, Any]] = {}
     log_until = None
     if feedback_dir is not None:
         frame = read_feedback(feedback_dir)
@@ -180,16 +173,8 @@ def prepare(data: RetrievalData, cfg: TrainConfig, feedback_dir: Path | None, sa
         categories = {i: it["category_path"][-1] for i, it in data.items.items() if it["category_path"]}
         searches = searches_with_context(frame, categories)
         say(f"feedback: {len(searches)} logged searches ({len(frame)} rows) from {feedback_dir}")
-        cut = len(frame)
-        if cfg.fusion == "dev" and cfg.fusion_holdout > 0:
-            cut = int(len(frame) * (1 - cfg.fusion_holdout))
-            before = set(frame["query_id"].iloc[:cut]) - set(frame["query_id"].iloc[cut:])
-            recent = {sid: s for sid, s in searches.items() if sid not in before}
-            searches = {sid: s for sid, s in searches.items() if sid in before}
-            say(f"feedback: the latest {len(recent)} searches fit the block weights of queries with a graph row "
-                "(kept out of the graph and of training; a behaviour refresh folds them in)")
-        if cut:  # where a behaviour refresh of this version starts reading the log
-            last = frame.iloc[cut - 1]
+        if len(frame):  # where a behaviour refresh of this version starts reading the log
+            last = frame.iloc[-1]
             log_until = (last["event_time"].isoformat(), str(last["query_id"]))
 
     by_key: dict[str, Example] = {}
@@ -204,7 +189,7 @@ def prepare(data: RetrievalData, cfg: TrainConfig, feedback_dir: Path | None, sa
     examples = [ex for ex in by_key.values() if _has_positive(ex, searches)]
     if not examples:
         raise TrainingError(f"{data.name}: no training query has a relevant item (grade >= 1) or an engagement")
-    return TrainingSet(data, examples, dev, searches, train, log_until, recent)
+    return TrainingSet(data, examples, dev, searches, train, log_until)
 
 
 def _has_positive(ex: Example, searches: dict[str, dict[str, Any]]) -> bool:
@@ -262,7 +247,6 @@ class Trainer:
                                       dtype=torch.long)
         if cfg.fusion != "train":  # see the module docstring: block weights are not fit on training queries
             self.model.fusion_logits.requires_grad_(False)
-            self.model.known_fusion_logits.requires_grad_(False)
         self.model.to(device)
 
         # The term table gets sparse gradients and its own lazy Adam: a step touches a few thousand
@@ -421,7 +405,7 @@ class Trainer:
         """A copy of what training can change (the frozen MiniLM layers and buffers never do):
         the kept states cost a fraction of the model in memory and in checkpoints."""
         return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
-                if p.requires_grad or n.endswith("fusion_logits")}
+                if p.requires_grad or n == "fusion_logits"}
 
     def mine(self) -> None:
         """Each training query's top unjudged, unengaged pool candidates under the current model."""
@@ -650,10 +634,9 @@ class Trainer:
             queries = self._queries(self.dev_text, self.dev_terms, self.dev_graph, blocks=True)
             weights, value = fit_fusion(queries, items, rows, self.item_ids, self.dev_judged)
             before = [round(float(w), 3) for w in self.model.fusion_weights()]
-            known = self.fit_known_fusion(weights)
-            self.model.set_fusion_weights(weights, None if known is None else known["after"])
+            self.model.set_fusion_weights(weights)
             self.fusion_fit = {"before": before, "after": [round(float(w), 3) for w in weights],
-                               "dev_ndcg@10_pool": round(value, 4), "queries_with_graph_row": known}
+                               "dev_ndcg@10_pool": round(value, 4)}
             self.say(f"fusion weights fit on dev: {before} -> {self.fusion_fit['after']} (dev pool nDCG@10 {value:.4f})")
         self._timed("fusion fit on dev", began)
         began = time.monotonic()
@@ -686,52 +669,6 @@ class Trainer:
                  f"{self.final_full.get('dev_ndcg@10', 0):.4f} (best state: {self.best['when']})")
 
     @torch.no_grad()
-    def fit_known_fusion(self, dev_weights: np.ndarray, max_queries: int = 300) -> dict[str, Any] | None:
-        """The block weights of queries with a graph row, fit on the latest logged searches
-        (``TrainingSet.recent``, which the graph has not seen): their engaged items (clicked 1,
-        carted 2, purchased 3) ranked over the union of those queries' candidate lists. None
-        (they keep the dev weights) when fewer than ``fusion_min_queries`` such queries engaged."""
-        graded: dict[str, dict[str, int]] = {}
-        texts: dict[str, str] = {}
-        for search in self.ts.recent.values():
-            key = normalize_query(search["query"])
-            if key not in self.fz.graph_queries:
-                continue
-            for item, label in search["items"].items():
-                if item in self.item_row and label in ENGAGEMENT:
-                    levels = graded.setdefault(key, {})
-                    levels[item] = max(ENGAGEMENT[label], levels.get(item, 0))
-                    texts.setdefault(key, search["query"])
-        if not self.ts.recent:  # no log, or none held out (fusion_holdout 0)
-            return None
-        if len(graded) < self.cfg.fusion_min_queries:
-            self.say(f"block weights of queries with a graph row: the dev weights ({len(graded)} of the latest "
-                     f"searches' queries have a row and an engagement; {self.cfg.fusion_min_queries} needed to fit)")
-            return None
-        rng = np.random.default_rng(self.cfg.seed)
-        keys = sorted(graded)
-        keys = [keys[k] for k in sorted(rng.choice(len(keys), min(max_queries, len(keys)), replace=False))]
-        example_row = {ex.key: r for r, ex in enumerate(self.ts.examples)}
-        candidates = {self.item_row[i] for key in keys for i in graded[key]}
-        for key in keys:
-            if key in example_row:
-                listed = self.pool.train[example_row[key]]
-                candidates.update(int(c) for c in listed[listed >= 0])
-        rows = np.array(sorted(candidates), dtype=np.int64)
-        source = TextSource(self.model, self.fz, [texts[k] for k in keys], self.device, self.cfg.encode_batch)
-        graph = torch.tensor([self.fz.graph_queries[k] for k in keys], dtype=torch.long)
-        queries = self._queries(source, [self.fz.query_terms(texts[k]) for k in keys], graph, blocks=True)
-        with torch.no_grad():
-            items = [b.cpu().numpy() for b in self._item_blocks(rows)]
-        judgements = [graded[k] for k in keys]
-        weights, value = fit_fusion(queries, items, rows, self.item_ids, judgements)
-        with_dev = fused_ndcg([q @ i.T for q, i in zip(queries, items)], dev_weights, rows, self.item_ids, judgements)
-        fit = {"after": [round(float(w), 3) for w in weights], "queries": len(keys), "rows": len(rows),
-               "ndcg@10": round(value, 4), "ndcg@10_with_dev_weights": round(with_dev, 4)}
-        self.say(f"block weights of queries with a graph row, fit on {len(keys)} of the latest searches' queries: "
-                 f"{fit['after']} (nDCG@10 {with_dev:.4f} with the dev weights -> {value:.4f})")
-        return fit
-
     def _item_blocks(self, rows: Sequence[int]) -> list[torch.Tensor]:
         self.model.eval()
         outs = [self.model.item_blocks(self._item_batch(list(rows[s:s + self.cfg.encode_batch]), 0.0, None))
@@ -850,8 +787,7 @@ def write_artifact(trainer: Trainer, out_dir: Path, data_dir: Path, feedback_dir
     np.save(out_dir / unified.ITEM_VECTORS_FILE, trainer.catalog)
     trainer.graph_factors.save(out_dir / unified.GRAPH_FACTORS_FILE)
     (out_dir / unified.ITEM_IDS_FILE).write_text(json.dumps(trainer.item_ids))
-    by_id = sorted(trainer.items, key=lambda it: str(it["item_id"]))
-    (out_dir / unified.ITEM_VECTORS_CATALOG_FILE).write_text(unified.catalog_fingerprint(by_id))
+    (out_dir / unified.ITEM_VECTORS_KEYS_FILE).write_text(json.dumps([unified.item_input_key(it) for it in trainer.items]))
     ts = trainer.ts
     steps = {k: len(v) for k, v in trainer.losses.items() if k.endswith("_loss")}
     metrics = {
@@ -869,7 +805,6 @@ def write_artifact(trainer: Trainer, out_dir: Path, data_dir: Path, feedback_dir
         "fn_mask_share": round(float(np.mean(trainer.masked_shares)), 4) if trainer.masked_shares else None,
         "final_losses": {k: float(np.mean(v[-20:])) for k, v in trainer.losses.items()},
         "fusion_weights": [round(float(w), 4) for w in model.fusion_weights().detach()],
-        "known_fusion_weights": [round(float(w), 4) for w in model.known_fusion_weights().detach()],
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "MODEL_CARD.md").write_text(model_card(out_dir.name, trainer, metrics))
@@ -897,19 +832,13 @@ def model_card(version: str, trainer: Trainer, metrics: dict[str, Any]) -> str:
     fusion = sel["fusion_fit_on_dev"]
     fusion_line = (f"Block weights fit on dev: {fusion['before']} -> {fusion['after']}." if fusion else
                    f"Block weights: {cfg.fusion} (not fit on dev).")
-    known = (fusion or {}).get("queries_with_graph_row")
-    if known:
-        fusion_line += (f" Queries with a graph row weigh the blocks {known['after']}, fit on {known['queries']} queries "
-                        f"of the latest {cfg.fusion_holdout:.0%} of the log (nDCG@10 {known['ndcg@10_with_dev_weights']} "
-                        f"with the dev weights -> {known['ndcg@10']}).")
     start, shipped = sel["dev_start_exact"], sel["dev_shipped_exact"]
     return f"""# tailbridge unified retriever `{version}`
 
 Query and item towers, each fusing a MiniLM text encoder (all-MiniLM-L6-v2, top {m.train_layers} layers
 fine-tuned), a hashed term encoder and spectral graph embeddings; the query side also fuses the shopper's
 real-time context. One {m.dim}-d unit vector per side (semantic {m.semantic_dim} + lexical {m.lexical_dim}
-+ behaviour {m.behaviour_dim}); fusion weights {metrics['fusion_weights']} (queries with a graph row:
-{metrics['known_fusion_weights']}).
++ behaviour {m.behaviour_dim}); fusion weights {metrics['fusion_weights']}.
 
 ## Data
 - `{d['name']}` ({d['dir']}): {d['items']} items, {d['train_queries']} training queries,
