@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -195,6 +195,19 @@ def reindex(settings: Settings, version: str, milvus: MilvusClient, encoder: Enc
         time.sleep(drain_s(settings))
         milvus.drop_collection(source)
     return {"from": source, "to": target, "items": copied, "dropped_old": bool(source and not keep_old)}
+
+
+def drop_versions(settings: Settings, milvus: MilvusClient, versions: Collection[str]) -> list[str]:
+    """Drop the live collections of ``versions``, never the one serving; returns their names.
+    Every worker writes every live collection (with that version's encoder): a collection
+    nothing will serve again costs each catalog event an encode. Workers stop writing a dropped
+    one within LIVE_REFRESH_S (``Indexer.process`` looks again when a write fails)."""
+    serving = item_index.serving_collection(milvus, settings)
+    dropped = [name for name, version in item_index.live_collections(milvus, settings).items()
+               if version in versions and name != serving]
+    for name in dropped:
+        milvus.drop_collection(name)
+    return dropped
 
 
 def refresh_vectors(settings: Settings, milvus: MilvusClient, version: str, item_ids: Sequence[str],

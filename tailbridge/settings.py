@@ -180,6 +180,11 @@ class Settings(BaseSettings):
     )
     loop_gate_max_pages: int = Field(3000, ge=1, description="At most this many of the latest held-out pages are replayed.")
     loop_gate_max_queries: int = Field(300, ge=1, description="Judged test queries the gate scores a retriever on.")
+    loop_retriever_collections: int = Field(
+        2, ge=1, description="Milvus collections of the latest serving retriever versions the loop keeps (`models "
+        "rollback retriever` steps back through them); it drops older ones, rejected ones and those of candidates a "
+        "killed iteration left: the stream worker encodes every catalog event for every live collection."
+    )
     behaviour_refresh_seconds: float = Field(
         600.0, gt=0, description="The loop refreshes the serving retriever's behaviour vectors from the log at most "
         "this often (`tailbridge models refresh-behaviour`)..."

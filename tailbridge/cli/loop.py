@@ -187,7 +187,28 @@ def retriever_step(settings: Settings, data: Path, log: Path, cutoff, slice_, sa
         say(f"retriever {version}: indexing the catalog beside the serving collection")
         reindex(settings, version, connect(settings), load_encoder(str(path)), keep_old=True)  # the alias moves
     _decide(registry, "retriever", version, report)
+    drop_stale_collections(settings, registry, version, say)
     return report
+
+
+def drop_stale_collections(settings: Settings, registry: Registry, current: str, say: Say) -> None:
+    """Drop the collections of retriever versions that will not serve again: beyond the latest
+    ``loop_retriever_collections`` that served, rejected ones, and loop candidates a killed
+    iteration left (``current`` is this iteration's). Others' versions (a manual reindex) stay."""
+    from tailbridge.streams.indexer import drop_versions
+    from tailbridge.streams.item_index import connect
+
+    state = registry.read()
+    kept = set(state.history["retriever"][-settings.loop_retriever_collections:])
+    stale = {v for v, entry in state.versions["retriever"].items() if v not in kept and v != current and (
+        entry.status in ("retired", "rejected") or (entry.status == "candidate" and "-loop-" in v))}
+    try:
+        dropped = drop_versions(settings, connect(settings), stale)
+    except Exception as exc:  # noqa: BLE001  Milvus down: the next iteration drops them
+        say(f"note: old retriever collections not dropped ({type(exc).__name__}: {exc})")
+        return
+    if dropped:
+        say(f"dropped {len(dropped)} retriever collection(s) nothing serves again: {', '.join(dropped)}")
 
 
 def rewriter_step(settings: Settings, data: Path, log: Path, cutoff, slice_, say: Say, search: Any = None) -> KindReport:
