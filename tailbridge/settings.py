@@ -180,6 +180,11 @@ class Settings(BaseSettings):
     )
     loop_gate_max_pages: int = Field(3000, ge=1, description="At most this many of the latest held-out pages are replayed.")
     loop_gate_max_queries: int = Field(300, ge=1, description="Judged test queries the gate scores a retriever on.")
+    loop_iteration_minutes: float = Field(
+        10.0, gt=0, description="An iteration starts a kind only while its expected time (its last step, at first 1.5x "
+        "its training budget) fits in what is left of this; one that does not fit goes first in the next iteration, "
+        "which is due at once. The first kind that trains always runs."
+    )
     loop_retriever_collections: int = Field(
         2, ge=1, description="Milvus collections of the latest serving retriever versions the loop keeps (`models "
         "rollback retriever` steps back through them); it drops older ones, rejected ones and those of candidates a "

@@ -111,3 +111,53 @@ def test_warm_start_copies_what_matches_and_rebuilds_the_graph():
     assert warm_start(child, parent) == 2  # text.weight, text.bias; head differs in shape; graph rebuilt
     assert torch.equal(child.text.weight, parent.text.weight) and not torch.equal(child.graph.table, parent.graph.table)
     assert not torch.equal(child.head.bias, torch.ones(2))
+
+
+def test_a_kind_that_does_not_fit_the_iteration_budget_goes_first_next_time():
+    from tailbridge.cli.loop import expected_seconds, schedule
+
+    s = Settings(loop_ranker_minutes=3, loop_retriever_minutes=5, loop_rewriter_minutes=3)
+    assert schedule(("ranker", "retriever", "rewriter"), []) == ["ranker", "retriever", "rewriter"]
+    assert schedule(("ranker", "retriever", "rewriter"), ["rewriter"]) == ["rewriter", "ranker", "retriever"]
+    assert schedule(("ranker",), ["rewriter"]) == ["ranker"]  # a kind not asked for stays out
+    # Before a kind ever ran: 1.5x its budget; then what its last step took.
+    assert expected_seconds(s, LoopState(), "retriever") == 450
+    assert expected_seconds(s, LoopState(kind_seconds={"retriever": 200.0}), "retriever") == 200.0
+
+
+def test_deferred_kinds_run_alone_at_the_next_poll_and_the_thresholds_wait(tmp_path, monkeypatch):
+    import tailbridge.cli.loop as loop
+
+    from datetime import UTC, datetime
+
+    settings = Settings(data_dir=tmp_path, loop_iteration_minutes=10, loop_min_new_searches=100)
+    ran, clock, cut = [], [0.0], datetime(2026, 1, 1, tzinfo=UTC)
+
+    def step(kind, minutes):
+        def run(*_args):
+            ran.append(kind)
+            clock[0] += minutes * 60
+            return loop.KindReport(kind, gate={"promote": False})
+        return run
+
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(loop, "STEPS", {"ranker": step("ranker", 2), "retriever": step("retriever", 6),
+                                        "rewriter": step("rewriter", 4)})
+    monkeypatch.setattr("tailbridge.cli.models.sync", lambda *a, **k: [])
+    monkeypatch.setattr("tailbridge.models.alignment.log_cutoff", lambda *a: (cut, "q1", 500))
+    monkeypatch.setattr("tailbridge.models.alignment.heldout_slice", lambda *a: None)
+    monkeypatch.setattr(loop, "due", lambda s, state, n, now: (n - state.searches >= 100, "thresholds"))
+    kinds = ("ranker", "retriever", "rewriter")
+
+    first = loop.run_once(settings, tmp_path, tmp_path, kinds, say=lambda _: None)
+    assert ran == ["ranker", "retriever"]  # 8 min spent: the rewriter's 4.5 expected do not fit in 10
+    assert "deferred" in first["reports"][2].note
+    state = loop.read_state(settings)
+    assert state.deferred == ["rewriter"] and state.searches == 500 and state.kind_seconds == {"ranker": 120, "retriever": 360}
+
+    ran.clear()
+    monkeypatch.setattr("tailbridge.models.alignment.log_cutoff", lambda *a: (cut, "q2", 550))  # 50 new: not due
+    second = loop.run_once(settings, tmp_path, tmp_path, kinds, say=lambda _: None)
+    assert second["due"] and ran == ["rewriter"] and "deferred" in second["reason"]
+    state = loop.read_state(settings)
+    assert state.deferred == [] and state.searches == 500  # the 50 new searches still count towards the next

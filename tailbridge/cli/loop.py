@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -57,6 +57,8 @@ Say = Callable[[str], None]
 class LoopState:
     last_run: float | None = None  # unix time the last iteration finished
     searches: int = 0  # logged searches it saw
+    deferred: list[str] = field(default_factory=list)  # kinds that did not fit in its budget: first next time
+    kind_seconds: dict[str, float] = field(default_factory=dict)  # each kind's last step, gate included
 
 
 def read_state(settings: Settings) -> LoopState:
@@ -86,6 +88,22 @@ def due(settings: Settings, state: LoopState, searches: int, now: float) -> tupl
         return True, f"{new} new searches and {waited:.0f} s since the last iteration"
     return False, (f"{new} new searches < {settings.loop_min_new_searches} and {waited:.0f} s < "
                    f"{settings.loop_max_interval_seconds:.0f} s since the last iteration")
+
+
+def schedule(kinds: tuple[str, ...], deferred: list[str]) -> list[str]:
+    """The order an iteration runs ``kinds`` in: what the last one deferred first."""
+    first = [k for k in deferred if k in kinds]
+    return first + [k for k in kinds if k not in first]
+
+
+def expected_seconds(settings: Settings, state: LoopState, kind: str) -> float:
+    """How long ``kind``'s step will take: its last measured one, else 1.5x its training budget
+    (its gate, and for a promoted retriever the reindex, come on top of the budget)."""
+    if kind in state.kind_seconds:
+        return state.kind_seconds[kind]
+    minutes = {"ranker": settings.loop_ranker_minutes, "retriever": settings.loop_retriever_minutes,
+               "rewriter": settings.loop_rewriter_minutes}[kind]
+    return 1.5 * 60 * minutes
 
 
 def _stamp() -> str:
@@ -312,18 +330,35 @@ def run_once(settings: Settings, data: Path, log: Path, kinds: tuple[str, ...], 
     state = read_state(settings)
     cut_time, cut_search, searches = alignment.log_cutoff(log, settings.loop_holdout_fraction)
     is_due, reason = due(settings, state, searches, time.time())
+    pending = tuple(k for k in state.deferred if k in kinds)
+    catching_up = bool(pending) and not (is_due or force)
+    if catching_up:  # due last time, they did not fit in its budget: only they run, the thresholds wait
+        is_due, reason, kinds = True, f"deferred from the last iteration: {', '.join(pending)}", pending
     if not (is_due or force):
         return {"due": False, "reason": reason, "reports": []}
     cutoff = (cut_time, cut_search)
     say(f"iteration: {reason if is_due else 'forced'}; held out: searches after {cut_time.isoformat()}")
     slice_ = alignment.heldout_slice(data, log, cutoff, settings.loop_gate_max_pages, say)
-    reports = []
-    for kind in kinds:
+    reports, deferred, seconds = [], [], dict(state.kind_seconds)
+    budget, started, trained = settings.loop_iteration_minutes * 60, time.monotonic(), False
+    for kind in schedule(kinds, state.deferred):
+        expected, elapsed = expected_seconds(settings, state, kind), time.monotonic() - started
+        if trained and elapsed + expected > budget:  # the first kind that trains always runs
+            deferred.append(kind)
+            reports.append(KindReport(kind, note=f"deferred to the next iteration, where it goes first (about "
+                                                 f"{expected / 60:.1f} min expected, {max(0.0, budget - elapsed) / 60:.1f} "
+                                                 f"of the iteration's {budget / 60:.0f} min left)"))
+            continue
+        began = time.monotonic()
         try:
-            reports.append(STEPS[kind](settings, data, log, cutoff, slice_, say))
+            report = STEPS[kind](settings, data, log, cutoff, slice_, say)
         except RegistryError as exc:
-            reports.append(KindReport(kind, note=str(exc)))
-    write_state(settings, LoopState(time.time(), searches))
+            report = KindReport(kind, note=str(exc))
+        reports.append(report)
+        if report.gate is not None:  # it trained and was judged (a skipped kind says why in its note)
+            seconds[kind], trained = time.monotonic() - began, True
+    last_run, seen = (state.last_run, state.searches) if catching_up else (time.time(), searches)
+    write_state(settings, LoopState(last_run, seen, deferred, seconds))
     return {"due": True, "reason": reason, "reports": reports}
 
 
