@@ -150,7 +150,8 @@ def test_mined_pairs_pass_rejection_sampling(tiny):
     assert tasks == {"category", "keywords", "correct"}
 
 
-def test_stages_write_versions_with_lineage_and_alignment_prefers_the_better_rewrite(tiny):
+def test_stages_write_versions_with_lineage_and_alignment_prefers_the_better_rewrite(tiny, monkeypatch):
+    monkeypatch.setattr("tailbridge.models.rewriting.loop.PROGRESS_EVERY_S", 0.0)  # a progress line every step
     root = tiny["root"] / "models"
     cfg = RewriterConfig(budget_minutes=0.5, sft_steps=12, align_steps=6, sft_lr=3e-3, align_lr=3e-3,
                          feedback_queries=4, dev_queries=4, batch_size=4, candidates=2)
@@ -161,6 +162,7 @@ def test_stages_write_versions_with_lineage_and_alignment_prefers_the_better_rew
     assert sft["stage"] == "sft" and sft["parent"] == "smollm2-135m-instruct" and sft["data"]["fingerprint"]
     assert sft["metrics"]["training"]["loss_last"] < sft["metrics"]["training"]["loss_first"]
     assert sft["metrics"]["mined"]["pairs"] > 0 and set(sft["metrics"]["dev"]) >= set(stage2.SCORES)
+    assert any(m.startswith(f"  step {sft['metrics']['training']['steps']} (at most 12), ") for m in messages)
     # A second run reuses the finished SFT version.
     again: list[str] = []
     train(tiny["data_dir"], root, tiny["make"], tiny["search"], None, cfg, name="tiny", stages=("sft",), say=again.append)

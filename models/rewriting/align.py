@@ -4,7 +4,7 @@ candidates (``losses.bradley_terry``) plus the SFT term on its best candidate (`
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tailbridge.models.rewriting.feedback import Group
@@ -17,7 +17,8 @@ from tailbridge.models.rewriting.tokens import encode
 
 
 def train_alignment(generator: Generator, groups: Sequence[Group], budget: Budget, beta: float = 2.0,
-                    sft_weight: float = 0.5, groups_per_step: int = 2, lr: float = 2e-5, seed: int = 0) -> dict[str, Any]:
+                    sft_weight: float = 0.5, groups_per_step: int = 2, lr: float = 2e-5, seed: int = 0,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     if not groups:
         raise ValueError("no ordered candidates to align on (offline feedback found no query whose candidates differ)")
     rng = random.Random(seed)
@@ -41,4 +42,4 @@ def train_alignment(generator: Generator, groups: Sequence[Group], budget: Budge
         fluent = sft_loss(generator.model, {k: v[best] for k, v in enc.items()})
         return preference + sft_weight * fluent
 
-    return optimise(generator.model, step_loss, budget, lr)
+    return optimise(generator.model, step_loss, budget, lr, progress)

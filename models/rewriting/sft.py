@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tailbridge.models.rewriting.generator import Generator
@@ -15,7 +15,7 @@ from tailbridge.models.rewriting.tokens import encode
 
 
 def train_sft(generator: Generator, examples: Sequence[Example], budget: Budget, batch_size: int = 8,
-              lr: float = 1e-4, seed: int = 0) -> dict[str, Any]:
+              lr: float = 1e-4, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fine-tune ``generator.model`` in place on shuffled epochs of ``examples``."""
     if not examples:
         raise ValueError("no training examples: nothing was mined from the data (see the mining counts)")
@@ -32,4 +32,4 @@ def train_sft(generator: Generator, examples: Sequence[Example], budget: Budget,
                      generator.device)
         return sft_loss(generator.model, enc)
 
-    return optimise(generator.model, step_loss, budget, lr)
+    return optimise(generator.model, step_loss, budget, lr, progress)

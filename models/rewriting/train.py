@@ -132,7 +132,7 @@ def train(data_dir: Path, root: Path, base: Callable[[], Generator], search: Any
         generator = base()
         before = dev_metrics(generator, prep, search, cfg.dev_beams)
         stats = train_sft(generator, examples, Budget(cfg.sft_steps, budget_s * cfg.sft_share), cfg.batch_size,
-                          cfg.sft_lr, cfg.seed)
+                          cfg.sft_lr, cfg.seed, say)
         after = dev_metrics(generator, prep, search, cfg.dev_beams)
         say(f"stage 1: {stats['steps']} steps in {stats['seconds']} s, loss {stats['loss_first']} -> "
             f"{stats['loss_last']}; dev {after} (base model: {before})")
@@ -182,7 +182,7 @@ def align_version(generator: Generator, groups: Sequence[stage2.Group], prep: Pr
     if parent is None:
         raise ValueError(f"stage 3 needs the parent version {parent_version}")
     stats = train_alignment(generator, groups, Budget(cfg.align_steps, seconds), cfg.beta, cfg.sft_weight,
-                            lr=cfg.align_lr, seed=cfg.seed)
+                            lr=cfg.align_lr, seed=cfg.seed, progress=say)
     after = dev_metrics(generator, prep, search, cfg.dev_beams)
     before = parent["metrics"]["dev"]
     worse = after["increment"] + after["hit_rate"] < before["increment"] + before["hit_rate"]
