@@ -82,7 +82,7 @@ def test_loop_realigns_the_serving_rewriter_on_online_feedback(stack_settings, t
     zero = {"relevance": 0.0, "increment": 0.0, "hit_rate": 0.0}
     save_version(tiny_generator(texts), root, "tiny-sft", {
         "stage": "sft", "parent": "tiny-base", "data": {}, "metrics": {"dev": zero},
-        "settings": {"align_steps": 8, "align_lr": 3e-3, "dev_queries": 4, "batch_size": 4}})
+        "settings": {"align_steps": 8, "align_epochs": 8, "align_lr": 3e-3, "dev_queries": 4, "batch_size": 4}})
     registry = Registry(tmp_path / "models")
     registry.register(ModelVersion("rewriter", "tiny-sft", str(root / "tiny-sft"), status="serving"))
     writer = RewriteWriter.from_url(resolve_online_store(settings).redis_url, settings.feast_project)

@@ -15,11 +15,13 @@ from hypothesis import strategies as st
 
 from tailbridge.models.data.loaders import load_dataset
 from tailbridge.models.rewriting import feedback as stage2
+from tailbridge.models.rewriting.align import train_alignment
 from tailbridge.models.rewriting.bounds import MAX_QUERY_CHARS, MAX_REWRITE_CHARS, MAX_REWRITE_WORDS, accept_rewrite, clean_query
 from tailbridge.models.rewriting.evaluate import distinct_share, evaluate
 from tailbridge.models.rewriting.generator import GeneratorError
 from tailbridge.models.rewriting.intent import keep_on_intent
 from tailbridge.models.rewriting.losses.bradley_terry import bradley_terry_loss, sequence_scores
+from tailbridge.models.rewriting.loop import Budget
 from tailbridge.models.rewriting.mining import MiningConfig, auxiliary, mine_pairs
 from tailbridge.models.rewriting.search import ExactSearch
 from tailbridge.models.rewriting.signals import query_signals
@@ -153,7 +155,7 @@ def test_mined_pairs_pass_rejection_sampling(tiny):
 def test_stages_write_versions_with_lineage_and_alignment_prefers_the_better_rewrite(tiny, monkeypatch):
     monkeypatch.setattr("tailbridge.models.rewriting.loop.PROGRESS_EVERY_S", 0.0)  # a progress line every step
     root = tiny["root"] / "models"
-    cfg = RewriterConfig(budget_minutes=0.5, sft_steps=12, align_steps=6, sft_lr=3e-3, align_lr=3e-3,
+    cfg = RewriterConfig(budget_minutes=0.5, sft_steps=12, align_steps=6, align_epochs=12, sft_lr=3e-3, align_lr=3e-3,
                          feedback_queries=4, dev_queries=4, batch_size=4, candidates=2)
     messages: list[str] = []
     written = train(tiny["data_dir"], root, tiny["make"], tiny["search"], None, cfg, name="tiny", say=messages.append)
@@ -203,6 +205,19 @@ def test_stages_write_versions_with_lineage_and_alignment_prefers_the_better_rew
     assert json.loads((out / "rewriter-eval-test.json").read_text())["split"] == "test"
     assert (out / "rewriter-eval-test.png").stat().st_size > 0
     assert (out / "runs" / "none.trec").read_text().count(" Q0 ") >= report["queries"]
+
+
+def test_alignment_stops_after_its_passes_over_the_groups(tiny):
+    """Three groups, two per step, one pass: two steps, however large the step budget."""
+    groups = []
+    for query, good, bad in (("couch for all", "sofa", "lamp"), ("thing to sit on", "chair", "rug"),
+                             ("light for reading", "desk lamp", "sofa")):
+        group = stage2.Group(query, [stage2.Scored(good, 0.8, 0.3, 0.5), stage2.Scored(bad, 0.1, 0.0, 0.0)])
+        group.pairs = stage2.partial_order(group.candidates)
+        groups.append(group)
+    stats = train_alignment(tiny["make"](), groups, Budget(100, 60.0), lr=1e-3, epochs=1.0)
+    assert stats["steps"] == 2
+    assert train_alignment(tiny["make"](), groups, Budget(3, 60.0), lr=1e-3, epochs=4.0)["steps"] == 3
 
 
 def test_the_demo_shows_results_only_a_rewrite_retrieved():

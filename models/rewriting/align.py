@@ -3,6 +3,7 @@ candidates (``losses.bradley_terry``) plus the SFT term on its best candidate (`
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +19,10 @@ from tailbridge.models.rewriting.tokens import encode
 
 def train_alignment(generator: Generator, groups: Sequence[Group], budget: Budget, beta: float = 2.0,
                     sft_weight: float = 0.5, groups_per_step: int = 2, lr: float = 2e-5, seed: int = 0,
-                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    epochs: float = 2.0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """At most ``epochs`` passes over ``groups``: 38 orders trained for 355 steps were memorised
+    (preference loss 0.001) and the model fell below its SFT parent; 280 orders, two passes, rose
+    above it (README, "Query rewriter")."""
     if not groups:
         raise ValueError("no ordered candidates to align on (offline feedback found no query whose candidates differ)")
     rng = random.Random(seed)
@@ -42,4 +46,5 @@ def train_alignment(generator: Generator, groups: Sequence[Group], budget: Budge
         fluent = sft_loss(generator.model, {k: v[best] for k, v in enc.items()})
         return preference + sft_weight * fluent
 
-    return optimise(generator.model, step_loss, budget, lr, progress)
+    passes = max(1, math.ceil(epochs * len(groups) / groups_per_step))
+    return optimise(generator.model, step_loss, Budget(min(budget.max_steps, passes), budget.max_seconds), lr, progress)

@@ -80,7 +80,7 @@ def train_rewriter(
     budget_minutes: Annotated[float, typer.Option(min=0.2, help="Wall-time budget of both training stages.")] = 10.0,
     stage: Annotated[str, typer.Option(help="all (SFT, then feedback + alignment), sft or align.")] = "all",
     name: Annotated[Optional[str], typer.Option(help="Version name stem (default: <data>-<fingerprint>).")] = None,
-    feedback_queries: Annotated[int, typer.Option(min=2, help="Stage-2 tail queries.")] = 48,
+    feedback_queries: Annotated[int, typer.Option(min=2, help="Stage-2 tail queries.")] = 320,
     candidates: Annotated[int, typer.Option(min=2, help="Beam candidates per stage-2 query.")] = 4,
     dev_queries: Annotated[int, typer.Option(min=1, help="Held-out tail queries every version is judged on.")] = 32,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")] = None,
