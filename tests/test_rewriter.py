@@ -295,3 +295,15 @@ def test_the_worker_writes_only_what_the_intent_rule_keeps(tiny):
                            keep=lambda queries, rewrites: keep_on_intent(search, queries, rewrites, 0.9))
     assert worker.generate(["coffee maker"], deadline=float("inf")) == {"coffee maker": ["coffee maker"]}
     assert worker.counts["dropped_by_intent"] == 1
+
+
+def test_the_worker_command_refuses_to_run_without_the_rules_catalog():
+    """Without ``--data`` (and no ``--unchecked``) the worker would store rewrites no rule judged:
+    it stops before connecting to anything and says how to go on."""
+    from typer.testing import CliRunner
+
+    from tailbridge.cli import app
+
+    result = CliRunner().invoke(app, ["rewriter", "worker"], env={"COLUMNS": "300"})
+    assert result.exit_code == 1
+    assert "needs --data DIR" in result.output and "--unchecked" in result.output

@@ -274,11 +274,16 @@ def promote(version: Annotated[str, typer.Argument(help="The version whose rewri
 def worker(
     version: Annotated[Optional[str], typer.Option(help="Rewriter version (default: the serving one, else the newest).")] = None,
     threads: Annotated[int, typer.Option(min=1, help="torch threads of the generator.")] = 1,
-    data: Annotated[Optional[Path], typer.Option(help="Dataset dir whose catalog the minimum-relevance rule searches "
-                                                      "(without it, rewrites are written unchecked).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset dir whose catalog the minimum-relevance rule searches.")] = None,
+    unchecked: Annotated[bool, typer.Option("--unchecked", help="Without --data: write rewrites without the rule.")] = False,
 ) -> None:
     """Consume the queries topic in its own consumer group and write rewrites for new rare
     queries to the store, each batch within a deadline; search never waits for it."""
+    # A trained rewriter answers content-free queries ('aaaa...') with confident, unrelated
+    # products; the rule is what drops them, so going without it has to be asked for.
+    if data is None and not unchecked:
+        _fail("rewriter worker needs --data DIR: the catalog its minimum-relevance rule searches, so that a "
+              "rewrite that drifts to another product is never written (--unchecked writes without the rule)")
     from tailbridge.models.rewriting.intent import keep_on_intent
     from tailbridge.models.rewriting.versions import load_version, resolve
     from tailbridge.streams.rewrite_worker import RewriteWorker
@@ -296,7 +301,7 @@ def worker(
                                                                                  settings.rewrite_min_intent))
     console.print(f"rewrite worker: version {record['version']}{' (int8)' if generator.int8 else ''}, beams "
                   f"{settings.rewrite_worker_beams}, group {RewriteWorker.group_id(settings)}, intent rule "
-                  + (f"on ({data})" if search is not None else "OFF (no --data: rewrites are written unchecked)"))
+                  + (f"on ({data})" if search is not None else "OFF (--unchecked: rewrites are written unchecked)"))
     try:
         RewriteWorker(settings, generator, record["version"], writer, keep=keep).run(report=console.print)
     except KeyboardInterrupt:
