@@ -46,5 +46,6 @@ def train_alignment(generator: Generator, groups: Sequence[Group], budget: Budge
         fluent = sft_loss(generator.model, {k: v[best] for k, v in enc.items()})
         return preference + sft_weight * fluent
 
-    passes = max(1, math.ceil(epochs * len(groups) / groups_per_step))
-    return optimise(generator.model, step_loss, Budget(min(budget.max_steps, passes), budget.max_seconds), lr, progress)
+    epoch_steps = max(1, math.ceil(epochs * len(groups) / groups_per_step))
+    return optimise(generator.model, step_loss, Budget(min(budget.max_steps, epoch_steps), budget.max_seconds), lr,
+                    progress)
